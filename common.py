@@ -674,7 +674,10 @@ class BaseArgs:
     eval_top_p: float = field(default=0.95, metadata={"help": "eval nucleus sampling"})
     save_every: int = field(default=50, metadata={"help": "checkpoint every N steps (and at the end); 0 = only at the end"})
     resume: bool = field(default=False, metadata={"help": "continue from --run-dir's checkpoint with the same data order and sampling"})
-    rollout_backend: str = field(default="auto", metadata={"choices": ["auto", "hf", "vllm"], "help": "auto | hf | vllm (vllm: issue 7, not available yet; auto picks hf)"})
+    rollout_backend: str = field(default="auto", metadata={"choices": ["auto", "hf", "vllm"], "help": "auto (vllm when it imports and CUDA is there, else hf) | hf: generate() on the training model | vllm: a colocated engine per rank"})
+    vllm_gpu_memory: float = field(default=0.3, metadata={"help": "vllm: fraction of the GPU's memory for the engine's weights and KV cache"})
+    parity_every: int = field(default=10, metadata={"help": "vllm: every N weight pushes, compare the engine's log-probs of a rollout with the trainer's (0 = never)"})
+    parity_tol: float = field(default=0.05, metadata={"help": "vllm: stop with an error when the mean |log-prob difference| per token exceeds this (stale weights)"})
     gradient_checkpointing: str = field(default="auto", metadata={"choices": ["auto", "on", "off"], "help": "auto (on with CUDA) | on | off"})
     logprob_chunk: int = field(default=4096, metadata={"help": "token rows per log-prob chunk (bounds the [rows, V] float32 logits kept at once)"})
 
@@ -692,8 +695,9 @@ class BaseArgs:
         require(min(self.eval_every, self.save_every, self.warmup_steps, self.eval_problems) >= 0,
                 "--eval-every, --save-every, --warmup-steps, --eval-problems must be >= 0")
         require(self.max_grad_norm > 0, f"--max-grad-norm must be > 0 (got {self.max_grad_norm})")
-        require(self.rollout_backend in ("auto", "hf"), f"--rollout-backend {self.rollout_backend}: the colocated vLLM engine "
-                "is not in this version yet (issue 7); use --rollout-backend hf (auto picks hf)")
+        require(self.rollout_backend in ("auto", "hf", "vllm"), f"--rollout-backend must be auto, hf or vllm (got {self.rollout_backend})")
+        require(0 < self.vllm_gpu_memory < 1, f"--vllm-gpu-memory must be in (0, 1) (got {self.vllm_gpu_memory})")
+        require(self.parity_every >= 0 and self.parity_tol > 0, "--parity-every must be >= 0 and --parity-tol > 0")
         require(self.gradient_checkpointing in ("auto", "on", "off"), "--gradient-checkpointing must be auto, on or off")
 
 
@@ -856,12 +860,20 @@ def sampling_processor(keys, prompt_len, temperature, top_p):
     return process
 
 
+def eos_ids(model, tokenizer):
+    eos = model.generation_config.eos_token_id
+    return sorted(set(eos if isinstance(eos, list) else [eos, tokenizer.eos_token_id]) - {None})
+
+
 @torch.no_grad()
-def generate(model, tokenizer, prompts, keys, max_new_tokens, temperature=1.0, top_p=1.0, batch_size=256):
-    """Sample one completion per prompt string (HF engine). keys: [N] int64 from sample_keys; temperature 0 = greedy.
-    Returns a list of dicts {prompt_ids, completion_ids (incl. EOS if it stopped), finished}."""
-    eos = set(model.generation_config.eos_token_id if isinstance(model.generation_config.eos_token_id, list)
-              else [model.generation_config.eos_token_id, tokenizer.eos_token_id]) - {None}
+def generate(model, tokenizer, prompts, keys, max_new_tokens, temperature=1.0, top_p=1.0, batch_size=256, engine=None, push=True):
+    """Sample one completion per prompt string. keys: [N] int64 from sample_keys; temperature 0 = greedy.
+    Returns a list of dicts {prompt_ids, completion_ids (incl. EOS if it stopped), finished}.
+    engine: None = HF generate on the training model (counter-based sampling); else the colocated vLLM engine of
+    rollout_engine(), into which the training weights are first pushed (push=False: they are known to be there)."""
+    if engine is not None:
+        return vllm_generate(engine, model, tokenizer, prompts, keys, max_new_tokens, temperature, top_p, push)
+    eos = set(eos_ids(model, tokenizer))
     config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=sorted(eos),
                               pad_token_id=tokenizer.pad_token_id, use_cache=True)
     out = []
@@ -879,6 +891,90 @@ def generate(model, tokenizer, prompts, keys, max_new_tokens, temperature=1.0, t
                         "completion_ids": row[:stop + 1] if stop is not None else row, "finished": stop is not None})
     model.train(was_training)
     return out
+
+
+# ---------------------------------------------------------------------------- the colocated vLLM engine (GPU)
+VLLM_INSTALL = "pip install vllm==0.29.0"  # a release built for torch 2.13.0 (README, GPU install)
+
+
+def rollout_engine(args, model, tokenizer, rank):
+    """--rollout-backend: None (HF generate on the training model) or this rank's colocated vLLM engine, a dict
+    {llm, pushes, metrics}. One engine per torchrun rank in this process (external_launcher, tensor parallel 1: every
+    rank samples its own prompts), its own seed per rank, asleep (level 1) whenever it is not generating."""
+    backend = args.rollout_backend
+    if backend == "auto":
+        import importlib.util
+        backend = "vllm" if torch.cuda.is_available() and importlib.util.find_spec("vllm") else "hf"
+    if backend == "hf":
+        return None
+    require(torch.cuda.is_available(), "--rollout-backend vllm needs a CUDA GPU: use --rollout-backend hf on CPU")
+    try:
+        from vllm import LLM
+    except ImportError as e:
+        raise UserError(f"--rollout-backend vllm: vLLM does not import ({e}): `{VLLM_INSTALL}`, or --rollout-backend hf") from None
+    for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29511")):
+        os.environ.setdefault(k, v)  # external_launcher reads torchrun's variables; a plain `python x.py` is rank 0 of 1
+    rng = torch.get_rng_state(), torch.cuda.get_rng_state()
+    llm = LLM(model=model.name_or_path, tokenizer=model.name_or_path, dtype="bfloat16", seed=args.seed + rank,
+              distributed_executor_backend="external_launcher", tensor_parallel_size=1, enable_sleep_mode=True,
+              gpu_memory_utilization=args.vllm_gpu_memory, max_model_len=args.max_prompt_tokens + args.max_new_tokens,
+              enable_prefix_caching=True, logprobs_mode="processed_logprobs", generation_config="vllm")
+    torch.set_rng_state(rng[0]), torch.cuda.set_rng_state(rng[1])  # LLM() re-seeds the global generators
+    llm.sleep(level=1)
+    return {"llm": llm, "pushes": 0, "metrics": {}, "parity_every": args.parity_every, "parity_tol": args.parity_tol}
+
+
+def push_weights(engine, model):
+    """Copy the training weights into the running engine, tensor by tensor: FSDP2 shards are gathered with
+    full_tensor() (a collective: every rank walks the same names), cast to the engine's dtype, and loaded by the
+    engine's own load_weights (which fuses q/k/v and gate/up). Never reload from disk: that gives the base weights."""
+    llm = engine["llm"]
+    runner = llm.llm_engine.model_executor.driver_worker.model_runner.model
+    for name, p in model.state_dict().items():
+        p = p.detach().to(torch.bfloat16)
+        runner.load_weights(weights=[(name, p.full_tensor() if hasattr(p, "full_tensor") else p)])
+    llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+    engine["pushes"] += 1
+
+
+def vllm_generate(engine, model, tokenizer, prompts, keys, max_new_tokens, temperature, top_p, push=True):
+    """generate() on the vLLM engine: wake, push the weights, sample (each completion seeded by its key, so samples do
+    not depend on batching or world size), check log-prob parity every --parity-every pushes, sleep again."""
+    from vllm import SamplingParams
+    llm = engine["llm"]
+    torch.cuda.empty_cache()
+    llm.wake_up()
+    if push:
+        push_weights(engine, model)
+    enc = [tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
+    params = [SamplingParams(n=1, temperature=temperature, top_p=top_p if temperature > 0 else 1.0, max_tokens=max_new_tokens,
+                             seed=int(k), stop_token_ids=eos_ids(model, tokenizer), detokenize=False) for k in keys.tolist()]
+    outputs = llm.generate([{"prompt_token_ids": ids} for ids in enc], params, use_tqdm=False)
+    samples = [{"prompt_ids": ids, "completion_ids": list(o.outputs[0].token_ids), "finished": o.outputs[0].finish_reason == "stop"}
+               for ids, o in zip(enc, outputs)]
+    every = engine["parity_every"]
+    if push and every and engine["pushes"] % every == 1 % every:  # the first push, then every N-th
+        engine["metrics"]["rollout/logprob_diff"] = diff = logprob_parity(llm, model, samples[0])
+        if diff > engine["parity_tol"]:
+            raise RuntimeError(f"vLLM log-probs differ from the trainer's by {diff:.3f} nats/token on average (tolerance "
+                               f"--parity-tol {engine['parity_tol']}): the engine is not running the training weights")
+    llm.sleep(level=1)
+    return samples
+
+
+@torch.no_grad()
+def logprob_parity(llm, model, sample):
+    """Mean |log pi_vllm - log pi_trainer| per token of one rollout, both at temperature 1 (vLLM's prompt log-probs
+    come from the raw logits), the trainer's from token_logprobs in its usual precision."""
+    from vllm import SamplingParams
+    ids = sample["prompt_ids"] + sample["completion_ids"]
+    out = llm.generate([{"prompt_token_ids": ids}], SamplingParams(max_tokens=1, prompt_logprobs=1, detokenize=False), use_tqdm=False)
+    P, pl = len(sample["prompt_ids"]), out[0].prompt_logprobs  # pl[t]: {token id: Logprob} for position t (pl[0] is None)
+    ours = torch.tensor([pl[t][ids[t]].logprob for t in range(P, len(ids))])
+    x = torch.tensor([ids], device=model.device)
+    with autocast(model.device):
+        theirs = token_logprobs(model, x, torch.ones_like(x), P)[0][0].float().cpu()
+    return float((ours - theirs).abs().mean())
 
 
 def rollout_batch(samples, pad_id, device):
@@ -990,7 +1086,7 @@ def answer_key(problem, completion):
 
 
 @torch.no_grad()
-def evaluate(model, tokenizer, problems, n, temperature, top_p, max_new_tokens, seed, device, chunk=4096):
+def evaluate(model, tokenizer, problems, n, temperature, top_p, max_new_tokens, seed, device, chunk=4096, engine=None):
     """Sample n completions per problem (and one greedy). Returns (metrics, per-problem records).
     Metrics: pass@k for k = 1, 2, 4, ..., n, avg@n, greedy accuracy, distinct correct answers, mean entropy.
     Problems are split over ranks and the results gathered, so every rank returns the same numbers.
@@ -1000,8 +1096,8 @@ def evaluate(model, tokenizer, problems, n, temperature, top_p, max_new_tokens, 
     local = [problems[i % len(problems)] for i in idx]
     prompts = [format_prompt(tokenizer, p) for p in local]
     keys = torch.stack([sample_keys(seed, 1 << 30, i, j) for i in idx for j in range(n)]) if idx else torch.zeros(0, dtype=torch.long)
-    samples = generate(model, tokenizer, [p for p in prompts for _ in range(n)], keys, max_new_tokens, temperature, top_p)
-    greedy = generate(model, tokenizer, prompts, torch.zeros(len(prompts), dtype=torch.long), max_new_tokens, 0.0)
+    samples = generate(model, tokenizer, [p for p in prompts for _ in range(n)], keys, max_new_tokens, temperature, top_p, engine=engine)
+    greedy = generate(model, tokenizer, prompts, torch.zeros(len(prompts), dtype=torch.long), max_new_tokens, 0.0, engine=engine, push=False)
     texts = tokenizer.batch_decode([s["completion_ids"] for s in samples], skip_special_tokens=True)
     rewards = compute_rewards([p for p in local for _ in range(n)], texts)
     greedy_texts = tokenizer.batch_decode([s["completion_ids"] for s in greedy], skip_special_tokens=True)
@@ -1032,13 +1128,16 @@ def evaluate(model, tokenizer, problems, n, temperature, top_p, max_new_tokens, 
     return metrics, records
 
 
-def evaluate_all(model, tokenizer, eval_sets, args, device):
-    """evaluate() on every eval dataset; keys `eval/<name>/<metric>`, plus `eval/<metric>` averaged over datasets."""
+def evaluate_all(model, tokenizer, eval_sets, args, device, engine=None):
+    """evaluate() on every eval dataset; keys `eval/<name>/<metric>`, plus `eval/<metric>` averaged over datasets, plus
+    `eval/<name>/solved`: the indices of the problems with at least one correct sample (and `eval/<name>/problems`)."""
     out, records = {}, {}
     for name, problems in eval_sets.items():
         m, records[name] = evaluate(model, tokenizer, problems, args.eval_samples, args.eval_temperature, args.eval_top_p,
-                                    args.max_new_tokens, args.seed, device, args.logprob_chunk)
+                                    args.max_new_tokens, args.seed, device, args.logprob_chunk, engine)
         out.update({f"eval/{name}/{k}": v for k, v in m.items()})
+        out[f"eval/{name}/problems"] = len(records[name])  # with `solved`, union coverage over runs (eval.py's U2)
+        out[f"eval/{name}/solved"] = [x["index"] for x in records[name] if x["correct"] > 0]
     for k in m:
         out[f"eval/{k}"] = float(np.mean([out[f"eval/{name}/{k}"] for name in eval_sets]))
     return out, records

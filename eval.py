@@ -12,10 +12,9 @@ Compare runs (seeds are grouped into methods by the directory name without its t
     python eval.py compare runs/cmp-*-s* --out docs/ [--labels GRPO,SPS,...]
 writes reward.png, entropy.png, pass1.png, passk.png, distinct.png (mean +- std band over seeds) and compare.md.
 Upper bounds on passk.png: U1 = the base model's pass@n (the step-0 eval's largest k, averaged over runs).
-U2 = the best coverage any single run reached: per seed (each seed has its own held-out problems), the max over
-runs of the final pass@n (the fraction of problems with at least one correct sample) and of sps.py's `sps/U2` where
-logged, averaged over seeds. True union coverage over runs would need every problem's per-run outcome, which
-samples.jsonl keeps only for a few problems, so U2 is a lower bound on it. U3 (drawn when sps.py runs are given) = the
+U2 = union coverage: per seed (each seed has its own held-out problems), the fraction of held-out problems that any
+evaluation of any of the given runs solved at least once (from `eval/<dataset>/solved`, logged at every evaluation),
+averaged over seeds and datasets. U3 (drawn when sps.py runs are given) = the
 mean of their final `sps/U3`, the level where pass@k saturates as a function of log k.
 """
 import argparse
@@ -182,15 +181,14 @@ def compare(args):
     kmax = min(max(int(k[10:]) for k in final_eval(rows) if k.startswith("eval/pass@")) for rows in all_runs)
     k8 = max(k for k in ks_up_to(kmax) if k <= 8)
     u1 = float(np.mean([rows[0][f"eval/pass@{kmax}"] for rows in all_runs if rows[0]["step"] == 0 and f"eval/pass@{kmax}" in rows[0]] or [np.nan]))
-    best = {}  # seed -> best coverage of any run with that seed (seeds hold different held-out problems)
+    union, sizes = {}, {}  # (seed, dataset) -> indices of eval problems solved by any evaluation of any run; their number
     for path in args.runs:
-        rows = load_run(path)
-        if rows is not None:
-            config = os.path.join(path, "config.json")
-            seed = json.load(open(config)).get("seed", 0) if os.path.exists(config) else 0
-            cover = max(final_eval(rows)[f"eval/pass@{kmax}"], *[r.get("sps/U2", 0) for r in rows])
-            best[seed] = max(best.get(seed, 0.0), cover)
-    u2 = float(np.mean(list(best.values())))
+        seed = read_json(os.path.join(path, "config.json")).get("seed", 0)  # seeds hold different held-out problems
+        for r in load_run(path) or []:
+            for key in [k for k in r if k.endswith("/solved")]:  # eval/<dataset>/solved, logged at every evaluation
+                union.setdefault((seed, key), set()).update(r[key])
+                sizes[seed, key] = r[key[:-len("solved")] + "problems"]
+    u2 = float(np.mean([len(union[x]) / sizes[x] for x in union])) if union else float("nan")
     os.makedirs(args.out, exist_ok=True)
     out = lambda name: os.path.join(args.out, name)
     plot(methods, labels, "reward/mean", "training reward (moving avg, 10 steps)", out("reward.png"), smooth=10)
@@ -198,12 +196,13 @@ def compare(args):
     plot(methods, labels, "eval/pass@1", "held-out pass@1", out("pass1.png"))
     plot(methods, labels, "eval/distinct_correct", "distinct correct answers / problem", out("distinct.png"))
     u3 = [final_eval(rows)["sps/U3"] for rows in all_runs if "sps/U3" in final_eval(rows)]  # sps.py's saturation level
-    bounds = [(u1, f"U1: base pass@{kmax}", "--"), (u2, f"U2 (lower bound): best pass@{kmax} of any run", ":")]
+    bounds = [(u1, f"U1: base pass@{kmax}", "--")] + ([(u2, "U2: solved by any run at any eval", ":")] if union else [])
     bounds += [(float(np.mean(u3)), "U3: sps.py's pass@k saturation", "-.")] if u3 else []
     plot(methods, labels, "passk", "final held-out pass@k", out("passk.png"), xlabel="k", bounds=bounds)
-    keys = [f"pass@1", f"pass@{k8}", f"pass@{kmax}", "greedy", "entropy", "distinct_correct"]
+    keys = ["pass@1", f"pass@{k8}", f"pass@{kmax}", "greedy", "entropy", "distinct_correct"]
     lines = [f"Final held-out evaluation per method: mean ± std (sample std) over seeds; pass@{kmax} is the largest k "
-             f"every run logged. U1 (base pass@{kmax}) = {u1:.3f}; U2 (best pass@{kmax} of any run, per seed, averaged over seeds) = {u2:.3f}.", "",
+             f"every run logged. U1 (base pass@{kmax}) = {u1:.3f}; U2 (fraction of held-out problems solved by any run at any "
+             f"evaluation, per seed, averaged over seeds) = {u2:.3f}.", "",
              "| method | seeds | final step | " + " | ".join(k.replace("_", " ") for k in keys) + " |", "|---" * (len(keys) + 3) + "|"]
     for (method, runs), label in zip(methods.items(), labels):
         finals = [final_eval(rows) for rows in runs]

@@ -11,20 +11,22 @@ from test_grpo_script import SMALL, metrics, run
 FIGURES = ["reward.png", "entropy.png", "pass1.png", "passk.png", "distinct.png"]
 
 
-def fake_run(path, final, steps=4, finished=True):
+def fake_run(path, final, steps=4, finished=True, solved=((), (), ())):
     """A run directory: metrics.jsonl with steps 0..steps (evals at 0, 2 and `steps`), config.json, trainer_state.json.
-    `final`: the eval metrics of the last step (pass@1, pass@8, pass@16, greedy, entropy, distinct_correct)."""
+    `final`: the eval metrics of the last step (pass@1, pass@8, pass@16, greedy, entropy, distinct_correct);
+    `solved`: the indices of the 10 held-out problems solved at each of the three evals."""
     os.makedirs(path / "checkpoint")
     base = {"eval/pass@1": 0.1, "eval/pass@2": 0.2, "eval/pass@4": 0.3, "eval/pass@8": 0.5, "eval/pass@16": 0.8,
             "eval/avg@16": 0.1, "eval/greedy": 0.1, "eval/entropy": 1.0, "eval/distinct_correct": 2.0}
-    rows = [{"step": 0, **base}]
+    rows = [{"step": 0, **base, "eval/countdown/problems": 10, "eval/countdown/solved": list(solved[0])}]
     for s in range(1, steps + 1):
         row = {"step": s, "reward/mean": 0.1 * s, "entropy/mean": 1.0 - 0.1 * s}
         if s == 2:
-            row.update(base)
+            row.update(base, **{"eval/countdown/problems": 10, "eval/countdown/solved": list(solved[1])})
         if s == steps:
             row.update({**base, "eval/pass@2": final["pass@1"], "eval/pass@4": final["pass@8"], "eval/avg@16": final["pass@1"],
-                        **{f"eval/{k}": v for k, v in final.items()}})
+                        **{f"eval/{k}": v for k, v in final.items()}, "eval/countdown/problems": 10,
+                        "eval/countdown/solved": list(solved[2])})
         rows.append(row)
     with open(path / "metrics.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
@@ -38,11 +40,11 @@ def final(p1, p8, p16, greedy, entropy, distinct):
 
 
 def test_compare_writes_figures_and_mean_std_table(tmp_path):
-    fake_run(tmp_path / "a-s0", final(0.2, 0.5, 0.6, 0.3, 0.5, 1.0))
-    fake_run(tmp_path / "a-s1", final(0.4, 0.7, 0.9, 0.5, 0.7, 3.0))
-    fake_run(tmp_path / "b-s0", final(0.3, 0.6, 0.7, 0.2, 0.2, 2.0))
-    fake_run(tmp_path / "b-s1", final(0.3, 0.6, 0.7, 0.4, 0.4, 2.0))
-    fake_run(tmp_path / "b-s2", final(0.9, 0.9, 0.9, 0.9, 0.9, 9.0), finished=False)  # still running: skipped
+    fake_run(tmp_path / "a-s0", final(0.2, 0.5, 0.6, 0.3, 0.5, 1.0), solved=([0, 1], [1], [2]))
+    fake_run(tmp_path / "a-s1", final(0.4, 0.7, 0.9, 0.5, 0.7, 3.0), solved=([0], [0, 4], [4]))
+    fake_run(tmp_path / "b-s0", final(0.3, 0.6, 0.7, 0.2, 0.2, 2.0), solved=([0, 1], [], [3, 1]))
+    fake_run(tmp_path / "b-s1", final(0.3, 0.6, 0.7, 0.4, 0.4, 2.0), solved=([0], [], []))
+    fake_run(tmp_path / "b-s2", final(0.9, 0.9, 0.9, 0.9, 0.9, 9.0), finished=False, solved=([5, 6, 7, 8, 9], [], []))  # running: skipped
     out = tmp_path / "figs"
     p = run(["compare"] + [tmp_path / n for n in ("a-s0", "a-s1", "b-s0", "b-s1", "b-s2")] + ["--out", out, "--labels", "A,B"],
             script="eval.py")
@@ -60,8 +62,8 @@ def test_compare_writes_figures_and_mean_std_table(tmp_path):
     assert rows["A"] == ["2", "4", "0.300 ± 0.141", "0.600 ± 0.141", "0.750 ± 0.212", "0.400 ± 0.141", "0.600 ± 0.141", "2.000 ± 1.414"]
     assert rows["B"] == ["2", "4", "0.300 ± 0.000", "0.600 ± 0.000", "0.700 ± 0.000", "0.300 ± 0.141", "0.300 ± 0.141", "2.000 ± 0.000"]
     assert "pass@8" in table and "pass@16" in table
-    # U2 per seed: seed 0 max(0.6, 0.7), seed 1 max(0.9, 0.7) -> mean 0.8 (b-s2 is excluded)
-    assert "U1 (base pass@16) = 0.800" in table and "U2 (best pass@16 of any run, per seed, averaged over seeds) = 0.800" in table
+    # U2 per seed: seed 0 solved {0, 1, 2, 3} of 10, seed 1 {0, 4} -> mean 0.3 (the unfinished b-s2 is excluded)
+    assert "U1 (base pass@16) = 0.800" in table and "averaged over seeds) = 0.300" in table
 
 
 def test_evaluating_a_run_reproduces_its_final_eval(tiny_dir, tmp_path):
