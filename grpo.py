@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
-from common import (BaseArgs, aggregate_loss, all_sum, autocast, compute_rewards, evaluate_all, format_prompt,
-                    generate, init_distributed, load_checkpoint, load_eval_sets, load_model, load_train_set, log_jsonl,
-                    main, print_summary, require, rollout_batch, sample_keys, save_checkpoint, shard_model,
+from common import (BaseArgs, aggregate_loss, all_sum, autocast, compute_rewards, evaluate_all, format_prompt, generate,
+                    init_distributed, load_checkpoint, load_eval_sets, load_model, load_train_set, log_jsonl, main,
+                    print_summary, require, rollout_batch, rollout_engine, sample_keys, save_checkpoint, shard_model,
                     start_run, step_problems, token_logprobs, truncate_metrics)
 
 
@@ -84,13 +84,14 @@ def train(args):
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (args.warmup_steps + 1)))
     train_set, eval_sets = load_train_set(args, tokenizer, model), load_eval_sets(args, tokenizer, model)
+    engine = rollout_engine(args, model, tokenizer, rank)  # None: HF generate on the training model; else vLLM
     start, history, skipped = 0, [], 0
     if args.resume:
         start = load_checkpoint(run_dir, model, optimizer)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (args.warmup_steps + 1)), last_epoch=start - 1)
         truncate_metrics(run_dir, start) if rank == 0 else None
     else:
-        metrics, records = evaluate_all(model, tokenizer, eval_sets, args, device)
+        metrics, records = evaluate_all(model, tokenizer, eval_sets, args, device, engine)
         history.append({"step": 0, **metrics})
         log_jsonl(run_dir, "metrics.jsonl", history[-1]) if rank == 0 else None
     G, pad = args.group_size, tokenizer.pad_token_id
@@ -103,7 +104,7 @@ def train(args):
         group = [p for p in problems for _ in range(G)]  # [N = n_local * G], groups contiguous and whole on this rank
         keys = torch.stack([sample_keys(args.seed, step, rank * n_local * G + i) for i in range(len(group))])
         samples = generate(model, tokenizer, [format_prompt(tokenizer, p) for p in group], keys,
-                           args.max_new_tokens, args.temperature, args.top_p)
+                           args.max_new_tokens, args.temperature, args.top_p, engine=engine)
         t_rollout = time.time() - t0
         # 2. Rewards from the verifier.
         texts = tokenizer.batch_decode([s["completion_ids"] for s in samples], skip_special_tokens=True)
@@ -160,8 +161,9 @@ def train(args):
                   "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0], "skipped_steps": skipped,
                   "time/rollout": t_rollout, "time/reward": t_reward, "time/train": t_train,
                   "tokens_per_s/rollout": s[5] / t_rollout, "tokens_per_s/train": s[8] * (args.ppo_epochs + 1) / t_train}
+        record.update(engine["metrics"] if engine else {})  # vLLM: rollout/logprob_diff of the last parity check
         if (args.eval_every and (step + 1) % args.eval_every == 0) or step + 1 == args.steps:
-            metrics, records = evaluate_all(model, tokenizer, eval_sets, args, device)
+            metrics, records = evaluate_all(model, tokenizer, eval_sets, args, device, engine)
             record.update(metrics)
             if rank == 0:
                 for name, recs in records.items():
