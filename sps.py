@@ -14,14 +14,20 @@ gradient is dz_i ~ q_i - p_i: the dominant correct rollout is pushed down to a u
     RL step   : grpo.py's update, unchanged (clipped surrogate on group advantages; see grpo.py)
     IRL step  : on the same rollouts, with the weights after the RL step (paper Eq. 4 as we reconstruct it):
         s_i   = (1/|o_i|) sum_t log pi_theta(o_{i,t} | .)                 implicit reward (length-normalised)
-        p     = softmax(s / T_s) over the group's G rollouts              group Boltzmann distribution
+        p     = softmax(s / T_s) over the group's correct rollouts        Boltzmann distribution over the demonstrations
         q_i   = 1/D split over the copies of each distinct correct rollout (D distinct correct), 0 otherwise
-        L_IRL = (1/#groups) sum_{groups with D >= 2} -sum_i q_i log p_i   = KL(q || p) + const, minimised
+        L_IRL = (1/#groups) sum_{groups with D >= 2} -sum_i q_i log p_i   = KL(q || p) + H(q) >= H(q), minimised
                 #groups = all the step's groups (groups without demonstrations contribute 0, as in the token-mean RL loss)
-        theta <- theta - eta_irl * AdamW(grad lambda_irl L_IRL)
+        theta <- theta - eta_irl * clamp(grad(lambda_irl L_IRL) / (sqrt(v_hat_RL) + eps), -1, 1)    (v_hat_RL: the RL
+                AdamW's second moment, so the IRL step is measured in the RL step's units; see preconditioned_step)
 
 Choices (all reconstructed or UNCONFIRMED; default first, each a flag):
     sign              minimise KL(q || p)  | --irl-sign literal: the paper's printed "minimise -KL" (a sign slip; ablation)
+    support of p      the demonstrations   | --irl-support group: all G rollouts (the spec's first reconstruction). Over
+                                             the group, q = 0 on wrong rollouts puts the minimum at their score = -inf:
+                                             the gradient lowers their log-likelihood at every step (an unlikelihood term
+                                             on top of the RL step). Over the demonstrations it only evens out the
+                                             correct rollouts' scores (README, Results: why the default changed).
     normalisation     over the group       | --irl-variant nll: token-mean NLL on a FIFO buffer of correct rollouts of
                                              EARLIER steps (--irl-buffer; on fresh samples its expected gradient is zero)
     demonstrations    correct rollouts     | --irl-demos all
@@ -31,9 +37,12 @@ Choices (all reconstructed or UNCONFIRMED; default first, each a flag):
                                              the initial model, which is then loaded); --irl-temperature T_s = 1.0
     schedule          IRL after every RL step, its own optimizer step | --irl-every K (0 = never: exactly grpo.py);
                                              --irl-schedule summed: one step on -J_RL + lambda L_IRL; --irl-coef lambda = 1
-    optimizer         a separate AdamW for the IRL step (so it does not re-apply the RL step's Adam momentum), lr =
-                                             current lr x --irl-lr-scale | --irl-optimizer shared (grpo.py's AdamW).
-                                             The separate optimizer's moments are not checkpointed (reset on --resume).
+    optimizer         precond: a plain step scaled by the RL AdamW's second moments (no momentum re-applied, no state of
+                                             its own, so --resume is exact and lambda_irl sets the IRL step's size
+                                             relative to the RL step); lr = current lr x --irl-lr-scale |
+                                             --irl-optimizer separate: its own AdamW (Adam's scale invariance makes every
+                                             IRL step full-size whatever lambda or the gradient; moments not checkpointed)
+                                             | shared: grpo.py's AdamW (its momentum re-applies the RL step)
     #groups           all the step's groups | --irl-norm eligible: only those with >= 2 distinct demonstrations
     eligible groups   >= 2 DISTINCT demonstrations (a group whose correct rollouts are one repeated sequence has nothing
                                              to flatten); others are skipped. Not a flag.
@@ -61,10 +70,11 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
-from common import (BaseArgs, aggregate_loss, all_sum, answer_key, autocast, compute_rewards, evaluate_all, format_prompt,
-                    gather_objects, generate, init_distributed, load_checkpoint, load_eval_sets, load_model, load_train_set,
-                    log_jsonl, main, print_summary, require, rollout_batch, sample_keys, save_checkpoint, shard_model,
-                    start_run, step_problems, token_logprobs, truncate_metrics)
+from common import (BaseArgs, aggregate_loss, all_sum, answer_key, autocast, compute_rewards, evaluate_all,
+                    format_prompt, gather_objects, generate, init_distributed, load_checkpoint, load_eval_sets,
+                    load_model, load_train_set, log_jsonl, main, print_summary, require, rollout_batch, rollout_engine,
+                    sample_keys, save_checkpoint, shard_model, start_run, step_problems, token_logprobs,
+                    truncate_metrics)
 
 
 @dataclass
@@ -81,13 +91,14 @@ class Args(BaseArgs):
     irl_coef: float = field(default=1.0, metadata={"help": "SPS: lambda_irl, weight of the IRL loss (with a separate Adam step it mainly matters for --irl-schedule summed)"})
     irl_lr_scale: float = field(default=1.0, metadata={"help": "SPS: eta_irl = current lr x this (the IRL step's learning rate)"})
     irl_schedule: str = field(default="separate", metadata={"choices": ["separate", "summed"], "help": "SPS: separate: its own optimizer step after the RL step | summed: one step on -J_RL + lambda L_IRL"})
-    irl_optimizer: str = field(default="separate", metadata={"choices": ["separate", "shared"], "help": "SPS: separate: own AdamW state for the IRL step | shared: grpo.py's AdamW (its momentum re-applies the RL step)"})
+    irl_optimizer: str = field(default="precond", metadata={"choices": ["precond", "separate", "shared"], "help": "SPS: precond: a step preconditioned by the RL AdamW's second moments (no state of its own) | separate: own AdamW state | shared: grpo.py's AdamW (its momentum re-applies the RL step)"})
     irl_variant: str = field(default="group", metadata={"choices": ["group", "nll"], "help": "SPS: group: KL(q || softmax(s / T_s)) per group | nll: token-mean NLL on a buffer of earlier correct rollouts"})
     irl_sign: str = field(default="kl", metadata={"choices": ["kl", "literal"], "help": "SPS: kl: minimise KL(q || p) | literal: minimise -KL as printed (ablation)"})
     irl_demos: str = field(default="correct", metadata={"choices": ["correct", "all"], "help": "SPS: demonstrations: the correct rollouts | all rollouts"})
     irl_target: str = field(default="uniform", metadata={"choices": ["uniform", "counts"], "help": "SPS: q uniform over distinct demonstrations | proportional to their counts (ablation)"})
     irl_score: str = field(default="mean", metadata={"choices": ["mean", "sum", "ratio"], "help": "SPS: implicit reward s: mean token log-prob | sum | mean log-ratio to the initial model"})
     irl_temperature: float = field(default=1.0, metadata={"help": "SPS: T_s of the group Boltzmann distribution softmax(s / T_s)"})
+    irl_support: str = field(default="demos", metadata={"choices": ["demos", "group"], "help": "SPS: p = softmax(s / T_s) over the demonstrations (bounded: redistributes among correct rollouts) | over the whole group (spec; also pushes wrong rollouts down without bound)"})
     irl_norm: str = field(default="batch", metadata={"choices": ["batch", "eligible"], "help": "SPS: L_IRL / #groups over all the step's groups (like the token-mean RL loss) | over eligible groups only"})
     irl_buffer: int = field(default=1024, metadata={"help": "SPS --irl-variant nll: capacity (rollouts per rank) of the FIFO buffer of earlier correct rollouts"})
     probe_prompts: int = field(default=4, metadata={"help": "SPS diagnostics: fixed training prompts (x G rollouts) probed at every eval (0 = off)"})
@@ -107,10 +118,11 @@ class Args(BaseArgs):
         require(self.irl_buffer >= 1, f"--irl-buffer must be >= 1 (got {self.irl_buffer})")
         require(self.probe_prompts >= 0, f"--probe-prompts must be >= 0 (got {self.probe_prompts})")
         for flag, value, allowed in (("--irl-schedule", self.irl_schedule, ("separate", "summed")),
-                                     ("--irl-optimizer", self.irl_optimizer, ("separate", "shared")),
+                                     ("--irl-optimizer", self.irl_optimizer, ("precond", "separate", "shared")),
                                      ("--irl-variant", self.irl_variant, ("group", "nll")), ("--irl-sign", self.irl_sign, ("kl", "literal")),
                                      ("--irl-demos", self.irl_demos, ("correct", "all")), ("--irl-target", self.irl_target, ("uniform", "counts")),
-                                     ("--irl-score", self.irl_score, ("mean", "sum", "ratio")), ("--irl-norm", self.irl_norm, ("batch", "eligible"))):
+                                     ("--irl-score", self.irl_score, ("mean", "sum", "ratio")), ("--irl-norm", self.irl_norm, ("batch", "eligible")),
+                                     ("--irl-support", self.irl_support, ("demos", "group"))):
             require(value in allowed, f"{flag} must be {' or '.join(allowed)} (got {value})")
         require(not (self.irl_variant == "nll" and self.irl_schedule == "summed"), "--irl-variant nll needs --irl-schedule separate")
 
@@ -170,11 +182,15 @@ def irl_target(demos, first, target="uniform"):
     return demos / demos.sum(-1, keepdim=True).clamp(min=1), distinct
 
 
-def irl_loss(scores, q, temperature=1.0, sign="kl"):
-    """Per-group IRL loss -sum_i q_i log p_i with p = softmax(s / T_s) over the group (= KL(q || p) + H(q); Eq. 4 as
-    reconstructed). scores, q: [B, G] -> [B]. sign 'literal' minimises -KL instead, as printed in the paper (ablation)."""
-    log_p = torch.log_softmax(scores / temperature, -1)  # [B, G]: the group Boltzmann distribution
-    loss = -(q * log_p).sum(-1)  # [B]
+def irl_loss(scores, q, temperature=1.0, sign="kl", support=None):
+    """Per-group IRL loss -sum_i q_i log p_i with p = softmax(s / T_s) (= KL(q || p) + H(q); Eq. 4 as reconstructed).
+    scores, q: [B, G] -> [B]. support: [B, G] bool, the rollouts p is normalised over (None: the whole group). Over the
+    demonstrations, the minimum H(q) is reached when their scores are equal; over the whole group it is only approached
+    as the other rollouts' scores go to -inf, so its gradient never stops pushing them down. sign 'literal' minimises
+    -KL instead, as printed in the paper (ablation)."""
+    z = scores / temperature if support is None else (scores / temperature).masked_fill(~support, float("-inf"))
+    log_p = torch.log_softmax(z, -1)  # [B, G]: the Boltzmann distribution over the group (or its demonstrations)
+    loss = -torch.where(q > 0, q * log_p, 0.0).sum(-1)  # [B]; q = 0 outside the support
     return loss if sign == "kl" else -loss
 
 
@@ -205,6 +221,22 @@ def saturation(pass_at):
 def nanmean(x):
     x = torch.as_tensor(x, dtype=torch.float64)
     return float(x[~x.isnan()].mean()) if (~x.isnan()).any() else float("nan")
+
+
+@torch.no_grad()
+def preconditioned_step(optimizer, lr):
+    """The IRL step in the RL step's units: theta -= lr * clamp(g / (sqrt(v_hat) + eps), -1, 1), with v_hat the RL AdamW's
+    bias-corrected second moment. Unlike a step of its own Adam, the size follows the IRL gradient's magnitude relative
+    to the RL gradients (so lambda_irl matters) and no momentum is re-applied; the clamp keeps any coordinate within
+    one Adam-sized step (lr) where the RL gradient was ~0. Parameters the RL step never updated are left alone."""
+    for group in optimizer.param_groups:
+        beta2, eps = group["betas"][1], group["eps"]
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            if p.grad is None or "exp_avg_sq" not in state:
+                continue
+            v_hat = state["exp_avg_sq"] / (1 - beta2 ** float(state["step"]))
+            p.sub_(lr * (p.grad / (v_hat.sqrt() + eps)).clamp(-1, 1))
 
 
 def irl_gradients(model, samples, rewards, first, batch, ref_logp, buffer, args, world, device, pad):
@@ -247,7 +279,8 @@ def irl_gradients(model, samples, rewards, first, batch, ref_logp, buffer, args,
         with autocast(device):
             logp, _ = token_logprobs(model, ids[rows], attn[rows], P, args.logprob_chunk)  # [n, T]
         s = implicit_reward(logp, mask[rows], args.irl_score, None if ref_logp is None else ref_logp[rows]).view(-1, G)
-        loss = irl_loss(s, q[chunk], args.irl_temperature, args.irl_sign) * weight  # [groups in chunk]
+        support = demos.view(-1, G)[chunk] if args.irl_support == "demos" else None
+        loss = irl_loss(s, q[chunk], args.irl_temperature, args.irl_sign, support) * weight  # [groups in chunk]
         (args.irl_coef * loss.sum() / n_norm * world).backward()  # world: FSDP averages gradients over ranks
         loss_sum += loss.sum().item()
         if weight:
@@ -302,8 +335,9 @@ def probe_record(probe, s0, s1, s2, token_stats, args):
     q, distinct = irl_target(correct, first, args.irl_target)
     if s1 is not None and (distinct >= 2).any():
         ok = distinct >= 2
-        rec["sps/probe/irl_loss_before"] = float(irl_loss(s1[ok], q[ok], T, args.irl_sign).mean())  # after the RL step
-        rec["sps/probe/irl_loss_after"] = float(irl_loss(s2[ok], q[ok], T, args.irl_sign).mean())  # after the IRL step
+        sup = correct[ok] if args.irl_support == "demos" else None
+        rec["sps/probe/irl_loss_before"] = float(irl_loss(s1[ok], q[ok], T, args.irl_sign, sup).mean())  # after the RL step
+        rec["sps/probe/irl_loss_after"] = float(irl_loss(s2[ok], q[ok], T, args.irl_sign, sup).mean())  # after the IRL step
         rec["sps/probe/d_top_rl"] = nanmean(squeezing(s1, first, correct, T)[0][ok] - squeezing(s0, first, correct, T)[0][ok])
         rec["sps/probe/d_top_irl"] = nanmean(squeezing(s2, first, correct, T)[0][ok] - squeezing(s1, first, correct, T)[0][ok])
     return {k: v for k, v in rec.items() if not math.isnan(v)}  # NaN: no probe group with (two) correct rollouts
@@ -332,8 +366,9 @@ def train(args):
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (args.warmup_steps + 1)))
     irl_optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay) \
-        if args.irl_optimizer == "separate" else optimizer  # SPS: the IRL step's optimizer
+        if args.irl_optimizer == "separate" else optimizer  # SPS: the IRL step's optimizer (precond: the RL AdamW's moments)
     train_set, eval_sets = load_train_set(args, tokenizer, model), load_eval_sets(args, tokenizer, model)
+    engine = rollout_engine(args, model, tokenizer, rank)  # None: HF generate on the training model; else vLLM
     start, history, skipped = 0, [], 0
     bounds_path, bounds, buffer = os.path.join(run_dir, "sps_bounds.json"), {}, []  # SPS: U1/U2 state; nll buffer
     probe = train_set[:args.probe_prompts]  # SPS: fixed probe prompts for the squeezing diagnostics
@@ -343,7 +378,7 @@ def train(args):
         truncate_metrics(run_dir, start) if rank == 0 else None
         bounds = json.load(open(bounds_path)) if os.path.exists(bounds_path) else {}
     else:
-        metrics, records = evaluate_all(model, tokenizer, eval_sets, args, device)
+        metrics, records = evaluate_all(model, tokenizer, eval_sets, args, device, engine)
         history.append({"step": 0, **metrics, **upper_bounds(metrics, records, bounds, args.eval_samples)})
         if probe:
             p0 = sample_probe(model, tokenizer, probe, args, device, ref_model)
@@ -360,7 +395,7 @@ def train(args):
         group = [p for p in problems for _ in range(G)]  # [N = n_local * G], groups contiguous and whole on this rank
         keys = torch.stack([sample_keys(args.seed, step, rank * n_local * G + i) for i in range(len(group))])
         samples = generate(model, tokenizer, [format_prompt(tokenizer, p) for p in group], keys,
-                           args.max_new_tokens, args.temperature, args.top_p)
+                           args.max_new_tokens, args.temperature, args.top_p, engine=engine)
         t_rollout = time.time() - t0
         # 2. Rewards from the verifier.
         texts = tokenizer.batch_decode([s["completion_ids"] for s in samples], skip_special_tokens=True)
@@ -423,10 +458,12 @@ def train(args):
                 irl["sps/irl_grad_norm"] = float(irl_gnorm.full_tensor() if hasattr(irl_gnorm, "full_tensor") else irl_gnorm)
                 for g in irl_optimizer.param_groups:
                     g["lr"] = scheduler.get_last_lr()[0] * args.irl_lr_scale  # eta_irl
-                if math.isfinite(irl["sps/irl_grad_norm"]):
-                    irl_optimizer.step()
-                else:
+                if not math.isfinite(irl["sps/irl_grad_norm"]):
                     skipped += 1
+                elif args.irl_optimizer == "precond":
+                    preconditioned_step(optimizer, scheduler.get_last_lr()[0] * args.irl_lr_scale)
+                else:
+                    irl_optimizer.step()
                 for g in irl_optimizer.param_groups:
                     g["lr"] = scheduler.get_last_lr()[0]  # restores the shared optimizer's lr
         if args.irl_variant == "nll":  # earlier correct rollouts only: this step's join the buffer after its IRL step
@@ -457,8 +494,9 @@ def train(args):
         if evaluating and probe:
             s2, token_stats = probe_scores(model, p0, args, device)
             record.update(probe_record(p0, s0, s1, s2, token_stats, args))
+        record.update(engine["metrics"] if engine else {})  # vLLM: rollout/logprob_diff of the last parity check
         if (args.eval_every and (step + 1) % args.eval_every == 0) or step + 1 == args.steps:
-            metrics, records = evaluate_all(model, tokenizer, eval_sets, args, device)
+            metrics, records = evaluate_all(model, tokenizer, eval_sets, args, device, engine)
             record.update(metrics)
             record.update(upper_bounds(metrics, records, bounds, args.eval_samples))
             if rank == 0:

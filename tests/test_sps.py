@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 from test_grpo_script import SMALL, metrics, run, weights
 
-from sps import (first_copy, group_advantages, irl_loss, irl_target, saturation, squeezing, upper_bounds)
+from sps import (first_copy, group_advantages, irl_loss, irl_target, preconditioned_step, saturation, squeezing, upper_bounds)
 
 
 def test_irl_loss_falls_as_p_moves_toward_q_and_the_literal_sign_rises():
@@ -24,6 +24,22 @@ def test_irl_loss_falls_as_p_moves_toward_q_and_the_literal_sign_rises():
     p = torch.softmax(start, -1)[0]
     by_hand = sum(qi * math.log(qi / pi) for qi, pi in zip(q[0].tolist(), p.tolist()) if qi > 0) + math.log(2)
     assert kl[0] == pytest.approx(by_hand, rel=1e-6)
+
+
+def test_preconditioned_step_is_lr_times_g_over_the_rl_adam_scale_and_leaves_its_state_alone():
+    """After one AdamW step on g1, v_hat = g1^2 exactly, so the IRL step on g2 moves theta by -lr clamp(g2 / (|g1| + eps), -1, 1)."""
+    p, q = torch.nn.Parameter(torch.tensor([1.0, 2.0, 3.0, 4.0])), torch.nn.Parameter(torch.tensor([5.0]))
+    opt = torch.optim.AdamW([p, q], lr=0.1, weight_decay=0.0)
+    p.grad, q.grad = torch.tensor([0.5, -2.0, 1e-3, 0.0]), torch.tensor([1.0])
+    opt.step()
+    after_rl, state = p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()}
+    p.grad, q.grad = torch.tensor([0.25, 1.0, 1.0, 3.0]), None  # q has no IRL gradient: untouched
+    q_before = q.detach().clone()
+    preconditioned_step(opt, lr=0.01)
+    eps = opt.param_groups[0]["eps"]
+    expected = after_rl - 0.01 * torch.tensor([0.25 / (0.5 + eps), 1.0 / (2.0 + eps), 1.0, 1.0])  # last two: clamped to 1
+    assert torch.allclose(p.detach(), expected, rtol=0, atol=1e-7)
+    assert all(torch.equal(state[k], opt.state[p][k]) for k in state) and torch.equal(q.detach(), q_before)
 
 
 def test_irl_gradient_is_p_minus_q():
@@ -70,7 +86,7 @@ def test_upper_bounds_u1_u2_u3():
     assert out["sps/U1"] == 0.35 and out["sps/U2"] == 0.5  # U1 stays the first eval's; U2 is the union {0, 1}
 
 
-def bandit(irl, steps=300, lr=1.0, prompts=4, G=8, seed=0):
+def bandit(irl, steps=300, lr=1.0, prompts=4, G=8, seed=0, support="demos"):
     """A tabular softmax policy over 50 one-step "trajectories", the first 5 correct with uneven initial logits.
     Each step: B groups of G samples, one GRPO step (sps.group_advantages), then optionally one IRL step (sps.irl_loss
     with the length-1 "length-normalised log-likelihood" s = log pi(tau)). Plain SGD on the logits.
@@ -92,7 +108,8 @@ def bandit(irl, steps=300, lr=1.0, prompts=4, G=8, seed=0):
             q, distinct = irl_target(correct[tau].view(prompts, G), first)
             if (distinct >= 2).any():
                 z.grad = None
-                irl_loss(s[distinct >= 2], q[distinct >= 2]).mean().backward()
+                on = correct[tau].view(prompts, G)[distinct >= 2] if support == "demos" else None
+                irl_loss(s[distinct >= 2], q[distinct >= 2], support=on).mean().backward()
                 with torch.no_grad():
                     z -= lr * z.grad
     pi = torch.softmax(z.detach(), -1)
@@ -105,9 +122,31 @@ def test_tabular_bandit_grpo_squeezes_and_irl_keeps_several_correct_trajectories
     correct trajectory (N_eff -> 1); GRPO + IRL also reaches P(correct) -> 1 but keeps several correct trajectories."""
     for seed in range(2):
         p_grpo, n_grpo = bandit(irl=False, seed=seed)
-        p_sps, n_sps = bandit(irl=True, seed=seed)
         assert p_grpo > 0.95 and n_grpo < 1.1, (p_grpo, n_grpo)
-        assert p_sps > 0.95 and n_sps >= 2.0, (p_sps, n_sps)
+        for support in ("demos", "group"):
+            p_sps, n_sps = bandit(irl=True, seed=seed, support=support)
+            assert p_sps > 0.95 and n_sps >= 2.0, (support, p_sps, n_sps)
+
+
+def test_irl_loss_over_the_demonstrations_has_its_minimum_at_equal_scores_and_ignores_wrong_rollouts():
+    """Two correct rollouts (q = 1/2 each) and a wrong one. Over the demonstrations: loss = log 2 exactly when the correct
+    scores are equal, whatever the wrong score, and zero gradient there. Over the group: the gradient on the wrong
+    rollout's score is p_wrong > 0 at any finite score, so it is pushed down forever."""
+    q, sup = torch.tensor([[0.5, 0.5, 0.0]]), torch.tensor([[True, True, False]])
+    for wrong in (-50.0, -1.0, 3.0):
+        s = torch.tensor([[-0.4, -0.4, wrong]], requires_grad=True)
+        loss = irl_loss(s, q, support=sup)
+        loss.sum().backward()
+        assert loss.item() == pytest.approx(math.log(2), abs=1e-6) and torch.allclose(s.grad, torch.zeros(1, 3), atol=1e-7)
+        s = torch.tensor([[-0.4, -0.4, wrong]], requires_grad=True)
+        irl_loss(s, q).sum().backward()
+        p_wrong = math.exp(wrong) / (2 * math.exp(-0.4) + math.exp(wrong))
+        assert s.grad[0, 2].item() == pytest.approx(p_wrong, rel=1e-5) and p_wrong > 0  # d loss / d s_wrong = p_wrong
+    # uneven correct scores: the gradient is (p - q) over the support: the likelier correct rollout goes down
+    s = torch.tensor([[0.0, -1.0, 2.0]], requires_grad=True)
+    irl_loss(s, q, support=sup).sum().backward()
+    p1 = 1 / (1 + math.exp(-1.0))
+    assert s.grad[0].tolist() == pytest.approx([p1 - 0.5, 0.5 - p1, 0.0], abs=1e-6)
 
 
 def test_irl_every_0_is_grpo_bit_for_bit(tiny_dir, tmp_path):
@@ -140,7 +179,7 @@ def test_bad_sps_flags_are_one_line_errors(tmp_path, flags, message):
     assert p.returncode == 2 and message in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
 
 
-@pytest.mark.parametrize("flags", [["--irl-schedule", "summed"], ["--irl-variant", "nll"], ["--irl-score", "ratio", "--irl-optimizer", "shared"],
+@pytest.mark.parametrize("flags", [["--irl-schedule", "summed"], ["--irl-variant", "nll"], ["--irl-score", "ratio", "--irl-optimizer", "shared"], ["--irl-optimizer", "separate", "--irl-support", "group"],
                                    ["--irl-demos", "all", "--irl-target", "counts", "--irl-sign", "literal", "--irl-score", "sum"]])
 def test_every_irl_choice_runs_and_changes_the_update(tiny_dir, tmp_path, flags):
     short = ["--steps", "2"] + SMALL[2:]
