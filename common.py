@@ -679,7 +679,7 @@ class BaseArgs:
     parity_every: int = field(default=10, metadata={"help": "vllm: every N weight pushes, compare the engine's log-probs of a rollout with the trainer's (0 = never)"})
     parity_tol: float = field(default=0.05, metadata={"help": "vllm: stop with an error when the mean |log-prob difference| per token exceeds this (stale weights)"})
     gradient_checkpointing: str = field(default="auto", metadata={"choices": ["auto", "on", "off"], "help": "auto (on with CUDA) | on | off"})
-    logprob_chunk: int = field(default=4096, metadata={"help": "token rows per log-prob chunk (bounds the [rows, V] float32 logits kept at once)"})
+    logprob_chunk: int = field(default=1024, metadata={"help": "token rows per log-prob chunk: about 2 x rows x V x 4 bytes at once (1024 rows of Qwen's 151,936-token vocabulary: ~1.2 GB)"})
 
     def __post_init__(self):
         require(self.group_size >= 2, f"--group-size must be >= 2 for group-relative advantages (got {self.group_size})")
@@ -954,7 +954,8 @@ def vllm_generate(engine, model, tokenizer, prompts, keys, max_new_tokens, tempe
                for ids, o in zip(enc, outputs)]
     every = engine["parity_every"]
     if push and every and engine["pushes"] % every == 1 % every:  # the first push, then every N-th
-        engine["metrics"]["rollout/logprob_diff"] = diff = logprob_parity(llm, model, samples[0])
+        engine.setdefault("parity_sample", samples[0])  # one fixed rollout (the first one), checked all run long
+        engine["metrics"]["rollout/logprob_diff"] = diff = logprob_parity(llm, model, engine["parity_sample"])
         if diff > engine["parity_tol"]:
             raise RuntimeError(f"vLLM log-probs differ from the trainer's by {diff:.3f} nats/token on average (tolerance "
                                f"--parity-tol {engine['parity_tol']}): the engine is not running the training weights")
@@ -999,10 +1000,11 @@ def _chunk_logits(h, weight):
 
 
 def _logprob_entropy(h, weight, targets):
-    logits = _chunk_logits(h, weight)
-    logz = logits.logsumexp(-1)
+    logits = _chunk_logits(h, weight)  # [n, V]
+    logz = logits.logsumexp(-1)  # [n]
     logp = logits.gather(-1, targets[:, None]).squeeze(-1) - logz
-    entropy = logz - (logits.softmax(-1) * logits).sum(-1)
+    p = logits.softmax(-1)  # [n, V]
+    entropy = logz - (p[:, None, :] @ logits[:, :, None])[:, 0, 0]  # H = log Z - sum_v p_v z_v: a batched dot, no [n, V] product
     return logp, entropy, logits
 
 
@@ -1010,7 +1012,7 @@ def _logprob_entropy_no_logits(h, weight, targets):
     return _logprob_entropy(h, weight, targets)[:2]
 
 
-def token_logprobs(model, input_ids, attention_mask, start, chunk=4096, return_hidden=False, row_fn=None):
+def token_logprobs(model, input_ids, attention_mask, start, chunk=1024, return_hidden=False, row_fn=None):
     """log pi(x_t | x_<t) and the entropy of pi(. | x_<t) for positions t >= start: ([N, L-start], [N, L-start]),
     plus the LM-head inputs h_t [N, L-start, d] if asked, plus row_fn(logits [n, V], targets [n]) -> [n] gathered to
     [N, L-start] if given (a method's own per-token statistic of the full distribution, computed while the chunk's
@@ -1040,6 +1042,7 @@ def token_logprobs(model, input_ids, attention_mask, start, chunk=4096, return_h
         if row_fn is not None:
             with torch.no_grad():
                 extra_parts.append(row_fn(logits, args[2]))
+        del logits  # this chunk's [n, V] goes before the next one is computed
     dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
 
     def scatter(parts):  # rows of valid tokens -> [N, T], zeros at padding
@@ -1086,7 +1089,7 @@ def answer_key(problem, completion):
 
 
 @torch.no_grad()
-def evaluate(model, tokenizer, problems, n, temperature, top_p, max_new_tokens, seed, device, chunk=4096, engine=None):
+def evaluate(model, tokenizer, problems, n, temperature, top_p, max_new_tokens, seed, device, chunk=1024, engine=None):
     """Sample n completions per problem (and one greedy). Returns (metrics, per-problem records).
     Metrics: pass@k for k = 1, 2, 4, ..., n, avg@n, greedy accuracy, distinct correct answers, mean entropy.
     Problems are split over ranks and the results gathered, so every rank returns the same numbers.
