@@ -1,16 +1,14 @@
 #!/usr/bin/env bash
-# The README's side-by-side comparison: every method on the built-in task with grpo.py's default configuration
-# (tiny model, countdown, 100 steps x 32 prompts x G = 8), one seed (SEED=0 by default) per invocation. About 3 minutes a run on
-# 2 CPU cores. Then: python eval.py compare runs/cmp-*-s* --out docs/
+# The README's side-by-side study: every method on the built-in task with grpo.py's default configuration (tiny model,
+# countdown, 100 steps x 32 prompts x G = 8), n = 64 held-out samples per problem at every evaluation, one seed
+# (SEED=0 by default) per invocation; about 5-8 minutes a run on one core. Then: python eval.py compare runs/cmp-*-s* --out docs/
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SEED=${SEED:-0}
-run() { name=$1; shift; [ -f runs/cmp-$name-s$SEED/checkpoint/trainer_state.json ] || python "$@" --seed $SEED --run-dir runs/cmp-$name-s$SEED; }
+run() { name=$1; shift; [ -f runs/cmp-$name-s$SEED/checkpoint/trainer_state.json ] || python "$@" --seed $SEED --eval-samples 64 --run-dir runs/cmp-$name-s$SEED; }
 run grpo      grpo.py
 run lp_reg    lp_reg.py --rho 0.1            # rho so that regularisation fires on this small batch (README)
 run thr+0.2   thr.py --p 0.2
 run thr-0.2   thr.py --p -0.2
 run arm       arm.py
-run arm-gm    arm.py --prompt-confidence group-mean
-run grpo-c028 grpo.py --clip-high 0.28         # ARM's fair baseline (same clip)
 run sps       sps.py
