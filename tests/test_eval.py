@@ -68,10 +68,10 @@ def test_compare_writes_figures_and_mean_std_table(tmp_path):
 
 def test_evaluating_a_run_reproduces_its_final_eval(tiny_dir, tmp_path):
     run_dir, out = tmp_path / "r-s0", tmp_path / "out"
-    run(["--model", tiny_dir, "--run-dir", run_dir, "--steps", "2"] + SMALL[2:])
+    run(["--model", tiny_dir, "--run-dir", run_dir, "--steps", "2"] + SMALL[2:] + ["--eval-problems", "20", "--lr", "1e-4"])
     logged = metrics(run_dir)[-1]
     assert logged["step"] == 2 and logged["eval/countdown/pass@4"] > 0  # some correct samples: the equality is not vacuous
-    p = run([run_dir, "--n", "4", "--problems", "6", "--datasets", "countdown", "--out", out], script="eval.py")
+    p = run([run_dir, "--n", "4", "--problems", "20", "--datasets", "countdown", "--out", out], script="eval.py")
     result = json.load(open(out / "eval.json"))["results"]
     assert len(result) == 1 and result[0]["dataset"] == "countdown" and result[0]["max_new_tokens"] == 20  # from config.json
     m = result[0]
