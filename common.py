@@ -35,7 +35,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, train
 from torch.distributed.device_mesh import init_device_mesh
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
-from transformers import (AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LogitsProcessorList,
+from transformers import (AutoModelForCausalLM, AutoTokenizer, DynamicCache, GenerationConfig, LogitsProcessorList,
                           PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM)
 
 
@@ -888,8 +888,9 @@ def generate(model, tokenizer, prompts, keys, max_new_tokens, temperature=1.0, t
         enc = tokenizer(prompts[i:i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
         P = enc.input_ids.shape[1]
         proc = sampling_processor(keys[i:i + batch_size], P, temperature, top_p)
+        shared = shared_prefix_forward(model, enc.input_ids, enc.attention_mask, P - 1)  # each prompt once, not G times
         seq = model.generate(**enc, generation_config=config, logits_processor=LogitsProcessorList([proc]),
-                             synced_gpus=dist.is_initialized())
+                             past_key_values=shared[0] if shared else None, synced_gpus=dist.is_initialized())
         for j, (row, mask) in enumerate(zip(seq[:, P:].tolist(), enc.attention_mask.tolist())):
             stop = next((t for t, tok in enumerate(row) if tok in eos), None)
             out.append({"prompt_ids": enc.input_ids[j, P - sum(mask):].tolist(),
@@ -999,6 +1000,41 @@ def rollout_batch(samples, pad_id, device):
 
 
 # ============================================================================ per-token log-probs and entropy
+def final_hidden(model, input_ids, attention_mask, cache=None):
+    """The final-norm outputs h (the LM head's inputs) [N, L', d] for input_ids [N, L'] whose attention_mask [N, L]
+    also covers the L - L' tokens already in `cache` (None: L' = L). Logits are left to the caller (only one per row
+    is computed here). Positions count real tokens only, so left padding does not shift them."""
+    captured = {}
+    hook = model.model.norm.register_forward_hook(lambda m, i, o: captured.__setitem__("h", o))
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1]:]
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, logits_to_keep=1,
+              past_key_values=cache, use_cache=cache is not None)
+    finally:
+        hook.remove()
+    return captured["h"]
+
+
+def shared_prefix_forward(model, input_ids, attention_mask, split):
+    """Prefix sharing: rows whose first `split` tokens are the same (the G completions of one prompt) run them once.
+    Returns (a KV cache of those tokens with one copy per row [N, ..., split, ...], their final-norm outputs
+    [U, split, d] for the U distinct prefixes, inv [N]: the prefix of each row), or None when no prefix repeats or
+    gradient checkpointing is on in training (transformers then drops the cache). Gradients flow through the copies
+    back into the one prefix forward, so a loss on the rows gives the same gradient as running every row in full
+    (tests/test_grpo_math.py); the prompt part costs ~G x less."""
+    ckpt = model.is_activation_checkpointing if hasattr(type(model), "is_activation_checkpointing") else model.is_gradient_checkpointing
+    if not 0 < split < input_ids.shape[1] or (model.training and ckpt):
+        return None
+    prefixes, inv = torch.unique(torch.cat([input_ids[:, :split], attention_mask[:, :split]], 1), dim=0, return_inverse=True)
+    if len(prefixes) == len(input_ids) and not dist.is_initialized():  # under FSDP every rank runs the same forwards
+        return None
+    cache = DynamicCache(config=model.config)
+    h = final_hidden(model, prefixes[:, :split], prefixes[:, split:], cache)  # [U, split, d]
+    for layer in cache.layers:  # [U, ...] -> [N, ...]: each row gets its prefix's keys and values
+        layer.keys, layer.values = layer.keys.index_select(0, inv), layer.values.index_select(0, inv)  # backward: index_add
+    return cache, h, inv
+
+
 def _chunk_logits(h, weight):
     logits = h @ weight.T  # [n, V] for a chunk of n token rows only
     return logits.float() if logits.element_size() < 4 else logits  # bf16 -> fp32; fp64 stays (tests)
@@ -1017,20 +1053,23 @@ def _logprob_entropy_no_logits(h, weight, targets):
     return _logprob_entropy(h, weight, targets)[:2]
 
 
-def token_logprobs(model, input_ids, attention_mask, start, chunk=1024, return_hidden=False, row_fn=None):
+def token_logprobs(model, input_ids, attention_mask, start, chunk=1024, return_hidden=False, row_fn=None, prompt_len=None):
     """log pi(x_t | x_<t) and the entropy of pi(. | x_<t) for positions t >= start: ([N, L-start], [N, L-start]),
     plus the LM-head inputs h_t [N, L-start, d] if asked, plus row_fn(logits [n, V], targets [n]) -> [n] gathered to
     [N, L-start] if given (a method's own per-token statistic of the full distribution, computed while the chunk's
     logits exist). The vocabulary projection runs on `chunk` valid rows at a time (recomputed in backward), so no
-    [N, L, V] float32 tensor ever exists."""
-    captured = {}
-    hook = model.model.norm.register_forward_hook(lambda m, i, o: captured.__setitem__("h", o))
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    try:
-        model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, logits_to_keep=1, use_cache=False)
-    finally:
-        hook.remove()
-    hidden = captured["h"][:, start - 1:-1]  # [N, T, d]: the state that predicts token t sits at t - 1
+    [N, L, V] float32 tensor ever exists. Rows with the same prompt (the first `prompt_len`, default `start`, tokens)
+    share one forward of it (shared_prefix_forward), with or without gradient."""
+    L, s = input_ids.shape[1], prompt_len or start
+    cut = max(s + 1, int(attention_mask.any(0).nonzero().max()) + 1)  # trailing columns that are padding in every row
+    ids, mask = input_ids[:, :cut], attention_mask[:, :cut]  # are not run (a micro-batch's longest completion rules)
+    shared = shared_prefix_forward(model, ids, mask, s)
+    if shared is None:
+        hidden = final_hidden(model, ids, mask)  # [N, cut, d]
+    else:  # each prompt ran once; the rows run their completions on top of its KV cache
+        cache, h_prompt, inv = shared
+        hidden = torch.cat([h_prompt.index_select(0, inv), final_hidden(model, ids[:, s:], mask, cache)], 1)  # [N, cut, d]
+    hidden = torch.nn.functional.pad(hidden, (0, 0, 0, L - cut))[:, start - 1:-1]  # [N, T, d]: h predicting t sits at t - 1
     targets, valid = input_ids[:, start:], attention_mask[:, start:].bool()  # [N, T]
     weight = model.get_output_embeddings().weight  # unsharded here: FSDP2 keeps the root's parameters after forward
     rows = valid.flatten().nonzero().squeeze(-1)

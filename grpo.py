@@ -113,10 +113,14 @@ def train(args):
         # 3. Group-relative advantages, broadcast to every token of the completion.
         advantages = group_advantages(rewards, G, args.scale_rewards)  # [N]
         # 4. Old log-probs log pi_old(o_t) (and the reference model's) from a no-grad forward of the training model.
+        #    Strictly on-policy (one optimizer step per rollout batch), pi_old = pi_theta: the update's forward gives them.
         ids, attn, mask, P = rollout_batch(samples, pad, device)  # [N, P+T], [N, P+T], [N, T]
         micro = [slice(i, i + args.micro_batch_size) for i in range(0, len(samples), args.micro_batch_size)]
+        on_policy = args.ppo_epochs == args.mini_batches == 1
+        old_logp, entropy = torch.zeros_like(mask), torch.zeros_like(mask)  # [N, T]
         with torch.no_grad(), autocast(device):
-            old_logp, entropy = map(torch.cat, zip(*[token_logprobs(model, ids[m], attn[m], P, args.logprob_chunk) for m in micro]))
+            if not on_policy:
+                old_logp, entropy = map(torch.cat, zip(*[token_logprobs(model, ids[m], attn[m], P, args.logprob_chunk) for m in micro]))
             ref_logp = torch.cat([token_logprobs(ref_model, ids[m], attn[m], P, args.logprob_chunk)[0] for m in micro]) if ref_model else None
         # 5. Policy update: ppo_epochs x mini_batches optimizer steps on the clipped surrogate.
         rows = torch.arange(len(samples), device=device)
@@ -131,6 +135,8 @@ def train(args):
                         model.set_requires_gradient_sync(j == len(parts) - 1)  # reduce-scatter once per optimizer step
                     with autocast(device):
                         logp, ent = token_logprobs(model, ids[m], attn[m], P, args.logprob_chunk)  # [n, T]
+                    if on_policy:  # ratio exp(logp - old_logp) = 1 in value, gradient of log pi
+                        old_logp[m], entropy[m] = logp.detach().float(), ent.detach().float()
                     token_loss, clipped = policy_loss(logp, old_logp[m], advantages[m, None], args.clip_low, args.clip_high)
                     if ref_model is not None:
                         token_loss = token_loss + args.kl_coef * kl_k3(logp, ref_logp[m])
@@ -160,7 +166,7 @@ def train(args):
                   "entropy/mean": s[7] / s[8], "clip/frac": s[9] / (s[8] * args.ppo_epochs), "loss": s[10],
                   "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0], "skipped_steps": skipped,
                   "time/rollout": t_rollout, "time/reward": t_reward, "time/train": t_train,
-                  "tokens_per_s/rollout": s[5] / t_rollout, "tokens_per_s/train": s[8] * (args.ppo_epochs + 1) / t_train}
+                  "tokens_per_s/rollout": s[5] / t_rollout, "tokens_per_s/train": s[8] * (args.ppo_epochs + (not on_policy)) / t_train}
         record.update(engine["metrics"] if engine else {})  # vLLM: rollout/logprob_diff of the last parity check
         if (args.eval_every and (step + 1) % args.eval_every == 0) or step + 1 == args.steps:
             metrics, records = evaluate_all(model, tokenizer, eval_sets, args, device, engine)

@@ -146,3 +146,58 @@ def test_token_logprobs_row_fn_sees_full_vocabulary_logits():
     with torch.enable_grad():  # also with gradients on (the chunk is recomputed in backward)
         _, _, lse2 = token_logprobs(model, ids, attn, P, chunk=2, row_fn=lambda logits, t: logits.logsumexp(-1))
     assert torch.allclose(lse2, lse, atol=1e-12)
+
+
+def test_shared_prompt_forward_matches_rows_run_in_full():
+    """Prefix sharing (each prompt's forward once, its KV cache copied to the G rows) gives the same log-probs,
+    entropies and gradients of every parameter as running each sequence alone, and really runs each prompt once."""
+    model = tiny_random_model()
+    a, b = [5, 6, 7, 8], [12, 3]  # two prompts of different lengths (b is left-padded), 3 and 2 completions each
+    samples = [{"prompt_ids": a, "completion_ids": c} for c in ([8, 9, 10, 11], [9], [13, 14, 15])] + \
+              [{"prompt_ids": b, "completion_ids": c} for c in ([13, 14], [17, 18, 19, 20])]
+    ids, attn, mask, P = rollout_batch(samples, 0, "cpu")
+    rows_seen = []
+    hook = model.model.register_forward_pre_hook(lambda m, args, kw: rows_seen.append(tuple(kw["input_ids"].shape)), with_kwargs=True)
+    logp, ent = token_logprobs(model, ids, attn, P, chunk=3)
+    hook.remove()
+    assert rows_seen == [(2, P), (5, ids.shape[1] - P)]  # 2 distinct prompts once, then 5 completions on top
+    (logp * mask).sum().backward()
+    shared_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    total = 0
+    for i, s in enumerate(samples):  # naive: each sequence alone, no padding, no cache
+        seq = torch.tensor([s["prompt_ids"] + s["completion_ids"]])
+        lsm = model(seq).logits[0].log_softmax(-1)
+        n_p, n_c = len(s["prompt_ids"]), len(s["completion_ids"])
+        want = lsm[n_p - 1:n_p - 1 + n_c].gather(-1, torch.tensor(s["completion_ids"])[:, None]).squeeze(-1)
+        assert torch.allclose(logp[i, :n_c], want, atol=1e-5)  # RMSNorm runs in fp32 even in a float64 model
+        assert torch.allclose(ent[i, :n_c], -(lsm.exp() * lsm).sum(-1)[n_p - 1:n_p - 1 + n_c], atol=1e-5)
+        total = total + want.sum()
+    total.backward()
+    for n, p in model.named_parameters():
+        assert torch.allclose(shared_grads[n], p.grad, atol=1e-5, rtol=1e-4), n
+    assert shared_grads["model.embed_tokens.weight"][a].abs().sum() > 0  # the prompt forward got its gradient
+    # scoring from position 1 (ARM's prompt confidence) with the prompt still shared
+    with torch.no_grad():
+        full = token_logprobs(model, ids, attn, 1)[0]  # prompt_len defaults to start = 1: nothing repeats, no sharing
+        part = token_logprobs(model, ids, attn, 1, prompt_len=P)[0]
+    assert torch.allclose(full, part, atol=1e-5)
+    # gradient checkpointing in training: transformers drops caches, so sharing turns itself off
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    again, _ = token_logprobs(model, ids, attn, P)
+    assert torch.allclose(again, logp, atol=1e-5)
+
+
+def test_generate_with_shared_prompts_samples_the_same_completions(tiny_dir, monkeypatch):
+    import common
+    from common import format_prompt, generate, load_model, countdown_problems
+    model, tok = load_model(tiny_dir, torch.device("cpu"))
+    model.double()
+    prompts = [format_prompt(tok, p) for p in countdown_problems(3, 0) for _ in range(4)]
+    keys = torch.stack([sample_keys(1, i) for i in range(len(prompts))])
+    shared = generate(model, tok, prompts, keys, 16)
+    monkeypatch.setattr(common, "shared_prefix_forward", lambda *a: None)  # every row runs its prompt in full
+    full = generate(model, tok, prompts, keys, 16)
+    assert shared == full
+    assert len({tuple(s["completion_ids"]) for s in shared}) > 3  # sampled, not one completion per prompt

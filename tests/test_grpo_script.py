@@ -79,6 +79,21 @@ def test_resume_reaches_the_same_weights(tiny_dir, tmp_path):
     assert metrics(tmp_path / "cut")[3]["reward/mean"] == metrics(tmp_path / "full")[3]["reward/mean"]
 
 
+def test_on_policy_update_needs_no_old_log_prob_pass(tiny_dir, tmp_path):
+    """Strictly on-policy (the default), grpo.py takes log pi_old from the update's own forward, detached; lp_reg.py at
+    --rho 0 with GRPO's clip is the same update computed with the separate no-grad pi_old pass: same weights."""
+    common = ["--model", tiny_dir, "--lr", "1e-2"] + SMALL[:8]
+    run(common + ["--run-dir", tmp_path / "grpo"])
+    run(common + ["--run-dir", tmp_path / "pass", "--rho", "0", "--clip-low", "0.2", "--clip-high", "0.2"], script="lp_reg.py")
+    wa, wb = weights(tmp_path / "grpo"), weights(tmp_path / "pass")
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], atol=1e-6), k
+    start = load_file(os.path.join(tiny_dir, "model.safetensors"))
+    assert any(not torch.allclose(wa[k], start[k], atol=1e-4) for k in wa)  # it did train
+    assert [r.get("entropy/mean") for r in metrics(tmp_path / "grpo")] == pytest.approx(
+        [r.get("entropy/mean") for r in metrics(tmp_path / "pass")], abs=1e-6)
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--lr", "-1"], "--lr must be a positive number"),
     (["--group-size", "1"], "--group-size must be >= 2"),
