@@ -17,8 +17,9 @@ over-confident correct path gets a smaller update, an under-explored correct pat
     c(q) = exp(mean_{t >= 2} log pi_old(q_t | q_<t)) = 1 / PPL(q)   over the prompt tokens as fed (chat template)  (A3)
     L_t = -min(rho_t A~_i, clip(rho_t, 1 - eps_low, 1 + eps_high) A~_i), token-mean, clip-higher [0.8, 1.28]      (A4)
 The labels A1-A4 are ours (the paper's numbering was not available). c(q) and c(o|q) are detached and come from the
-old-log-prob forward GRPO already runs: it now scores the prompt positions too (token_logprobs from position 1 instead of
-P). That is 0 extra forward passes; the LM-head projection covers the P - 1 prompt positions as well (no-grad, chunked).
+no-grad old-log-prob forward (grpo.py runs it only off-policy; ARM needs pi_old before the update), which here scores
+the prompt positions too (token_logprobs from position 1 instead of P): one forward, and the LM-head projection covers
+the P - 1 prompt positions as well (no-grad, chunked).
 Groups whose rewards all agree are NOT dropped: all-correct groups learn from ARM alone.
 
 Confirmed (the paper's LaTeX, quoted in a review): the additive form A1 and its gating (unchanged when all responses are
@@ -252,12 +253,12 @@ def train(args):
         # 3. Group-relative advantages, broadcast to every token of the completion.
         advantages = group_advantages(rewards, G, args.scale_rewards, args.delta)  # [N]
         # 4. Old log-probs log pi_old(o_t) (and the reference model's) from a no-grad forward of the training model;
-        #    ARM reads the prompt positions of the same forward too (from position 1 instead of P: no extra pass).
+        #    ARM reads the prompt positions of the same forward too (from position 1 instead of P; each prompt runs once).
         ids, attn, mask, P = rollout_batch(samples, pad, device)  # [N, P+T], [N, P+T], [N, T]
         micro = [slice(i, i + args.micro_batch_size) for i in range(0, len(samples), args.micro_batch_size)]
         first = P if args.prompt_confidence == "group-mean" else 1
         with torch.no_grad(), autocast(device):
-            old_logp, entropy = map(torch.cat, zip(*[token_logprobs(model, ids[m], attn[m], first, args.logprob_chunk) for m in micro]))
+            old_logp, entropy = map(torch.cat, zip(*[token_logprobs(model, ids[m], attn[m], first, args.logprob_chunk, prompt_len=P) for m in micro]))
             ref_logp = torch.cat([token_logprobs(ref_model, ids[m], attn[m], P, args.logprob_chunk)[0] for m in micro]) if ref_model else None
         # [N, P-1] prompt log-probs and mask, [N, T] completion log-probs and entropy
         prompt_logp, prompt_mask, old_logp, entropy = split_prompt_positions(old_logp, entropy, attn, P, first)

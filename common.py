@@ -804,7 +804,10 @@ def shard_model(model, world, device, gradient_checkpointing="auto"):
     """FSDP2 under torchrun: `fully_shard` each decoder layer, then the root (embeddings, final norm, LM head).
     bf16 compute / fp32 gradient reduction on CUDA. A single process keeps the plain module."""
     if gradient_checkpointing == "on" or (gradient_checkpointing == "auto" and device.type == "cuda"):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x; the old name goes in v6
+            model.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     if world == 1:
         return model

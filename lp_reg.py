@@ -19,8 +19,9 @@ policy-gradient term is replaced by a KL pull toward that proxy, which raises th
 
 The penalty is the sampled-token k3 estimator: in expectation over o ~ pi_theta its gradient is that of the paper's
 forward KL(pi_proxy || pi_theta), and on a selected token it only ever pushes that token's probability up. The proxy
-log-prob is computed once per rollout, from pi_old's raw logits (temperature 1), inside the old-log-prob pass
-(token_logprobs' row_fn sees each chunk's full-vocabulary logits): no extra forward pass, no [B, T, V] tensor.
+log-prob is computed once per rollout, from pi_old's raw logits (temperature 1), inside the no-grad old-log-prob pass
+(token_logprobs' row_fn sees each chunk's full-vocabulary logits; grpo.py runs that pass only off-policy): no extra
+LM-head matmul, no [B, T, V] tensor.
 
 Confirmed by the authors' code: bottom-k per micro-batch by the current log-prob (detached), k = int(|S| rho) with the
 k > 1 guard, the filter log pi_theta < log pi_proxy, the unclipped -A r plus the clamped k3 replacing the PPO term,

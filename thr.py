@@ -19,7 +19,8 @@ answers more confident (exploitation), negative ones keep mass on alternatives (
     GSPO-token: s_{i,t} = sg[(pi_theta/pi_old)(y_i)^{1/|y_i|}] pi_theta(y_it) / sg[pi_theta(y_it)]  (arXiv:2507.18071, --objective)
 The equation labels T1-T5 are ours (the paper's numbering was not available). h is the LM-head input (after the final
 norm) and P the correct responses (r > 0.5) of the group, all from the old policy and detached, computed once per
-rollout batch from the old-log-prob forward GRPO already runs (no extra forward). Groups with no correct response keep
+rollout batch from the no-grad old-log-prob forward (grpo.py runs it only off-policy; THR needs it before the update,
+the scores use the whole group). Groups with no correct response keep
 plain GRPO advantages; all-correct/all-wrong groups have A = 0 anyway.
 
 Confirmed (abstract): THR measures a token's influence on the correct responses' likelihood; positive THR = exploitation,

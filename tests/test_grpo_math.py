@@ -6,7 +6,7 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from common import (aggregate_loss, counter_gumbel, ks_up_to, pass_at_k, rollout_batch, sample_keys,
-                    sampling_processor, token_logprobs)
+                    sampling_processor, shard_model, shared_prefix_forward, token_logprobs)
 from grpo import group_advantages, kl_k3, policy_loss
 
 
@@ -183,8 +183,9 @@ def test_shared_prompt_forward_matches_rows_run_in_full():
         part = token_logprobs(model, ids, attn, 1, prompt_len=P)[0]
     assert torch.allclose(full, part, atol=1e-5)
     # gradient checkpointing in training: transformers drops caches, so sharing turns itself off
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    shard_model(model, 1, torch.device("cpu"), "on")  # gradient checkpointing on, as on GPU
     model.train()
+    assert shared_prefix_forward(model, ids, attn, P) is None
     again, _ = token_logprobs(model, ids, attn, P)
     assert torch.allclose(again, logp, atol=1e-5)
 
