@@ -51,8 +51,9 @@ from tqdm import tqdm
 
 from common import (BaseArgs, aggregate_loss, all_sum, answer_key, autocast, compute_rewards, evaluate_all,
                     format_prompt, generate, init_distributed, load_checkpoint, load_eval_sets, load_model,
-                    load_train_set, log_jsonl, main, print_summary, require, rollout_batch, rollout_engine, sample_keys,
-                    save_checkpoint, shard_model, start_run, step_problems, token_logprobs, truncate_metrics)
+                    load_train_set, log_jsonl, main, peak_memory_gib, print_summary, require, rollout_batch,
+                    rollout_engine, sample_keys, save_checkpoint, shard_model, start_run, step_problems,
+                    token_logprobs, truncate_metrics)
 
 
 @dataclass
@@ -314,6 +315,7 @@ def train(args):
         record.update(arm_metrics(advantages, grpo_advantages, shifted, correct, c_prompt, c_answer, prompt_mask, group, texts, G,
                                   device))
         record.update(engine["metrics"] if engine else {})  # vLLM: rollout/logprob_diff of the last parity check
+        record["memory/peak_gib"] = peak_memory_gib(device)  # this rank's peak since the previous step's record
         if (args.eval_every and (step + 1) % args.eval_every == 0) or step + 1 == args.steps:
             metrics, records = evaluate_all(model, tokenizer, eval_sets, args, device, engine)
             record.update(metrics)

@@ -1269,6 +1269,17 @@ def start_run(args, script, rank):
     return args.run_dir
 
 
+def peak_memory_gib(device):
+    """Peak memory in GiB since the previous call: what torch allocated on this CUDA device (the counter is then
+    reset), or this process's peak resident set size on CPU (which only grows)."""
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return peak / 2 ** 30
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB on Linux
+
+
 def log_jsonl(run_dir, name, record):
     with open(os.path.join(run_dir, name), "a") as f:
         f.write(json.dumps(record) + "\n")
@@ -1288,7 +1299,12 @@ def save_checkpoint(run_dir, step, model, optimizer, tokenizer, rank):
     dcp.save({"model": msd, "optim": osd}, checkpoint_id=os.path.join(tmp, "train_state"))
     if rank == 0:
         from safetensors.torch import save_file
-        save_file({k: v.contiguous() for k, v in full.items()}, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        seen, tied = set(), set()  # tied weights (Qwen2.5 <= 3B ties lm_head to the embeddings) are stored once, as
+        for name, p in model.named_parameters(remove_duplicate=False):  # save_pretrained does: the config re-ties them
+            tied.update([name] if id(p) in seen else [])
+            seen.add(id(p))
+        save_file({k: v.contiguous() for k, v in full.items() if k not in tied}, os.path.join(tmp, "model.safetensors"),
+                  metadata={"format": "pt"})
         model.config.save_pretrained(tmp)
         model.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

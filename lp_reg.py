@@ -47,8 +47,9 @@ from tqdm import tqdm
 
 from common import (BaseArgs, aggregate_loss, all_sum, autocast, compute_rewards, evaluate_all, format_prompt,
                     gather_objects, generate, init_distributed, load_checkpoint, load_eval_sets, load_model,
-                    load_train_set, log_jsonl, main, print_summary, require, rollout_batch, rollout_engine, sample_keys,
-                    save_checkpoint, shard_model, start_run, step_problems, token_logprobs, truncate_metrics)
+                    load_train_set, log_jsonl, main, peak_memory_gib, print_summary, require, rollout_batch,
+                    rollout_engine, sample_keys, save_checkpoint, shard_model, start_run, step_problems,
+                    token_logprobs, truncate_metrics)
 
 
 @dataclass
@@ -289,6 +290,7 @@ def train(args):
         if s[11] > 0:
             record["lp_reg/kl_mean"] = s[16] / s[11]  # mean clamped k3 penalty over the selected tokens
         record.update(engine["metrics"] if engine else {})  # vLLM: rollout/logprob_diff of the last parity check
+        record["memory/peak_gib"] = peak_memory_gib(device)  # this rank's peak since the previous step's record
         if (args.eval_every and (step + 1) % args.eval_every == 0) or step + 1 == args.steps:
             metrics, records = evaluate_all(model, tokenizer, eval_sets, args, device, engine)
             record.update(metrics)

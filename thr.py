@@ -48,10 +48,10 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
-from common import (BaseArgs, aggregate_loss, all_sum, autocast, compute_rewards, evaluate_all, format_prompt, generate,
-                    init_distributed, load_checkpoint, load_eval_sets, load_model, load_train_set, log_jsonl, main,
-                    print_summary, require, rollout_batch, rollout_engine, sample_keys, save_checkpoint, shard_model,
-                    start_run, step_problems, token_logprobs, truncate_metrics)
+from common import (BaseArgs, aggregate_loss, all_sum, autocast, compute_rewards, evaluate_all, format_prompt,
+                    generate, init_distributed, load_checkpoint, load_eval_sets, load_model, load_train_set, log_jsonl,
+                    main, peak_memory_gib, print_summary, require, rollout_batch, rollout_engine, sample_keys,
+                    save_checkpoint, shard_model, start_run, step_problems, token_logprobs, truncate_metrics)
 
 
 @dataclass
@@ -299,6 +299,7 @@ def train(args):
                   "thr/pos_frac/incorrect": div(d[1] - d[4], d[0] - d[3]), "thr/neg_frac/incorrect": div(d[2] - d[5], d[0] - d[3]),
                   "thr/entropy_overlap": div(d[6], d[7]), "thr/time_s": d[8] / world}
         record.update(engine["metrics"] if engine else {})  # vLLM: rollout/logprob_diff of the last parity check
+        record["memory/peak_gib"] = peak_memory_gib(device)  # this rank's peak since the previous step's record
         if (args.eval_every and (step + 1) % args.eval_every == 0) or step + 1 == args.steps:
             metrics, records = evaluate_all(model, tokenizer, eval_sets, args, device, engine)
             record.update(metrics)

@@ -37,6 +37,7 @@ def test_end_to_end_writes_the_run_directory(tiny_dir, tmp_path):
     assert [r["step"] for r in rows] == [0, 1, 2, 3]
     for key in ("reward/mean", "entropy/mean", "time/step", "grad_norm", "clip/frac", "frac_zero_std_groups"):
         assert all(key in r for r in rows[1:]), key
+    assert all(0.1 < r["memory/peak_gib"] < 24 for r in rows[1:])  # the process's peak RSS on CPU (torch alone is > 0.1)
     for key in ("eval/pass@1", "eval/pass@2", "eval/pass@4", "eval/avg@4", "eval/greedy", "eval/distinct_correct", "eval/entropy"):
         assert key in rows[0] and key in rows[-1], key
     config = json.load(open(tmp_path / "r" / "config.json"))
@@ -92,6 +93,27 @@ def test_on_policy_update_needs_no_old_log_prob_pass(tiny_dir, tmp_path):
     assert any(not torch.allclose(wa[k], start[k], atol=1e-4) for k in wa)  # it did train
     assert [r.get("entropy/mean") for r in metrics(tmp_path / "grpo")] == pytest.approx(
         [r.get("entropy/mean") for r in metrics(tmp_path / "pass")], abs=1e-6)
+
+
+def test_tied_embeddings_save_once_reload_tied_and_resume(tiny_dir, tmp_path):
+    """Qwen2.5 up to 3B ties lm_head to the embeddings: the checkpoint stores that matrix once (safetensors refuses
+    shared tensors), from_pretrained ties it again, and --resume continues from it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    model.save_pretrained(tmp_path / "tied")
+    AutoTokenizer.from_pretrained(tiny_dir).save_pretrained(tmp_path / "tied")
+    common = ["--model", tmp_path / "tied", "--run-dir", tmp_path / "r", "--save-every", "1",
+              "--entropy-coef", "0.1"] + SMALL[2:]  # the re-tied model solves nothing: the entropy term gives a gradient
+    run(common + ["--steps", "2"])
+    run(common + ["--steps", "3", "--resume"])
+    assert "lm_head.weight" not in weights(tmp_path / "r")
+    trained = AutoModelForCausalLM.from_pretrained(tmp_path / "r" / "checkpoint")
+    assert trained.lm_head.weight is trained.model.embed_tokens.weight
+    assert not torch.allclose(trained.model.embed_tokens.weight, model.model.embed_tokens.weight)
+    assert [r["step"] for r in metrics(tmp_path / "r")] == [0, 1, 2, 3]
 
 
 @pytest.mark.parametrize("flags, message", [
