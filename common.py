@@ -1025,8 +1025,9 @@ def shared_prefix_forward(model, input_ids, attention_mask, split):
     gradient checkpointing is on in training (transformers then drops the cache). Gradients flow through the copies
     back into the one prefix forward, so a loss on the rows gives the same gradient as running every row in full
     (tests/test_grpo_math.py); the prompt part costs ~G x less."""
-    ckpt = model.is_activation_checkpointing if hasattr(type(model), "is_activation_checkpointing") else model.is_gradient_checkpointing
-    if not 0 < split < input_ids.shape[1] or (model.training and ckpt):
+    checkpointing = getattr(model, "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing")
+                            else "is_gradient_checkpointing")  # the old name is deprecated in transformers 5
+    if not 0 < split < input_ids.shape[1] or (model.training and checkpointing):
         return None
     prefixes, inv = torch.unique(torch.cat([input_ids[:, :split], attention_mask[:, :split]], 1), dim=0, return_inverse=True)
     if len(prefixes) == len(input_ids) and not dist.is_initialized():  # under FSDP every rank runs the same forwards
