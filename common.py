@@ -621,7 +621,8 @@ def tiny_sampled_success(model, tokenizer, problems, reward_fn, batch=100, seed=
     for i in range(0, len(problems), batch):
         chunk = problems[i:i + batch]
         enc = tokenizer([p["prompt"] for p in chunk], return_tensors="pt", padding=True)  # left-padded [B, T]
-        out = model.generate(**enc, do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=32)
+        out = model.generate(input_ids=enc.input_ids, attention_mask=enc.attention_mask, do_sample=True, temperature=1.0,
+                             top_k=0, top_p=1.0, max_new_tokens=32)  # not **enc: some tokenizers add token_type_ids
         texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
         rewards += [float(reward_fn(t, p)) for t, p in zip(texts, chunk)]
     return sum(rewards) / len(rewards)
@@ -892,7 +893,8 @@ def generate(model, tokenizer, prompts, keys, max_new_tokens, temperature=1.0, t
         P = enc.input_ids.shape[1]
         proc = sampling_processor(keys[i:i + batch_size], P, temperature, top_p)
         shared = shared_prefix_forward(model, enc.input_ids, enc.attention_mask, P - 1)  # each prompt once, not G times
-        seq = model.generate(**enc, generation_config=config, logits_processor=LogitsProcessorList([proc]),
+        seq = model.generate(input_ids=enc.input_ids, attention_mask=enc.attention_mask, generation_config=config,
+                             logits_processor=LogitsProcessorList([proc]),
                              past_key_values=shared[0] if shared else None, synced_gpus=dist.is_initialized())
         for j, (row, mask) in enumerate(zip(seq[:, P:].tolist(), enc.attention_mask.tolist())):
             stop = next((t for t, tok in enumerate(row) if tok in eos), None)
