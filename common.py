@@ -956,7 +956,9 @@ def vllm_generate(engine, model, tokenizer, prompts, keys, max_new_tokens, tempe
     torch.cuda.empty_cache()
     llm.wake_up()
     if push:
+        t0 = time.time()
         push_weights(engine, model)
+        engine["metrics"]["time/sync"] = time.time() - t0  # the weight push (part of time/rollout)
     enc = [tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
     params = [SamplingParams(n=1, temperature=temperature, top_p=top_p if temperature > 0 else 1.0, max_tokens=max_new_tokens,
                              seed=int(k), stop_token_ids=eos_ids(model, tokenizer), detokenize=False) for k in keys.tolist()]

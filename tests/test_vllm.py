@@ -94,6 +94,7 @@ def test_vllm_generate_wakes_pushes_samples_with_one_seed_per_completion_and_sle
     kinds = [c[0] for c in engine["llm"].calls]
     n = len(model.state_dict())
     assert kinds == ["wake"] + ["load"] * n + ["reset", "generate", "sleep"] and engine["llm"].calls[-1] == ("sleep", 1)
+    assert engine["metrics"]["time/sync"] > 0  # logged by the scripts with the rest of engine["metrics"]
     engine["llm"].calls.clear()
     generate(model, tok, ["6"], keys[:1], 24, 0.0, engine=engine, push=False)  # e.g. eval's greedy pass right after sampling
     assert [c[0] for c in engine["llm"].calls] == ["wake", "generate", "sleep"] and engine["pushes"] == 1
