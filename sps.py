@@ -64,6 +64,7 @@ Run it:
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -377,6 +378,8 @@ def train(args):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (args.warmup_steps + 1)), last_epoch=start - 1)
         truncate_metrics(run_dir, start) if rank == 0 else None
         bounds = json.load(open(bounds_path)) if os.path.exists(bounds_path) else {}
+        if args.irl_optimizer == "separate" and rank == 0:  # SPS: only the default precond step resumes exactly
+            print("warning: --irl-optimizer separate: the IRL AdamW's moments are not in the checkpoint; they restart at zero", file=sys.stderr)
     else:
         metrics, records = evaluate_all(model, tokenizer, eval_sets, args, device, engine)
         history.append({"step": 0, **metrics, **upper_bounds(metrics, records, bounds, args.eval_samples)})

@@ -205,3 +205,18 @@ def test_torchrun_two_processes_match_one(tiny_dir, tmp_path):
     update = torch.cat([(w1[k] - w0[k]).flatten() for k in w1])
     gap = torch.cat([(w1[k] - w2[k]).flatten() for k in w1])
     assert update.norm() > 1e-3 and gap.norm() / update.norm() < 1e-2, (gap.norm() / update.norm()).item()
+
+
+def test_resume_reaches_the_same_weights(tiny_dir, tmp_path):
+    """The default IRL step (--irl-optimizer precond) has no state of its own, only the RL AdamW's, which the
+    checkpoint holds: an interrupted-and-resumed SPS run reaches the uninterrupted run's weights."""
+    small = SMALL[2:] + ["--prompts-per-step", "16", "--group-size", "8", "--lr", "2e-4"]  # IRL steps at steps 3 and 4
+    common = ["--model", tiny_dir, "--steps", "4", "--save-every", "2"] + small
+    run(common + ["--run-dir", tmp_path / "full"], script="sps.py")
+    run(["--model", tiny_dir, "--steps", "2", "--save-every", "2", "--run-dir", tmp_path / "cut"] + small, script="sps.py")
+    run(common + ["--run-dir", tmp_path / "cut", "--resume"], script="sps.py")
+    assert any("sps/irl_loss" in r for r in metrics(tmp_path / "full")[3:]), "no IRL step after the cut: nothing tested"
+    wa, wb = weights(tmp_path / "full"), weights(tmp_path / "cut")
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], atol=1e-6), k
+    assert [r["step"] for r in metrics(tmp_path / "cut")] == [0, 1, 2, 3, 4]
