@@ -758,6 +758,12 @@ def init_distributed():
     return rank, world, torch.device("cpu")
 
 
+def world_size():
+    """Processes training together: torchrun's world (1 for a plain `python x.py`, even after vLLM's external_launcher
+    has set up a process group of one)."""
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
 def barrier():
     if dist.is_initialized():
         dist.barrier()
@@ -823,7 +829,7 @@ def shard_model(model, world, device, gradient_checkpointing="auto"):
 
 def autocast(device):
     """bf16 autocast for single-process CUDA runs (FSDP2 does the casting itself under torchrun)."""
-    on = device.type == "cuda" and not dist.is_initialized()
+    on = device.type == "cuda" and world_size() == 1
     return torch.autocast("cuda", dtype=torch.bfloat16) if on else contextlib.nullcontext()
 
 
@@ -895,7 +901,7 @@ def generate(model, tokenizer, prompts, keys, max_new_tokens, temperature=1.0, t
         shared = shared_prefix_forward(model, enc.input_ids, enc.attention_mask, P - 1)  # each prompt once, not G times
         seq = model.generate(input_ids=enc.input_ids, attention_mask=enc.attention_mask, generation_config=config,
                              logits_processor=LogitsProcessorList([proc]),
-                             past_key_values=shared[0] if shared else None, synced_gpus=dist.is_initialized())
+                             past_key_values=shared[0] if shared else None, synced_gpus=world_size() > 1)
         for j, (row, mask) in enumerate(zip(seq[:, P:].tolist(), enc.attention_mask.tolist())):
             stop = next((t for t, tok in enumerate(row) if tok in eos), None)
             out.append({"prompt_ids": enc.input_ids[j, P - sum(mask):].tolist(),
@@ -1034,7 +1040,7 @@ def shared_prefix_forward(model, input_ids, attention_mask, split):
     if not 0 < split < input_ids.shape[1] or (model.training and checkpointing):
         return None
     prefixes, inv = torch.unique(torch.cat([input_ids[:, :split], attention_mask[:, :split]], 1), dim=0, return_inverse=True)
-    if len(prefixes) == len(input_ids) and not dist.is_initialized():  # under FSDP every rank runs the same forwards
+    if len(prefixes) == len(input_ids) and world_size() == 1:  # under FSDP every rank runs the same forwards
         return None
     cache = DynamicCache(config=model.config)
     h = final_hidden(model, prefixes[:, :split], prefixes[:, split:], cache)  # [U, split, d]
@@ -1112,7 +1118,7 @@ def aggregate_loss(token_loss, mask, mode, n_tokens, n_seqs, max_new_tokens):
       token-mean               sum_{i,t} l / #tokens                                (DAPO; default)
       seq-mean-token-mean      mean_i (sum_t l / |o_i|)                             (original GRPO)
       seq-mean-token-sum-norm  mean_i (sum_t l / max_new_tokens)                    (Dr. GRPO)"""
-    world = dist.get_world_size() if dist.is_initialized() else 1
+    world = world_size()
     if mode == "token-mean":
         return (token_loss * mask).sum() / n_tokens * world
     if mode == "seq-mean-token-mean":

@@ -80,7 +80,7 @@ def train(args):
     run_dir = start_run(args, "grpo", rank)
     model, tokenizer = load_model(args.model, device, rank)
     ref_model = shard_model(load_model(args.model, device, rank)[0].eval(), world, device, "off") if args.kl_coef > 0 else None
-    model = shard_model(model, world, device, args.gradient_checkpointing)
+    model = shard_model(model, world, device, args.gradient_checkpointing).train()  # from_pretrained gives eval mode
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (args.warmup_steps + 1)))
     train_set, eval_sets = load_train_set(args, tokenizer, model), load_eval_sets(args, tokenizer, model)

@@ -363,7 +363,7 @@ def train(args):
     model, tokenizer = load_model(args.model, device, rank)
     need_ref = args.kl_coef > 0 or args.irl_score == "ratio"  # SPS: --irl-score ratio also needs the initial model
     ref_model = shard_model(load_model(args.model, device, rank)[0].eval(), world, device, "off") if need_ref else None
-    model = shard_model(model, world, device, args.gradient_checkpointing)
+    model = shard_model(model, world, device, args.gradient_checkpointing).train()  # from_pretrained gives eval mode
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (args.warmup_steps + 1)))
     irl_optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay) \

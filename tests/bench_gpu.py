@@ -25,6 +25,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -114,7 +115,9 @@ def run(path, backend, a, tmp):
     if p.returncode != 0:
         sys.exit(f"grpo.py --rollout-backend {backend} failed (exit {p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [r for r in map(json.loads, f) if r["step"] > 0]
+        rows = [r for r in map(json.loads, f) if r["step"] > 0]
+    shutil.rmtree(run_dir)  # its final checkpoint (weights + AdamW state: ~25 GB at 1.5B) is not needed
+    return rows
 
 
 def main():

@@ -5,6 +5,7 @@ import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
+import common
 from common import (aggregate_loss, counter_gumbel, ks_up_to, pass_at_k, rollout_batch, sample_keys,
                     sampling_processor, shard_model, shared_prefix_forward, token_logprobs)
 from grpo import group_advantages, kl_k3, policy_loss
@@ -148,7 +149,7 @@ def test_token_logprobs_row_fn_sees_full_vocabulary_logits():
     assert torch.allclose(lse2, lse, atol=1e-12)
 
 
-def test_shared_prompt_forward_matches_rows_run_in_full():
+def test_shared_prompt_forward_matches_rows_run_in_full(monkeypatch):
     """Prefix sharing (each prompt's forward once, its KV cache copied to the G rows) gives the same log-probs,
     entropies and gradients of every parameter as running each sequence alone, and really runs each prompt once."""
     model = tiny_random_model()
@@ -179,8 +180,10 @@ def test_shared_prompt_forward_matches_rows_run_in_full():
     assert shared_grads["model.embed_tokens.weight"][a].abs().sum() > 0  # the prompt forward got its gradient
     # scoring from position 1 (ARM's prompt confidence) with the prompt still shared
     with torch.no_grad():
-        full = token_logprobs(model, ids, attn, 1)[0]  # prompt_len defaults to start = 1: nothing repeats, no sharing
         part = token_logprobs(model, ids, attn, 1, prompt_len=P)[0]
+        monkeypatch.setattr(common, "shared_prefix_forward", lambda *a: None)  # every row in full
+        full = token_logprobs(model, ids, attn, 1)[0]
+        monkeypatch.undo()
     assert torch.allclose(full, part, atol=1e-5)
     # gradient checkpointing in training: transformers drops caches, so sharing turns itself off
     shard_model(model, 1, torch.device("cpu"), "on")  # gradient checkpointing on, as on GPU
@@ -191,7 +194,6 @@ def test_shared_prompt_forward_matches_rows_run_in_full():
 
 
 def test_generate_with_shared_prompts_samples_the_same_completions(tiny_dir, monkeypatch):
-    import common
     from common import format_prompt, generate, load_model, countdown_problems
     model, tok = load_model(tiny_dir, torch.device("cpu"))
     model.double()

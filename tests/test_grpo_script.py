@@ -95,6 +95,23 @@ def test_on_policy_update_needs_no_old_log_prob_pass(tiny_dir, tmp_path):
         [r.get("entropy/mean") for r in metrics(tmp_path / "pass")], abs=1e-6)
 
 
+def test_update_runs_in_training_mode_so_checkpointing_acts(tiny_dir, tmp_path, monkeypatch):
+    """from_pretrained returns eval mode, where transformers never checkpoints activations: the update's forward must
+    run in training mode, or --gradient-checkpointing (on by default with CUDA) silently does nothing."""
+    import common
+    import grpo
+    seen, final_hidden = [], common.final_hidden
+
+    def spy(model, *args, **kw):
+        seen.append((torch.is_grad_enabled(), model.training, model.model.layers[0].gradient_checkpointing))
+        return final_hidden(model, *args, **kw)
+    monkeypatch.setattr(common, "final_hidden", spy)
+    grpo.train(common.parse_args(grpo.Args, [str(a) for a in ["--model", tiny_dir, "--run-dir", tmp_path / "r", "--steps", "1",
+                                                             "--gradient-checkpointing", "on"] + SMALL[2:]]))
+    update = [s for s in seen if s[0]]
+    assert update and all(training and checkpointing for _, training, checkpointing in update)
+
+
 def test_tied_embeddings_save_once_reload_tied_and_resume(tiny_dir, tmp_path):
     """Qwen2.5 up to 3B ties lm_head to the embeddings: the checkpoint stores that matrix once (safetensors refuses
     shared tensors), from_pretrained ties it again, and --resume continues from it."""

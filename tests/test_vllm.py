@@ -185,3 +185,16 @@ def test_gpu_weight_push_changes_outputs(gpu_setup):
         model.lm_head.weight.mul_(-1.0)
     after = generate(model, tok, ["1 2 3"] * 4, torch.arange(4), 16, 1.0, 1.0, engine=engine)
     assert after != before and engine["metrics"]["rollout/logprob_diff"] < 0.05
+
+
+def test_a_process_group_of_one_is_still_a_single_process(tmp_path):
+    """vLLM's external_launcher sets up torch.distributed even under a plain `python grpo.py`: that must not turn off
+    bf16 autocast (FSDP2 casts only when there are several ranks) nor switch on the multi-rank code paths."""
+    import contextlib
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        assert common.world_size() == 1
+        assert not isinstance(common.autocast(torch.device("cuda")), contextlib.nullcontext)
+    finally:
+        dist.destroy_process_group()
