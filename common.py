@@ -28,6 +28,7 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.distributed as dist
+import transformers
 from datasets import load_dataset
 from datasets.exceptions import DatasetGenerationError
 from huggingface_hub.errors import HfHubHTTPError
@@ -630,11 +631,13 @@ def tiny_sampled_success(model, tokenizer, problems, reward_fn, batch=100, seed=
 
 def tiny_model_dir(size="default", reward_fn=None):
     """Path of the cached built-in model of this size (built on first use): $EXPLORE_RLVR_CACHE,
-    else $XDG_CACHE_HOME/explore-rlvr, else ~/.cache/explore-rlvr, then tiny-<size>-<hash of config+code version>.
-    reward_fn (see build_tiny_model) only matters when it builds."""
+    else $XDG_CACHE_HOME/explore-rlvr, else ~/.cache/explore-rlvr, then tiny-<size>-<hash of config, code version and
+    transformers' major version (4.x cannot read the tokenizer files 5.x writes)>. reward_fn (see build_tiny_model)
+    only matters when it builds."""
     root = os.environ.get("EXPLORE_RLVR_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "explore-rlvr")
-    key = hashlib.sha256((json.dumps(TINY_CONFIGS[size], sort_keys=True) + TINY_VERSION).encode()).hexdigest()[:12]
+    major = transformers.__version__.split(".")[0]
+    key = hashlib.sha256((json.dumps(TINY_CONFIGS[size], sort_keys=True) + TINY_VERSION + major).encode()).hexdigest()[:12]
     path = os.path.join(root, f"tiny-{size}-{key}")
     if not os.path.isdir(path):
         os.makedirs(root, exist_ok=True)
