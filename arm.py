@@ -52,8 +52,8 @@ from tqdm import tqdm
 from common import (BaseArgs, aggregate_loss, all_sum, answer_key, autocast, compute_rewards, evaluate_all,
                     format_prompt, generate, init_distributed, load_checkpoint, load_eval_sets, load_model,
                     load_train_set, log_jsonl, main, peak_memory_gib, print_summary, require, rollout_batch,
-                    rollout_engine, sample_keys, save_checkpoint, shard_model, start_run, step_problems,
-                    token_logprobs, truncate_metrics)
+                    rollout_engine, rollout_logprobs, rollout_mismatch, sample_keys, save_checkpoint, shard_model,
+                    start_run, step_problems, token_logprobs, truncate_metrics, truncated_is_weight)
 
 
 @dataclass
@@ -256,6 +256,7 @@ def train(args):
         # 4. Old log-probs log pi_old(o_t) (and the reference model's) from a no-grad forward of the training model;
         #    ARM reads the prompt positions of the same forward too (from position 1 instead of P; each prompt runs once).
         ids, attn, mask, P = rollout_batch(samples, pad, device)  # [N, P+T], [N, P+T], [N, T]
+        rollout_logp = rollout_logprobs(samples, mask)  # [N, T]: the engine's log pi(o_t) (vLLM), None with HF
         micro = [slice(i, i + args.micro_batch_size) for i in range(0, len(samples), args.micro_batch_size)]
         first = P if args.prompt_confidence == "group-mean" else 1
         with torch.no_grad(), autocast(device):
@@ -283,6 +284,7 @@ def train(args):
                     with autocast(device):
                         logp, ent = token_logprobs(model, ids[m], attn[m], P, args.logprob_chunk)  # [n, T]
                     token_loss, clipped = policy_loss(logp, old_logp[m], advantages[m, None], args.clip_low, args.clip_high)
+                    token_loss = token_loss * truncated_is_weight(old_logp[m], rollout_logp, m, args.tis_cap)  # TIS
                     if ref_model is not None:
                         token_loss = token_loss + args.kl_coef * kl_k3(logp, ref_logp[m])
                     if args.entropy_coef > 0:
@@ -314,7 +316,8 @@ def train(args):
                   "tokens_per_s/rollout": s[5] / t_rollout, "tokens_per_s/train": s[8] * (args.ppo_epochs + 1) / t_train}
         record.update(arm_metrics(advantages, grpo_advantages, shifted, correct, c_prompt, c_answer, prompt_mask, group, texts, G,
                                   device))
-        record.update(engine["metrics"] if engine else {})  # vLLM: rollout/logprob_diff of the last parity check
+        record.update(engine["metrics"] if engine else {})  # vLLM: time/sync (the weight push)
+        record.update(rollout_mismatch(old_logp, rollout_logp, mask, args.tis_cap, args.mismatch_tol, device))
         record["memory/peak_gib"] = peak_memory_gib(device)  # this rank's peak since the previous step's record
         if (args.eval_every and (step + 1) % args.eval_every == 0) or step + 1 == args.steps:
             metrics, records = evaluate_all(model, tokenizer, eval_sets, args, device, engine)

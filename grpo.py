@@ -25,9 +25,10 @@ import torch
 from tqdm import tqdm
 
 from common import (BaseArgs, aggregate_loss, all_sum, autocast, compute_rewards, evaluate_all, format_prompt,
-                    generate, init_distributed, load_checkpoint, load_eval_sets, load_model, load_train_set, log_jsonl,
-                    main, peak_memory_gib, print_summary, require, rollout_batch, rollout_engine, sample_keys,
-                    save_checkpoint, shard_model, start_run, step_problems, token_logprobs, truncate_metrics)
+                    generate, init_distributed, load_checkpoint, load_eval_sets, load_model, load_train_set,
+                    log_jsonl, main, peak_memory_gib, print_summary, require, rollout_batch, rollout_engine,
+                    rollout_logprobs, rollout_mismatch, sample_keys, save_checkpoint, shard_model, start_run,
+                    step_problems, token_logprobs, truncate_metrics, truncated_is_weight)
 
 
 @dataclass
@@ -115,6 +116,7 @@ def train(args):
         # 4. Old log-probs log pi_old(o_t) (and the reference model's) from a no-grad forward of the training model.
         #    Strictly on-policy (one optimizer step per rollout batch), pi_old = pi_theta: the update's forward gives them.
         ids, attn, mask, P = rollout_batch(samples, pad, device)  # [N, P+T], [N, P+T], [N, T]
+        rollout_logp = rollout_logprobs(samples, mask)  # [N, T]: the engine's log pi(o_t) (vLLM), None with HF
         micro = [slice(i, i + args.micro_batch_size) for i in range(0, len(samples), args.micro_batch_size)]
         on_policy = args.ppo_epochs == args.mini_batches == 1
         old_logp, entropy = torch.zeros_like(mask), torch.zeros_like(mask)  # [N, T]
@@ -138,6 +140,7 @@ def train(args):
                     if on_policy:  # ratio exp(logp - old_logp) = 1 in value, gradient of log pi
                         old_logp[m], entropy[m] = logp.detach().float(), ent.detach().float()
                     token_loss, clipped = policy_loss(logp, old_logp[m], advantages[m, None], args.clip_low, args.clip_high)
+                    token_loss = token_loss * truncated_is_weight(old_logp[m], rollout_logp, m, args.tis_cap)  # TIS
                     if ref_model is not None:
                         token_loss = token_loss + args.kl_coef * kl_k3(logp, ref_logp[m])
                     if args.entropy_coef > 0:
@@ -167,7 +170,8 @@ def train(args):
                   "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0], "skipped_steps": skipped,
                   "time/rollout": t_rollout, "time/reward": t_reward, "time/train": t_train,
                   "tokens_per_s/rollout": s[5] / t_rollout, "tokens_per_s/train": s[8] * (args.ppo_epochs + (not on_policy)) / t_train}
-        record.update(engine["metrics"] if engine else {})  # vLLM: rollout/logprob_diff of the last parity check
+        record.update(engine["metrics"] if engine else {})  # vLLM: time/sync (the weight push)
+        record.update(rollout_mismatch(old_logp, rollout_logp, mask, args.tis_cap, args.mismatch_tol, device))
         record["memory/peak_gib"] = peak_memory_gib(device)  # this rank's peak since the previous step's record
         if (args.eval_every and (step + 1) % args.eval_every == 0) or step + 1 == args.steps:
             metrics, records = evaluate_all(model, tokenizer, eval_sets, args, device, engine)

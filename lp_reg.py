@@ -48,8 +48,8 @@ from tqdm import tqdm
 from common import (BaseArgs, aggregate_loss, all_sum, autocast, compute_rewards, evaluate_all, format_prompt,
                     gather_objects, generate, init_distributed, load_checkpoint, load_eval_sets, load_model,
                     load_train_set, log_jsonl, main, peak_memory_gib, print_summary, require, rollout_batch,
-                    rollout_engine, sample_keys, save_checkpoint, shard_model, start_run, step_problems,
-                    token_logprobs, truncate_metrics)
+                    rollout_engine, rollout_logprobs, rollout_mismatch, sample_keys, save_checkpoint, shard_model,
+                    start_run, step_problems, token_logprobs, truncate_metrics, truncated_is_weight)
 
 
 @dataclass
@@ -213,6 +213,7 @@ def train(args):
         # 4. Old log-probs log pi_old(o_t) (and the reference model's) from a no-grad forward of the training model;
         #    the same pass gives log pi_proxy(o_t) (Eq. 5) from each chunk's full-vocabulary logits.
         ids, attn, mask, P = rollout_batch(samples, pad, device)  # [N, P+T], [N, P+T], [N, T]
+        rollout_logp = rollout_logprobs(samples, mask)  # [N, T]: the engine's log pi(o_t) (vLLM), None with HF
         micro = [slice(i, i + args.micro_batch_size) for i in range(0, len(samples), args.micro_batch_size)]
         to_proxy = lambda logits, targets: proxy_logprob(logits, targets, args.kappa, args.proxy)  # noqa: E731
         with torch.no_grad(), autocast(device):
@@ -251,6 +252,7 @@ def train(args):
                             delta_sum += math.exp(delta) if delta is not None else 0.0
                     token_loss, clipped, selected, penalty = lp_reg_loss(logp, old_logp[m], advantages[m, None], proxy_logp[m],
                                                                          bottom, args.clip_low, args.clip_high, args.beta)
+                    token_loss = token_loss * truncated_is_weight(old_logp[m], rollout_logp, m, args.tis_cap)  # TIS
                     n_sel, n_bottom = n_sel + selected.sum().item(), n_bottom + bottom.sum().item()
                     kl_sum += penalty.detach()[selected].sum().item()
                     if ref_model is not None:
@@ -289,7 +291,8 @@ def train(args):
             record["lp_reg/frac_pass_filter"] = s[11] / s[12]  # share of the bottom-rho tokens the filter keeps
         if s[11] > 0:
             record["lp_reg/kl_mean"] = s[16] / s[11]  # mean clamped k3 penalty over the selected tokens
-        record.update(engine["metrics"] if engine else {})  # vLLM: rollout/logprob_diff of the last parity check
+        record.update(engine["metrics"] if engine else {})  # vLLM: time/sync (the weight push)
+        record.update(rollout_mismatch(old_logp, rollout_logp, mask, args.tis_cap, args.mismatch_tol, device))
         record["memory/peak_gib"] = peak_memory_gib(device)  # this rank's peak since the previous step's record
         if (args.eval_every and (step + 1) % args.eval_every == 0) or step + 1 == args.steps:
             metrics, records = evaluate_all(model, tokenizer, eval_sets, args, device, engine)

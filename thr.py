@@ -49,9 +49,10 @@ import torch
 from tqdm import tqdm
 
 from common import (BaseArgs, aggregate_loss, all_sum, autocast, compute_rewards, evaluate_all, format_prompt,
-                    generate, init_distributed, load_checkpoint, load_eval_sets, load_model, load_train_set, log_jsonl,
-                    main, peak_memory_gib, print_summary, require, rollout_batch, rollout_engine, sample_keys,
-                    save_checkpoint, shard_model, start_run, step_problems, token_logprobs, truncate_metrics)
+                    generate, init_distributed, load_checkpoint, load_eval_sets, load_model, load_train_set,
+                    log_jsonl, main, peak_memory_gib, print_summary, require, rollout_batch, rollout_engine,
+                    rollout_logprobs, rollout_mismatch, sample_keys, save_checkpoint, shard_model, start_run,
+                    step_problems, token_logprobs, truncate_metrics, truncated_is_weight)
 
 
 @dataclass
@@ -222,6 +223,7 @@ def train(args):
         advantages = group_advantages(rewards, G, args.scale_rewards)  # [N]
         # 4. Old log-probs log pi_old(o_t) (and the reference model's) from a no-grad forward of the training model.
         ids, attn, mask, P = rollout_batch(samples, pad, device)  # [N, P+T], [N, P+T], [N, T]
+        rollout_logp = rollout_logprobs(samples, mask)  # [N, T]: the engine's log pi(o_t) (vLLM), None with HF
         #    Whole groups per micro-batch here, so THR's per-group sums see all G responses (a rank's rows are whole groups).
         mbs = max(G, args.micro_batch_size // G * G)
         micro = [slice(i, i + mbs) for i in range(0, len(samples), mbs)]
@@ -260,6 +262,7 @@ def train(args):
                     if args.objective == "gspo-token":
                         logp = gspo_token_logp(logp, old_logp[m], mask[m])
                     token_loss, clipped = policy_loss(logp, old_logp[m], token_adv[m], args.clip_low, args.clip_high)
+                    token_loss = token_loss * truncated_is_weight(old_logp[m], rollout_logp, m, args.tis_cap)  # TIS
                     if ref_model is not None:
                         token_loss = token_loss + args.kl_coef * kl_k3(logp, ref_logp[m])
                     if args.entropy_coef > 0:
@@ -298,7 +301,8 @@ def train(args):
                   "thr/pos_frac/correct": div(d[4], d[3]), "thr/neg_frac/correct": div(d[5], d[3]),
                   "thr/pos_frac/incorrect": div(d[1] - d[4], d[0] - d[3]), "thr/neg_frac/incorrect": div(d[2] - d[5], d[0] - d[3]),
                   "thr/entropy_overlap": div(d[6], d[7]), "thr/time_s": d[8] / world}
-        record.update(engine["metrics"] if engine else {})  # vLLM: rollout/logprob_diff of the last parity check
+        record.update(engine["metrics"] if engine else {})  # vLLM: time/sync (the weight push)
+        record.update(rollout_mismatch(old_logp, rollout_logp, mask, args.tis_cap, args.mismatch_tol, device))
         record["memory/peak_gib"] = peak_memory_gib(device)  # this rank's peak since the previous step's record
         if (args.eval_every and (step + 1) % args.eval_every == 0) or step + 1 == args.steps:
             metrics, records = evaluate_all(model, tokenizer, eval_sets, args, device, engine)

@@ -4,7 +4,7 @@ engine; training tokens/s and model-FLOPs utilisation (MFU) of the update phase;
 64 prompts x 8 completions x 1024 new tokens (the defaults).
 
 Run it on a CUDA machine (vLLM is optional: without it only the hf rows are measured):
-    pip install vllm==0.29.0
+    pip install vllm==0.32.0
     python tests/bench_gpu.py                          # shapes 0.5b and 1.5b x backends hf and vllm, 3 steps each
     python tests/bench_gpu.py --shapes 1.5b --backends vllm --steps 5 --out bench_gpu.json
 Smoke run anywhere (a tiny body with Qwen's 151,936-token vocabulary; fp32 on CPU, hf only):
@@ -129,7 +129,8 @@ def main():
     if "vllm" in a.backends:
         import importlib.util
         if not (cuda and importlib.util.find_spec("vllm")):
-            print("vllm rows skipped: they need CUDA and `pip install vllm==0.29.0`", file=sys.stderr)
+            print("vllm rows skipped: they need CUDA and `pip install vllm==0.32.0` (CPU: tests/bench_vllm.py)",
+                  file=sys.stderr)
             a.backends = [b for b in a.backends if b != "vllm"]
     results = []
     with tempfile.TemporaryDirectory() as tmp:
