@@ -27,8 +27,8 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from common import (UserError, evaluate, fit_prompts, init_distributed, ks_up_to, load_model, load_problems,
-                    parse_dataset_list, require)
+from common import (UserError, dataset_names, evaluate, fit_prompts, init_distributed, ks_up_to, load_model,
+                    load_problems, require)
 
 
 # ============================================================================ evaluate checkpoints
@@ -54,12 +54,12 @@ def read_json(path):
 def evaluate_models(args):
     """common.evaluate for every model x dataset; writes eval.json and eval.md into --out and prints the table."""
     rank, _, device = init_distributed()
-    names = parse_dataset_list(args.datasets)
+    names = dataset_names(args.datasets)  # {name: spec}: NAME=PATH, or a short name (a file's stem)
     require(names, "--datasets is empty: pass e.g. countdown or math500,aime24")
     require(args.n >= 1 and args.problems >= 0 and args.temperature >= 0 and 0 < args.top_p <= 1 and (args.max_new_tokens or 1) >= 1,
             "--n must be >= 1, --problems >= 0, --temperature >= 0, --top-p in (0, 1] and --max-new-tokens >= 1")
     rows, resolved = [], [resolve_model(p) for p in args.paths]  # bad paths and datasets fail before any evaluation
-    sets = {d: load_problems(d, split="test", n=args.problems or None, seed=args.seed) for d in names}
+    sets = {d: load_problems(spec, split="eval", n=args.problems or None, seed=args.seed) for d, spec in names.items()}
     for path, (name, config) in zip(args.paths, resolved):
         settings = SimpleNamespace(max_new_tokens=args.max_new_tokens or config.get("max_new_tokens", 24),
                                    max_prompt_tokens=config.get("max_prompt_tokens", 1024))
@@ -225,7 +225,8 @@ def parse(argv):
     p = argparse.ArgumentParser(prog="eval.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("paths", nargs="+", help="run directories, checkpoints, model directories, hub ids or 'tiny'")
-    p.add_argument("--datasets", default="countdown", help="comma-separated eval datasets (countdown, math500, aime24, ...)")
+    p.add_argument("--datasets", default="countdown", help="comma-separated eval datasets (countdown, math500, aime24, "
+                   "a local file, NAME=PATH, PRESET=PATH, ...)")
     p.add_argument("--n", type=int, default=64, help="samples per problem (pass@k for k = 1, 2, 4, ..., n)")
     p.add_argument("--temperature", type=float, default=0.6, help="sampling temperature")
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling")
