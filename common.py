@@ -419,8 +419,7 @@ def _load_local(path, split, configs=(None,)):
         raise UserError(f"'{path}' is not a .jsonl/.json/.parquet file: convert it to one of these formats")
     split = split or "train"
     tables = []
-    for config in configs:
-        folder = os.path.join(path, config) if config and os.path.isdir(os.path.join(path, config)) else path
+    for folder in [os.path.join(path, c) for c in configs if c and os.path.isdir(os.path.join(path, c))] or [path]:
         files = [path] if fmt else sorted(os.path.join(d, f) for d, dirs, names in os.walk(folder) for f in names
                                           if not os.path.relpath(os.path.join(d, f), folder).startswith(".")
                                           and os.path.splitext(f)[1].lower() in LOCAL_FORMATS)  # not .cache/
