@@ -402,8 +402,8 @@ def _pick_field(columns, explicit, defaults, kind, source):
 
 
 def _split_of(file):
-    """The split a data file's name gives it: test.jsonl, train-00000-of-00001.parquet, data/test/x.json -> train or test
-    (validation, dev, eval and other split names count too); None for a name with no split in it."""
+    """The split a data file's path names: test.jsonl, train-00000-of-00001.parquet, data/test/x.json -> "train",
+    "test" or "validation" (see SPLIT_WORDS); None for a name with no split in it."""
     for word in re.split(r"[^a-z0-9]+", file.lower()):
         if word in SPLIT_WORDS:
             return SPLIT_WORDS[word]
@@ -482,11 +482,11 @@ def dataset_names(s):
     return out
 
 
-def load_problems(spec, split=None, prompt_field=None, answer_field=None, n=None, seed=0):
+def load_problems(spec, split=None, prompt_field=None, answer_field=None, n=None, seed=0, keep_answer=False):
     """Problems {prompt, gold, task} from `spec`: "countdown", a DATASET_PRESETS name, a local .jsonl/.json/.parquet
     file (or folder of them), a hub id owner/name, or NAME=SOURCE (PRESET=PATH: the preset's fields and gold on a local
     copy). split "eval" is the held-out split: the preset's eval split, else test. `n` keeps the first n after a shuffle
-    seeded by `seed`."""
+    seeded by `seed`. keep_answer: each problem also holds its raw answer field as "answer" (eval.py golds)."""
     name, spec = dataset_name(spec)
     if spec == "countdown":
         if split not in (None, "train", "test", "eval", "validation"):
@@ -523,6 +523,7 @@ def load_problems(spec, split=None, prompt_field=None, answer_field=None, n=None
             elif not (dedup and prompt in seen):
                 seen.add(prompt)
                 problems.append({"prompt": prompt, "gold": gold, "task": "math"})
+                problems[-1].update({"answer": answer} if keep_answer else {})
     if dropped:
         print(f"warning: dropped {dropped} rows of '{spec}' with an empty {pf} or no answer in {af}")
     if not problems:
@@ -772,7 +773,8 @@ class BaseArgs:
         require(self.parity_every >= 0 and self.parity_tol > 0, "--parity-every must be >= 0 and --parity-tol > 0")
         require(self.gradient_checkpointing in ("auto", "on", "off"), "--gradient-checkpointing must be auto, on or off")
         require(set(parse_dataset_list(self.report_to)) <= set(REPORT_TO),
-                f"--report-to must be none, tensorboard, wandb or a comma-separated list of them (got {self.report_to})")
+                f"--report-to must be none, tensorboard, wandb or a comma-separated list of them "
+                f"(got {self.report_to})")
 
 
 def require(cond, message):
@@ -1390,7 +1392,8 @@ def start_tracking(report_to, run_dir, config):
 
 
 def track(record):
-    """Send the numbers of one metrics.jsonl record (not lists such as eval/<name>/solved) to the trackers, at its step."""
+    """Send the numbers of one metrics.jsonl record (not lists such as eval/<name>/solved) to the trackers, at its
+    step; the first record opens them."""
     step, scalars = record["step"], {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
     writers, run_dir, config = _TRACKING["open"], _TRACKING["run_dir"], _TRACKING["config"]
     if "tensorboard" in _TRACKING["chosen"] and "tensorboard" not in writers:

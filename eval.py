@@ -213,9 +213,51 @@ def compare(args):
     print(f"figures: {', '.join(out(n) for n in ('reward.png', 'entropy.png', 'pass1.png', 'passk.png', 'distinct.png'))}")
 
 
+# ============================================================================ check a dataset's golds
+def as_completion(answer):
+    r"""A dataset's own solution text as a completion: GSM8K's final `#### X` line becomes \boxed{X}; a text with a
+    \boxed{} stays as it is; a bare answer (MATH-500, AIME) is boxed."""
+    text = str(answer[0] if isinstance(answer, (list, tuple)) else answer)
+    if "####" in text:
+        head, _, final = text.rpartition("####")
+        return f"{head.rstrip()}\nThe answer is \\boxed{{{final.strip()}}}."
+    return text if "\\boxed" in text or "\\fbox" in text else f"\\boxed{{{text}}}"
+
+
+def check_golds(args):
+    r"""For each dataset: how many golds math-verify parses, and the reward of \boxed{gold} and of the dataset's own
+    solution text (final answer boxed): both 1 for a dataset whose golds the verifier reads correctly; \boxed{gold+1},
+    a wrong answer, should score 0."""
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse
+    from common import compute_rewards
+    lines = ["| dataset | split | problems | golds math-verify parses | reward of \\boxed{gold} | "
+             "reward of the solution text, final answer boxed | reward of \\boxed{gold+1} |", "|---" * 7 + "|"]
+    for name, spec in dataset_names(args.datasets).items():
+        problems = load_problems(spec, split=args.split, prompt_field=args.prompt_field, answer_field=args.answer_field,
+                                 n=args.problems or None, keep_answer=True)
+        golds = [g for p in problems for g in (p["gold"] if isinstance(p["gold"], list) else [p["gold"]])]
+        parsed = sum(bool(parse("\\boxed{" + g + "}", [LatexExtractionConfig(), ExprExtractionConfig()],
+                                parsing_timeout=5)) for g in golds)
+        first = [p["gold"] if isinstance(p["gold"], str) else p["gold"][0] for p in problems]
+        boxed = compute_rewards(problems, [f"\\boxed{{{g}}}" for g in first])
+        solution = compute_rewards(problems, [as_completion(p["answer"]) for p in problems])
+        wrong = compute_rewards(problems, [f"\\boxed{{{g}+1}}" for g in first])  # a control: should be 0
+        lines.append(f"| {name} | {args.split} | {len(problems)} | {parsed} of {len(golds)} | {np.mean(boxed):.4f} | "
+                     f"{np.mean(solution):.4f} ({sum(s < 1 for s in solution)} below 1) | {np.mean(wrong):.4f} |")
+    print("\n".join(lines))
+
+
 # ============================================================================ command line
 def parse(argv):
-    """`compare RUN...` or `RUN_OR_MODEL...` (evaluate)."""
+    """`compare RUN...`, `golds DATASET...` or `RUN_OR_MODEL...` (evaluate)."""
+    if argv[:1] == ["golds"]:
+        p = argparse.ArgumentParser(prog="eval.py golds", description="check that the verifier reads a dataset's golds")
+        p.add_argument("datasets", help="comma-separated datasets, as --eval-datasets (e.g. gsm8k=../shared/data/gsm8k)")
+        p.add_argument("--split", default="eval", help="train, or eval: the held-out split")
+        p.add_argument("--problems", type=int, default=0, help="problems per dataset (0 = all)")
+        p.add_argument("--prompt-field", default=None, help="column holding the question (default: the preset's)")
+        p.add_argument("--answer-field", default=None, help="column holding the gold answer (default: the preset's)")
+        return check_golds, p.parse_args(argv[1:])
     if argv[:1] == ["compare"]:
         p = argparse.ArgumentParser(prog="eval.py compare", description="plots and a table comparing training runs")
         p.add_argument("runs", nargs="+", help="run directories; NAME-s<seed> directories are seeds of method NAME")
