@@ -111,3 +111,16 @@ def test_missing_package_is_a_one_line_error(tiny_dir, tmp_path, monkeypatch):
             env={"PYTHONPATH": str(tmp_path / "shadow")})
     assert p.returncode == 2 and p.stderr.strip().splitlines() == [
         "error: --report-to wandb needs the wandb package: pip install wandb"], p.stderr[-2000:]
+
+
+@needs_tb
+def test_tensorboard_after_resume_drops_the_events_past_the_checkpoint(tmp_path):
+    run_dir = str(tmp_path)
+    common.start_tracking("tensorboard", run_dir, {})
+    for step in range(4):
+        common.log_jsonl(run_dir, "metrics.jsonl", {"step": step, "reward/mean": float(step)})
+    common.close_tracking()
+    common.start_tracking("tensorboard", run_dir, {})  # resumed from the step-1 checkpoint: step 2 comes next
+    common.log_jsonl(run_dir, "metrics.jsonl", {"step": 2, "reward/mean": 20.0})
+    common.close_tracking()
+    assert tensorboard_scalars(run_dir)[0]["reward/mean"] == {0: 0.0, 1: 1.0, 2: 20.0}
