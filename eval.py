@@ -8,6 +8,10 @@ training loop runs: sampling keys depend only on (seed, problem, sample), so wit
 seed, problems and max-new-tokens they equal the run's final `eval/...` metrics. --seed also picks the held-out
 problems, so keep one seed (default 0) to compare models on the same problems and the same sampling noise.
 
+Check that the verifier reads a dataset's golds (how many parse; the reward of the boxed gold and of the dataset's own
+solution text, both 1 when it does):
+    python eval.py golds gsm8k=../shared/data/gsm8k --split eval
+
 Compare runs (seeds are grouped into methods by the directory name without its trailing -s<seed>):
     python eval.py compare runs/cmp-*-s* --out docs/ [--labels GRPO,SPS,...]
 writes reward.png, entropy.png, pass1.png, passk.png, distinct.png (mean +- std band over seeds) and compare.md.
