@@ -124,3 +124,16 @@ def test_tensorboard_after_resume_drops_the_events_past_the_checkpoint(tmp_path)
     common.log_jsonl(run_dir, "metrics.jsonl", {"step": 2, "reward/mean": 20.0})
     common.close_tracking()
     assert tensorboard_scalars(run_dir)[0]["reward/mean"] == {0: 0.0, 1: 1.0, 2: 20.0}
+
+
+@needs_tb
+def test_trackers_are_closed_when_a_run_fails(tmp_path, monkeypatch, capsys):
+    def train(args):
+        run_dir = common.start_run(args, "failing", 0)
+        common.log_jsonl(run_dir, "metrics.jsonl", {"step": 0, "reward/mean": 0.5})
+        raise common.UserError("boom")
+    monkeypatch.setattr(sys, "argv", ["x", "--run-dir", str(tmp_path / "r"), "--report-to", "tensorboard"])
+    with pytest.raises(SystemExit) as e:
+        common.main(train, common.BaseArgs)
+    assert e.value.code == 2 and capsys.readouterr().err == "error: boom\n" and not common._TRACKING
+    assert tensorboard_scalars(tmp_path / "r")[0] == {"reward/mean": {0: 0.5}}  # flushed by the close
