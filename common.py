@@ -359,6 +359,8 @@ DATASET_PRESETS = {
 }
 PROMPT_FIELDS, ANSWER_FIELDS = ("prompt", "problem", "question"), ("answer", "gold", "solution", "target")
 LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+SPLIT_WORDS = {"train": "train", "training": "train", "test": "test", "testing": "test", "eval": "test",
+               "validation": "validation", "valid": "validation", "val": "validation", "dev": "validation"}
 HUB_ERRORS = (ConnectionError, FileNotFoundError, HfHubHTTPError)  # offline mode, no network, unknown id, gated
 MATH_INSTRUCTION = "\nPlease reason step by step, and put your final answer within \\boxed{}."
 
@@ -399,19 +401,45 @@ def _pick_field(columns, explicit, defaults, kind, source):
     return explicit
 
 
-def _load_local(path, split):
-    """A file loads as its one "train" split; a folder (e.g. a `hf download` of a dataset) as the `split` that
-    datasets finds in its file names (train-0000.parquet, test.jsonl; files with no split name are "train")."""
+def _split_of(file):
+    """The split a data file's path names: test.jsonl, train-00000-of-00001.parquet, data/test/x.json -> "train",
+    "test" or "validation" (see SPLIT_WORDS); None for a name with no split in it."""
+    for word in re.split(r"[^a-z0-9]+", file.lower()):
+        if word in SPLIT_WORDS:
+            return SPLIT_WORDS[word]
+    return None
+
+
+def _load_local(path, split, configs=(None,)):
+    """A file loads whole, whatever the split. A folder (a copy of a hub dataset, e.g. what `hf download --repo-type
+    dataset ID --local-dir DIR` writes) loads the files that name `split` (train-0000.parquet, test.jsonl; all of its
+    files when none names a split), from its `configs` subfolders when it has them (gsm8k: DIR/main/)."""
     fmt = LOCAL_FORMATS.get(os.path.splitext(path)[1].lower())
     if not os.path.isdir(path) and not fmt:
         raise UserError(f"'{path}' is not a .jsonl/.json/.parquet file: convert it to one of these formats")
-    try:
-        if fmt:
-            return [load_dataset(fmt, data_files=path, split="train")]
-        return [load_dataset(path, split=split or "train")]
-    except (DatasetGenerationError, ValueError, FileNotFoundError) as e:
-        raise UserError(f"could not read '{path}' (split {split or 'train'}): {str(e).splitlines()[0]}: "
-                        f"fix the file or pass one .jsonl/.json/.parquet file") from e
+    split = split or "train"
+    tables = []
+    for folder in [os.path.join(path, c) for c in configs if c and os.path.isdir(os.path.join(path, c))] or [path]:
+        files = [path] if fmt else sorted(os.path.join(d, f) for d, dirs, names in os.walk(folder) for f in names
+                                          if not os.path.relpath(os.path.join(d, f), folder).startswith(".")
+                                          and os.path.splitext(f)[1].lower() in LOCAL_FORMATS)  # not .cache/
+        rel = [os.path.relpath(f, folder) for f in files]
+        match = [f for f, r in zip(files, rel) if _split_of(r) == SPLIT_WORDS.get(split, split)
+                 or os.path.basename(r).startswith(split)]  # or a preset's own split name: olympiad_bench.jsonl
+        if not fmt and (match or any(_split_of(r) for r in rel)):  # else one split in files (aime2025-I, -II.jsonl)
+            files = match
+        if not files:
+            raise UserError(f"'{folder}' has no .jsonl/.json/.parquet file for split {split} (it has: "
+                            f"{', '.join(rel) or 'none'}): name the split in the file names or pass one file")
+        formats = {LOCAL_FORMATS[os.path.splitext(f)[1].lower()] for f in files}
+        if len(formats) > 1:
+            raise UserError(f"'{folder}' mixes .parquet and .json/.jsonl files for split {split}: pass one file")
+        try:
+            tables.append(load_dataset(formats.pop(), data_files=files, split="train"))
+        except (DatasetGenerationError, ValueError, FileNotFoundError) as e:
+            raise UserError(f"could not read '{folder}' (split {split}): {str(e).splitlines()[0]}: "
+                            f"fix the file or pass one .jsonl/.json/.parquet file") from e
+    return tables
 
 
 def _load_hub(path, names, split):
@@ -425,28 +453,62 @@ def _load_hub(path, names, split):
         raise UserError(f"could not load '{path}' split '{split}': {str(e).splitlines()[0]}: check --split") from e
 
 
-def load_problems(spec, split=None, prompt_field=None, answer_field=None, n=None, seed=0):
+def dataset_name(spec):
+    """(name, source) of one --dataset / --eval-datasets entry. "NAME=SOURCE" names it (NAME a preset: the preset's
+    fields and gold extraction applied to SOURCE, a local copy of it); otherwise countdown and presets keep their
+    name, a local file or folder gets its stem (/data/gsm8k/eval.jsonl -> eval) and a hub id its last part. Names
+    go into metric keys (eval/<name>/pass@1), so they are letters, digits and _ . + - only."""
+    spec = spec.strip()
+    if "=" in spec and not os.path.exists(os.path.expanduser(spec)):
+        name, source = (x.strip() for x in spec.split("=", 1))
+        require(re.fullmatch(r"[\w.+-]+", name) and source,
+                f"dataset '{spec}': NAME=SOURCE needs a NAME of letters, digits, _ . + - and a SOURCE")
+        return name, source
+    if spec == "countdown" or spec in DATASET_PRESETS:
+        return spec, spec
+    stem = os.path.basename(spec.rstrip("/\\"))
+    stem = os.path.splitext(stem)[0] if os.path.splitext(stem)[1].lower() in LOCAL_FORMATS else stem
+    return re.sub(r"[^\w.+-]+", "_", stem) or "data", spec
+
+
+def dataset_names(s):
+    """{name: spec} of a comma-separated --eval-datasets value; two entries with one name are an error."""
+    out = {}
+    for spec in parse_dataset_list(s):
+        name = dataset_name(spec)[0]
+        require(name not in out, f"two datasets are named '{name}' ({out.get(name)} and {spec}): "
+                                 f"name them apart with NAME=PATH (e.g. {name}-2={dataset_name(spec)[1]})")
+        out[name] = spec
+    return out
+
+
+def load_problems(spec, split=None, prompt_field=None, answer_field=None, n=None, seed=0, keep_answer=False):
     """Problems {prompt, gold, task} from `spec`: "countdown", a DATASET_PRESETS name, a local .jsonl/.json/.parquet
-    file (or folder of them), or a hub id owner/name. `n` keeps the first n after a shuffle seeded by `seed`."""
+    file (or folder of them), a hub id owner/name, or NAME=SOURCE (PRESET=PATH: the preset's fields and gold on a local
+    copy). split "eval" is the held-out split: the preset's eval split, else test. `n` keeps the first n after a shuffle
+    seeded by `seed`. keep_answer: each problem also holds its raw answer field as "answer" (eval.py golds)."""
+    name, spec = dataset_name(spec)
     if spec == "countdown":
         if split not in (None, "train", "test", "eval", "validation"):
             raise UserError(f"countdown has no split '{split}': use train or test")
         split = "train" if split in (None, "train") else "test"
         return countdown_problems(n or (2000 if split == "train" else 200), seed, split=split)
-    how, dedup, path = "auto", False, os.path.expanduser(spec)
+    how, dedup, configs, path = "auto", False, [None], os.path.expanduser(spec)
+    preset = DATASET_PRESETS.get(spec) or DATASET_PRESETS.get(name)  # the hub preset, or PRESET=SOURCE
+    if preset:
+        split = preset.get("eval_split", preset["split"]) if split == "eval" else split or preset["split"]
+        configs = preset["name"] if isinstance(preset["name"], list) else [preset["name"]]
+        prompt_field, answer_field = prompt_field or preset["prompt"], answer_field or preset["answer"]
+        how, dedup = preset["gold"], preset.get("dedup", False)
+    split = "test" if split == "eval" else split
     if spec in DATASET_PRESETS:
-        p = DATASET_PRESETS[spec]
-        split = p.get("eval_split", p["split"]) if split == "eval" else split or p["split"]
-        names = p["name"] if isinstance(p["name"], list) else [p["name"]]
-        tables = _load_hub(p["path"], names, split)
-        prompt_field, answer_field = prompt_field or p["prompt"], answer_field or p["answer"]
-        how, dedup = p["gold"], p.get("dedup", False)
+        tables = _load_hub(preset["path"], configs, split)
     elif os.path.exists(path):
-        tables = _load_local(path, split)
+        tables = _load_local(path, split, configs)
     elif os.path.splitext(spec)[1].lower() in LOCAL_FORMATS or spec.startswith((".", "/", "~")):
         raise UserError(f"dataset file '{spec}' does not exist: check the path")
     elif re.fullmatch(r"[\w.-]+/[\w.-]+", spec):
-        tables = _load_hub(spec, [None], split or "train")
+        tables = _load_hub(spec, configs, split or "train")
     else:
         raise UserError(f"unknown dataset '{spec}': use countdown, one of {', '.join(DATASET_PRESETS)}, "
                         f"a hub id like owner/name, or a local .jsonl/.json/.parquet file")
@@ -461,6 +523,7 @@ def load_problems(spec, split=None, prompt_field=None, answer_field=None, n=None
             elif not (dedup and prompt in seen):
                 seen.add(prompt)
                 problems.append({"prompt": prompt, "gold": gold, "task": "math"})
+                problems[-1].update({"answer": answer} if keep_answer else {})
     if dropped:
         print(f"warning: dropped {dropped} rows of '{spec}' with an empty {pf} or no answer in {af}")
     if not problems:
@@ -657,8 +720,8 @@ warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # DC
 class BaseArgs:
     """Flags every script shares. Defaults run the built-in CPU demo; help strings give the paper-scale value."""
     model: str = field(default="tiny", metadata={"help": "hub id, local HF directory, or 'tiny' (built-in Qwen2 model, built and cached on first use)"})
-    dataset: str = field(default="countdown", metadata={"help": "countdown, a preset (" + ", ".join(DATASET_PRESETS) + "), a hub id, or a local .jsonl/.json/.parquet"})
-    eval_datasets: str = field(default="countdown", metadata={"help": "comma-separated datasets for held-out evaluation (real runs: math500,aime24,amc23,minerva,olympiad)"})
+    dataset: str = field(default="countdown", metadata={"help": "countdown, a preset (" + ", ".join(DATASET_PRESETS) + "), a hub id, a local .jsonl/.json/.parquet or folder, NAME=PATH, or PRESET=PATH (a local copy of a preset)"})
+    eval_datasets: str = field(default="countdown", metadata={"help": "comma-separated datasets for held-out evaluation, as --dataset; metric keys use the name (a file's stem unless NAME=PATH) (real runs: math500,aime24,amc23,minerva,olympiad)"})
     prompt_field: Optional[str] = field(default=None, metadata={"help": "dataset column holding the question (default: the preset's, or the first of prompt/problem/question)"})
     answer_field: Optional[str] = field(default=None, metadata={"help": "dataset column holding the gold answer (default: the preset's, or the first of answer/gold/solution/target)"})
     steps: int = field(default=100, metadata={"help": "RL steps (one rollout batch each); paper runs: 300-1000"})
@@ -676,6 +739,7 @@ class BaseArgs:
     seed: int = field(default=0, metadata={"help": "seeds data order, model init of 'tiny', and rollout sampling"})
     train_size: int = field(default=2000, metadata={"help": "number of generated countdown training problems (countdown only)"})
     run_dir: str = field(default="", metadata={"help": "where config.json, metrics.jsonl, samples.jsonl and checkpoint/ go (default: runs/<script>-<dataset>-s<seed>-<time>)"})
+    report_to: str = field(default="none", metadata={"help": "also send metrics.jsonl's numbers to: none, tensorboard, wandb, or a comma-separated list (pip install tensorboard / wandb)"})
     eval_every: int = field(default=25, metadata={"help": "evaluate every N steps (and before and after training); 0 = only before/after"})
     eval_samples: int = field(default=16, metadata={"help": "samples per held-out problem n (pass@k for k = 1, 2, 4, ..., n)"})
     eval_problems: int = field(default=100, metadata={"help": "held-out problems per eval dataset (0 = all)"})
@@ -718,6 +782,9 @@ class BaseArgs:
         require(self.tis_cap == 0 or self.tis_cap >= 1, f"--tis-cap must be 0 (off) or >= 1 (got {self.tis_cap})")
         require(self.mismatch_tol > 0, f"--mismatch-tol must be > 0 (got {self.mismatch_tol})")
         require(self.gradient_checkpointing in ("auto", "on", "off"), "--gradient-checkpointing must be auto, on or off")
+        require(set(parse_dataset_list(self.report_to)) <= set(REPORT_TO),
+                f"--report-to must be none, tensorboard, wandb or a comma-separated list of them "
+                f"(got {self.report_to})")
 
 
 def require(cond, message):
@@ -754,6 +821,7 @@ def main(train, args_cls):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     finally:
+        close_tracking(failed=sys.exc_info()[0] is not None)
         for engine in ENGINES:  # vLLM tears its process groups down itself; before ours, or its exit handler fails
             engine["llm"].llm_engine.engine_core.shutdown()
         if dist.is_initialized():
@@ -1331,14 +1399,14 @@ def fit_prompts(problems, tokenizer, model, args, name):
 def load_train_set(args, tokenizer, model):
     problems = load_problems(args.dataset, split="train", prompt_field=args.prompt_field, answer_field=args.answer_field,
                              n=args.train_size if args.dataset == "countdown" else None, seed=args.seed)
-    return fit_prompts(problems, tokenizer, model, args, args.dataset)
+    return fit_prompts(problems, tokenizer, model, args, dataset_name(args.dataset)[0])
 
 
 def load_eval_sets(args, tokenizer, model):
     """{name: held-out problems} for --eval-datasets (the first --eval-problems of each, in a seeded order)."""
-    return {name: fit_prompts(load_problems(name, split="test", prompt_field=args.prompt_field, answer_field=args.answer_field,
+    return {name: fit_prompts(load_problems(spec, split="eval", prompt_field=args.prompt_field, answer_field=args.answer_field,
                                             n=args.eval_problems or None, seed=args.seed), tokenizer, model, args, name)
-            for name in parse_dataset_list(args.eval_datasets)}
+            for name, spec in dataset_names(args.eval_datasets).items()}
 
 
 def print_summary(run_dir, rank, t_start=None):
@@ -1359,12 +1427,13 @@ def print_summary(run_dir, rank, t_start=None):
 
 
 def start_run(args, script, rank):
-    """Create (or reopen with --resume) the run directory; write config.json. Returns its path."""
+    """Create (or reopen with --resume) the run directory; write config.json; on rank 0, get the --report-to trackers
+    ready (log_jsonl's metrics.jsonl records go to them). Returns its path."""
     if not args.run_dir:
         require(not args.resume, "--resume needs --run-dir: the run directory to continue")
         stamp = time.strftime("%Y%m%d-%H%M%S") if rank == 0 else None
         stamp = gather_objects(stamp)[0]
-        args.run_dir = os.path.join("runs", f"{script}-{os.path.basename(args.dataset.rstrip('/'))}-s{args.seed}-{stamp}")
+        args.run_dir = os.path.join("runs", f"{script}-{dataset_name(args.dataset)[0]}-s{args.seed}-{stamp}")
     ckpt = os.path.join(args.run_dir, "checkpoint")
     if args.resume:
         require(os.path.isdir(ckpt), f"--resume: no checkpoint in {args.run_dir}/checkpoint to continue from")
@@ -1375,6 +1444,7 @@ def start_run(args, script, rank):
         os.makedirs(args.run_dir, exist_ok=True)
         with open(os.path.join(args.run_dir, "config.json"), "w") as f:
             json.dump({"script": script, **asdict(args)}, f, indent=2)
+        start_tracking(args.report_to, args.run_dir, {"script": script, **asdict(args)})
     return args.run_dir
 
 
@@ -1390,8 +1460,69 @@ def peak_memory_gib(device):
 
 
 def log_jsonl(run_dir, name, record):
+    """Append `record` to run_dir/name. A metrics.jsonl record also goes to the --report-to trackers (its numbers)."""
     with open(os.path.join(run_dir, name), "a") as f:
         f.write(json.dumps(record) + "\n")
+    if name == "metrics.jsonl" and _TRACKING.get("run_dir") == run_dir:
+        track(record)
+
+
+# ---------------------------------------------------------------- experiment tracking (--report-to)
+REPORT_TO = ("none", "tensorboard", "wandb")
+INSTALL = {"tensorboard": "pip install tensorboard", "wandb": "pip install wandb"}
+_TRACKING = {}  # rank 0: run_dir, config, the chosen trackers; their open writers once the first record arrives
+
+
+def start_tracking(report_to, run_dir, config):
+    """Check that the --report-to packages import (else a one-line error naming the install); the trackers open on
+    the first metrics record, so a resumed run's TensorBoard events past its checkpoint are purged."""
+    chosen = [t for t in parse_dataset_list(report_to) if t != "none"]
+    for name in chosen:
+        try:
+            __import__("torch.utils.tensorboard" if name == "tensorboard" else name)
+        except ImportError as e:
+            raise UserError(f"--report-to {name} needs the {name} package: {INSTALL[name]}") from e
+    _TRACKING.clear()
+    _TRACKING.update(run_dir=run_dir, config=config, chosen=chosen, open={})
+
+
+def track(record):
+    """Send the numbers of one metrics.jsonl record (not lists such as eval/<name>/solved) to the trackers, at its
+    step; the first record opens them."""
+    step, scalars = record["step"], {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
+    writers, run_dir, config = _TRACKING["open"], _TRACKING["run_dir"], _TRACKING["config"]
+    if "tensorboard" in _TRACKING["chosen"] and "tensorboard" not in writers:
+        from torch.utils.tensorboard import SummaryWriter
+        writers["tensorboard"] = SummaryWriter(run_dir, purge_step=step)  # events in run_dir: --logdir runs/
+        writers["tensorboard"].add_text("config", "| flag | value |\n|---|---|\n" + "\n".join(
+            f"| {k} | {v} |" for k, v in config.items()), step)
+    if "wandb" in _TRACKING["chosen"] and "wandb" not in writers:
+        import wandb
+        id_file = os.path.join(run_dir, "wandb-run-id")  # a resumed run continues its wandb run
+        run_id = open(id_file).read().strip() if os.path.exists(id_file) else os.urandom(4).hex()
+        with open(id_file, "w") as f:
+            f.write(run_id)
+        writers["wandb"] = wandb.init(project=os.environ.get("WANDB_PROJECT", "explore-rlvr"), dir=run_dir,
+                                      name=os.path.basename(os.path.normpath(run_dir)), id=run_id, resume="allow",
+                                      config=config)
+    if "tensorboard" in writers:
+        for k, v in scalars.items():
+            writers["tensorboard"].add_scalar(k, v, step)
+    if "wandb" in writers:
+        writers["wandb"].log(scalars, step=step)
+
+
+def close_tracking(failed=False):
+    """Flush and close the trackers (main() calls it on exit and on error; atexit too, for scripts run otherwise)."""
+    writers = _TRACKING.pop("open", {})
+    _TRACKING.clear()
+    if "tensorboard" in writers:
+        writers["tensorboard"].close()
+    if "wandb" in writers:
+        writers["wandb"].finish(exit_code=1 if failed else 0)
+
+
+atexit.register(close_tracking)
 
 
 def save_checkpoint(run_dir, step, model, optimizer, tokenizer, rank):

@@ -8,6 +8,10 @@ training loop runs: sampling keys depend only on (seed, problem, sample), so wit
 seed, problems and max-new-tokens they equal the run's final `eval/...` metrics. --seed also picks the held-out
 problems, so keep one seed (default 0) to compare models on the same problems and the same sampling noise.
 
+Check that the verifier reads a dataset's golds (how many parse; the reward of the boxed gold and of the dataset's own
+solution text, both 1 when it does):
+    python eval.py golds gsm8k=../shared/data/gsm8k --split eval
+
 Compare runs (seeds are grouped into methods by the directory name without its trailing -s<seed>):
     python eval.py compare runs/cmp-*-s* --out docs/ [--labels GRPO,SPS,...]
 writes reward.png, entropy.png, pass1.png, passk.png, distinct.png (mean +- std band over seeds) and compare.md.
@@ -27,8 +31,8 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from common import (UserError, evaluate, fit_prompts, init_distributed, ks_up_to, load_model, load_problems,
-                    parse_dataset_list, require)
+from common import (UserError, dataset_names, evaluate, fit_prompts, init_distributed, ks_up_to, load_model,
+                    load_problems, require)
 
 
 # ============================================================================ evaluate checkpoints
@@ -54,12 +58,12 @@ def read_json(path):
 def evaluate_models(args):
     """common.evaluate for every model x dataset; writes eval.json and eval.md into --out and prints the table."""
     rank, _, device = init_distributed()
-    names = parse_dataset_list(args.datasets)
+    names = dataset_names(args.datasets)  # {name: spec}: NAME=PATH, or a short name (a file's stem)
     require(names, "--datasets is empty: pass e.g. countdown or math500,aime24")
     require(args.n >= 1 and args.problems >= 0 and args.temperature >= 0 and 0 < args.top_p <= 1 and (args.max_new_tokens or 1) >= 1,
             "--n must be >= 1, --problems >= 0, --temperature >= 0, --top-p in (0, 1] and --max-new-tokens >= 1")
     rows, resolved = [], [resolve_model(p) for p in args.paths]  # bad paths and datasets fail before any evaluation
-    sets = {d: load_problems(d, split="test", n=args.problems or None, seed=args.seed) for d in names}
+    sets = {d: load_problems(spec, split="eval", n=args.problems or None, seed=args.seed) for d, spec in names.items()}
     for path, (name, config) in zip(args.paths, resolved):
         settings = SimpleNamespace(max_new_tokens=args.max_new_tokens or config.get("max_new_tokens", 24),
                                    max_prompt_tokens=config.get("max_prompt_tokens", 1024))
@@ -213,9 +217,51 @@ def compare(args):
     print(f"figures: {', '.join(out(n) for n in ('reward.png', 'entropy.png', 'pass1.png', 'passk.png', 'distinct.png'))}")
 
 
+# ============================================================================ check a dataset's golds
+def as_completion(answer):
+    r"""A dataset's own solution text as a completion: GSM8K's final `#### X` line becomes \boxed{X}; a text with a
+    \boxed{} stays as it is; a bare answer (MATH-500, AIME) is boxed."""
+    text = str(answer[0] if isinstance(answer, (list, tuple)) else answer)
+    if "####" in text:
+        head, _, final = text.rpartition("####")
+        return f"{head.rstrip()}\nThe answer is \\boxed{{{final.strip()}}}."
+    return text if "\\boxed" in text or "\\fbox" in text else f"\\boxed{{{text}}}"
+
+
+def check_golds(args):
+    r"""For each dataset: how many golds math-verify parses, and the reward of \boxed{gold} and of the dataset's own
+    solution text (final answer boxed): both 1 for a dataset whose golds the verifier reads correctly; \boxed{gold+1},
+    a wrong answer, should score 0."""
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse
+    from common import compute_rewards
+    lines = ["| dataset | split | problems | golds math-verify parses | reward of \\boxed{gold} | "
+             "reward of the solution text, final answer boxed | reward of \\boxed{gold+1} |", "|---" * 7 + "|"]
+    for name, spec in dataset_names(args.datasets).items():
+        problems = load_problems(spec, split=args.split, prompt_field=args.prompt_field, answer_field=args.answer_field,
+                                 n=args.problems or None, keep_answer=True)
+        golds = [g for p in problems for g in (p["gold"] if isinstance(p["gold"], list) else [p["gold"]])]
+        parsed = sum(bool(parse("\\boxed{" + g + "}", [LatexExtractionConfig(), ExprExtractionConfig()],
+                                parsing_timeout=5)) for g in golds)
+        first = [p["gold"] if isinstance(p["gold"], str) else p["gold"][0] for p in problems]
+        boxed = compute_rewards(problems, [f"\\boxed{{{g}}}" for g in first])
+        solution = compute_rewards(problems, [as_completion(p["answer"]) for p in problems])
+        wrong = compute_rewards(problems, [f"\\boxed{{{g}+1}}" for g in first])  # a control: should be 0
+        lines.append(f"| {name} | {args.split} | {len(problems)} | {parsed} of {len(golds)} | {np.mean(boxed):.4f} | "
+                     f"{np.mean(solution):.4f} ({sum(s < 1 for s in solution)} below 1) | {np.mean(wrong):.4f} |")
+    print("\n".join(lines))
+
+
 # ============================================================================ command line
 def parse(argv):
-    """`compare RUN...` or `RUN_OR_MODEL...` (evaluate)."""
+    """`compare RUN...`, `golds DATASET...` or `RUN_OR_MODEL...` (evaluate)."""
+    if argv[:1] == ["golds"]:
+        p = argparse.ArgumentParser(prog="eval.py golds", description="check that the verifier reads a dataset's golds")
+        p.add_argument("datasets", help="comma-separated datasets, as --eval-datasets (e.g. gsm8k=../shared/data/gsm8k)")
+        p.add_argument("--split", default="eval", help="train, or eval: the held-out split")
+        p.add_argument("--problems", type=int, default=0, help="problems per dataset (0 = all)")
+        p.add_argument("--prompt-field", default=None, help="column holding the question (default: the preset's)")
+        p.add_argument("--answer-field", default=None, help="column holding the gold answer (default: the preset's)")
+        return check_golds, p.parse_args(argv[1:])
     if argv[:1] == ["compare"]:
         p = argparse.ArgumentParser(prog="eval.py compare", description="plots and a table comparing training runs")
         p.add_argument("runs", nargs="+", help="run directories; NAME-s<seed> directories are seeds of method NAME")
@@ -225,7 +271,8 @@ def parse(argv):
     p = argparse.ArgumentParser(prog="eval.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("paths", nargs="+", help="run directories, checkpoints, model directories, hub ids or 'tiny'")
-    p.add_argument("--datasets", default="countdown", help="comma-separated eval datasets (countdown, math500, aime24, ...)")
+    p.add_argument("--datasets", default="countdown", help="comma-separated eval datasets (countdown, math500, aime24, "
+                   "a local file, NAME=PATH, PRESET=PATH, ...)")
     p.add_argument("--n", type=int, default=64, help="samples per problem (pass@k for k = 1, 2, 4, ..., n)")
     p.add_argument("--temperature", type=float, default=0.6, help="sampling temperature")
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling")

@@ -2,7 +2,8 @@ import sys, os; sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspa
 import json, time
 import datasets
 import pytest
-from common import DATASET_PRESETS, UserError, load_problems, format_prompt, parse_dataset_list
+from common import (DATASET_PRESETS, UserError, dataset_name, dataset_names, format_prompt, load_problems,
+                    parse_dataset_list)
 
 data_module = sys.modules[load_problems.__module__]  # the module whose load_dataset the hub tests replace
 
@@ -232,3 +233,97 @@ def test_format_prompt_with_chat_template():
 def test_parse_dataset_list():
     assert parse_dataset_list("math500, aime24,,  amc23 ") == ["math500", "aime24", "amc23"]
     assert parse_dataset_list("") == []
+
+
+# ---- dataset names and presets on local copies --------------------------------------------------------------
+
+def test_dataset_names():
+    assert dataset_name("/data/gsm8k/eval.jsonl") == ("eval", "/data/gsm8k/eval.jsonl")
+    assert dataset_name("../shared/data/gsm8k/") == ("gsm8k", "../shared/data/gsm8k/")
+    assert dataset_name("gsm8k=../shared/data/gsm8k") == ("gsm8k", "../shared/data/gsm8k")
+    assert dataset_name("mine = /d/x y.parquet") == ("mine", "/d/x y.parquet")
+    assert dataset_name("/d/x y.parquet") == ("x_y", "/d/x y.parquet")  # names go into metric keys: no spaces, no /
+    assert dataset_name("someone/data") == ("data", "someone/data")
+    assert dataset_name("math500") == ("math500", "math500") and dataset_name("countdown")[0] == "countdown"
+    assert dataset_names("countdown, a=/x/t.jsonl, /y/t.jsonl") == {"countdown": "countdown", "a": "a=/x/t.jsonl",
+                                                                    "t": "/y/t.jsonl"}
+    with pytest.raises(UserError, match=r"two datasets are named 't' .*NAME=PATH \(e.g. t-2=/y/t.jsonl\)"):
+        dataset_names("/x/t.jsonl,/y/t.jsonl")
+    with pytest.raises(UserError, match="NAME=SOURCE needs a NAME"):
+        dataset_name("a/b=/x.jsonl")
+
+
+PRESET_ANSWERS = {"####": ("work <<2*3=6>>\n#### 1,234", "1234"), "boxed": ("so $\\boxed{\\frac{1}{2}}$.", "\\frac{1}{2}"),
+                  "field": (204, "204")}
+
+
+@pytest.mark.parametrize("preset", sorted(DATASET_PRESETS))
+def test_preset_on_a_local_file_reads_as_the_hub_version(monkeypatch, tmp_path, preset):
+    p = DATASET_PRESETS[preset]
+    answer, gold = PRESET_ANSWERS[p["gold"]]
+    decoys = {"prompt": "not the prompt", "problem": "not the prompt", "question": "no", "answer": "9", "solution": "9"}
+    rows = [{**decoys, p["prompt"]: f"{preset} question {i}", p["answer"]: answer} for i in (0, 1, 0)]  # auto: decoys
+    names = p["name"] if isinstance(p["name"], list) else [p["name"]]
+    fake_hub(monkeypatch, {(p["path"], name, p["split"]): rows for name in names})
+    hub = load_problems(preset)
+    monkeypatch.undo()  # the real load_dataset for the local copy
+    assert hub[0] == {"prompt": f"{preset} question 0", "gold": gold, "task": "math"}
+    ext = [".jsonl", ".json", ".parquet"][sorted(DATASET_PRESETS).index(preset) % 3]  # every format, over the presets
+    path = str(tmp_path / f"copy{ext}")
+    if ext == ".parquet":
+        datasets.Dataset.from_list(rows * len(names)).to_parquet(path)
+    else:
+        (tmp_path / f"copy{ext}").write_text(json.dumps(rows * len(names)) if ext == ".json" else
+                                             "".join(json.dumps(r) + "\n" for r in rows * len(names)))
+    assert load_problems(f"{preset}={path}") == hub
+    assert load_problems(f"{preset}={path}", split="eval") == hub  # one file: one split
+
+
+def gsm8k_hub_download(root):
+    """What `hf download --repo-type dataset openai/gsm8k --local-dir root` writes: README.md (with the configs),
+    main/ and socratic/ parquet files, .cache/huggingface/."""
+    (root / ".cache" / "huggingface" / "download" / "main").mkdir(parents=True)
+    (root / ".cache" / "huggingface" / "download" / "main" / "train-00000-of-00001.parquet.metadata").write_text("x")
+    (root / "README.md").write_text("---\nconfigs:\n- config_name: main\n  data_files:\n  - split: train\n    path: "
+                                    "main/train-*\n- config_name: socratic\n  data_files:\n  - split: train\n"
+                                    "    path: socratic/train-*\n---\n# GSM8K\n")
+    for config in ("main", "socratic"):
+        (root / config).mkdir()
+        for split, n in (("train", 3), ("test", 2)):
+            rows = [{"question": f"{config} {split} {i}", "answer": f"steps\n#### {i},000"} for i in range(n)]
+            datasets.Dataset.from_list(rows).to_parquet(str(root / config / f"{split}-00000-of-00001.parquet"))
+    return str(root)
+
+
+def test_gsm8k_preset_on_a_hub_download_and_on_split_files(tmp_path):
+    root = gsm8k_hub_download(tmp_path / "gsm8k")
+    train, test = load_problems(f"gsm8k={root}"), load_problems(f"gsm8k={root}", split="eval")
+    assert train == [{"prompt": f"main train {i}", "gold": f"{i}000", "task": "math"} for i in range(3)]
+    assert [p["prompt"] for p in test] == ["main test 0", "main test 1"]  # the main config only, its test split
+    # the shared copy's layout: train.jsonl and test.jsonl (+ a README.md)
+    (tmp_path / "flat").mkdir()
+    (tmp_path / "flat" / "README.md").write_text("# GSM8K\n")
+    write_jsonl(tmp_path / "flat" / "train.jsonl", [{"question": "q1", "answer": "a\n#### 18"}])
+    write_jsonl(tmp_path / "flat" / "test.jsonl", [{"question": "q2", "answer": "b\n#### -3"}])
+    assert load_problems(f"gsm8k={tmp_path / 'flat'}") == [{"prompt": "q1", "gold": "18", "task": "math"}]
+    assert load_problems(f"gsm8k={tmp_path / 'flat'}", split="eval") == [{"prompt": "q2", "gold": "-3", "task": "math"}]
+    assert load_problems(f"mine={tmp_path / 'flat' / 'test.jsonl'}")[0]["gold"] == "-3"  # NAME=PATH: auto gold
+    with pytest.raises(UserError, match="does not exist"):
+        load_problems(f"gsm8k={tmp_path / 'nowhere'}")
+
+
+def test_preset_split_names_and_one_split_folders(tmp_path):
+    # lkevinzc/math-eval: one file per benchmark; the olympiad preset's split is olympiad_bench
+    (tmp_path / "me").mkdir()
+    for name in ("aime", "olympiad_bench", "math"):
+        write_jsonl(tmp_path / "me" / f"{name}.jsonl", [{"problem": name, "answer": ["1"]}])
+    assert load_problems(f"olympiad={tmp_path / 'me'}", split="eval") == [{"prompt": "olympiad_bench", "gold": ["1"],
+                                                                           "task": "math"}]
+    # a folder whose files name no split is one split (AIME2025-I and -II files)
+    (tmp_path / "aime").mkdir()
+    for part in ("I", "II"):
+        write_jsonl(tmp_path / "aime" / f"aime2025-{part}.jsonl", [{"question": part, "answer": "7"}])
+    assert [p["prompt"] for p in load_problems(f"aime25={tmp_path / 'aime'}", split="eval")] == ["I", "II"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no .jsonl/.json/.parquet file for split test"):
+        load_problems(str(tmp_path / "empty"), split="eval")

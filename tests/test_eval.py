@@ -83,11 +83,23 @@ def test_evaluating_a_run_reproduces_its_final_eval(tiny_dir, tmp_path):
     assert open(out / "eval.md").read().strip() in p.stdout and "| countdown |" in p.stdout
 
 
+def test_golds_table_and_dataset_names_in_the_eval_table(tmp_path):
+    (tmp_path / "gsm8k").mkdir()
+    rows = [{"question": "q1", "answer": "3 * 6 = <<3*6=18>>18\n#### 18"}, {"question": "q2", "answer": "x\n#### 1,000"}]
+    (tmp_path / "gsm8k" / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    p = run(["golds", f"gsm8k={tmp_path / 'gsm8k'}"], script="eval.py")
+    assert "| gsm8k | eval | 2 | 2 of 2 | 1.0000 | 1.0000 (0 below 1) | 0.0000 |" in p.stdout, p.stdout
+    p = run(["tiny", "--datasets", "held=countdown", "--n", "2", "--problems", "2", "--out", tmp_path / "out"],
+            script="eval.py")
+    assert json.load(open(tmp_path / "out" / "eval.json"))["results"][0]["dataset"] == "held" and "| held |" in p.stdout
+
+
 @pytest.mark.parametrize("argv, message", [
     (["{tmp}/no-such-run"], "is not a run directory"),
     (["{tmp}/empty"], "is not a run directory"),
     (["tiny", "--datasets", "no-such-dataset"], "unknown dataset 'no-such-dataset'"),
     (["compare", "{tmp}/empty"], "has no metrics.jsonl"),
+    (["tiny", "--datasets", "{tmp}/a/t.jsonl,{tmp}/b/t.jsonl"], "two datasets are named 't'"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, argv, message):
     os.makedirs(tmp_path / "empty")
