@@ -1,0 +1,158 @@
+"""Crash safety: runs SIGKILLed at every phase of a step and every stage of checkpoint writing (the test-only hook
+$EXPLORE_RLVR_FAULT makes the process kill itself there), resumed each time, end with the weights and metric lines of
+a run never interrupted; partial files are ignored; --resume refuses changed experiment flags; non-finite updates are
+skipped, counted, and stop the run when too many come in a row."""
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from test_grpo_script import metrics, run, weights
+
+from common import UserError, recover_checkpoint, truncate_metrics
+
+TINY = ["--prompts-per-step", "4", "--group-size", "4", "--max-new-tokens", "16", "--eval-problems", "4",
+        "--eval-samples", "2", "--lr", "1e-3", "--eval-every", "2"]
+VARIES = ("time/", "tokens_per_s/", "memory/")  # wall-clock and memory fields differ between any two runs
+
+
+def same_lines(a, b):
+    """metrics.jsonl rows equal line for line, every field exactly, except the time/*, tokens_per_s/* and
+    memory/peak_gib measurements."""
+    def strip(rows):
+        return [{k: v for k, v in r.items() if not k.startswith(VARIES)} for r in rows]
+    return strip(metrics(a)) == strip(metrics(b))
+
+
+def newest_complete(run_dir):
+    """Step of the newest directory with a trainer_state.json (the completion marker), read independently."""
+    if not os.path.isdir(run_dir):
+        return None
+    steps = [json.load(open(os.path.join(run_dir, d, "trainer_state.json")))["step"] for d in os.listdir(run_dir)
+             if os.path.exists(os.path.join(run_dir, d, "trainer_state.json"))]
+    return max(steps, default=None)
+
+
+# (stage, step) of each kill, and the newest complete checkpoint it leaves. --save-every 1: a checkpoint per step.
+KILLS = [("rollout", 1, None), ("checkpoint-partial", 1, None), ("tmp-written", 1, 1), ("update", 2, 1),
+         ("metrics", 2, 1), ("before-rename-old", 2, 2), ("between-renames", 3, 3), ("after-rename", 4, 4),
+         ("rollout", 6, 5)]
+
+
+def test_killed_at_every_stage_and_resumed_matches_the_uninterrupted_run(tiny_dir, tmp_path):
+    common = ["--model", tiny_dir, "--steps", "6", "--save-every", "1"] + TINY
+    run(common + ["--run-dir", tmp_path / "full"])
+    cut = tmp_path / "cut"
+    for stage, step, left in KILLS:  # --resume alone must find a checkpoint; --resume auto starts fresh without one
+        mode = ["--resume"] if newest_complete(cut) is not None else ["--resume", "auto"]
+        p = run(common + ["--run-dir", cut] + mode, check=False, env={"EXPLORE_RLVR_FAULT": f"{stage}:{step}"})
+        assert p.returncode == -9, (stage, step, p.stderr[-2000:])  # the kill landed
+        assert newest_complete(cut) == left, (stage, step)
+    run(common + ["--run-dir", cut, "--resume", "--save-every", "3"])  # a flag that does not change the experiment
+    wa, wb = weights(tmp_path / "full"), weights(cut)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert [r["step"] for r in metrics(cut)] == list(range(7)) and same_lines(tmp_path / "full", cut)
+    print(f"kills survived: {len(KILLS)}/{len(KILLS)}")
+    resumes = json.load(open(cut / "config.json"))["resumes"]
+    assert [r["step"] for r in resumes] == [left or 0 for _, _, left in KILLS]  # each began at the newest checkpoint
+    assert resumes[-1]["changed"] == {"save_every": [1, 3]}
+    assert sorted(os.listdir(cut)) == ["checkpoint", "config.json", "metrics.jsonl", "samples.jsonl"]
+    samples = [json.loads(line)["step"] for line in open(cut / "samples.jsonl")]
+    assert samples == [json.loads(line)["step"] for line in open(tmp_path / "full" / "samples.jsonl")]
+
+
+def test_torchrun_one_rank_killed_then_resumed_matches_the_uninterrupted_run(tiny_dir, tmp_path):
+    common = ["--model", tiny_dir, "--steps", "3", "--save-every", "1"] + TINY
+    run(common + ["--run-dir", tmp_path / "full"], torchrun=2)
+    p = run(common + ["--run-dir", tmp_path / "cut"], torchrun=2, check=False, env={"EXPLORE_RLVR_FAULT": "rollout:2@1"})
+    assert p.returncode != 0 and newest_complete(tmp_path / "cut") == 1, p.stderr[-2000:]
+    run(common + ["--run-dir", tmp_path / "cut", "--resume"], torchrun=2)
+    wa, wb = weights(tmp_path / "full"), weights(tmp_path / "cut")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert same_lines(tmp_path / "full", tmp_path / "cut")
+
+
+def fake_checkpoint(path, step, complete=True):
+    os.makedirs(path / "train_state")
+    (path / "model.safetensors").write_text(str(step))
+    if complete:
+        (path / "trainer_state.json").write_text(json.dumps({"step": step}))
+
+
+@pytest.mark.parametrize("present, expect", [
+    ({"checkpoint.old": 2}, 2),  # killed between the two renames, checkpoint.tmp partial: only the old one is left
+    ({"checkpoint.old": 2, "checkpoint.tmp": 4}, 4),  # killed between the renames: checkpoint.tmp is complete
+    ({"checkpoint": 2, "checkpoint.tmp": None}, 2),  # a stale, partial checkpoint.tmp
+    ({"checkpoint": 4, "checkpoint.old": 2}, 4),  # killed before checkpoint.old was deleted
+    ({"checkpoint": None, "checkpoint.tmp": 4, "checkpoint.old": 2}, 4),
+    ({"checkpoint.tmp": None}, None),
+])
+def test_recovery_keeps_the_newest_complete_checkpoint(tmp_path, capsys, present, expect):
+    for name, step in present.items():
+        fake_checkpoint(tmp_path / name, step or 9, complete=step is not None)
+    assert recover_checkpoint(str(tmp_path), 0) == expect
+    assert sorted(os.listdir(tmp_path)) == (["checkpoint"] if expect else [])
+    if expect:
+        assert (tmp_path / "checkpoint" / "model.safetensors").read_text() == str(expect)
+    out = capsys.readouterr().out
+    assert ("partial checkpoint" in out) == (None in present.values()), out
+    assert all(len(line) < 200 for line in out.splitlines())  # one-line notices
+
+
+def test_truncation_drops_later_steps_and_a_partial_last_line(tmp_path, capsys):
+    rows = [{"step": s, "reward/mean": s / 10} for s in range(5)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 5, "rew')
+    (tmp_path / "samples.jsonl").write_text("".join(json.dumps({"step": s}) + "\n" for s in (0, 2, 4)))
+    truncate_metrics(str(tmp_path), 3)
+    assert metrics(tmp_path) == rows[:4]
+    assert [json.loads(line)["step"] for line in open(tmp_path / "samples.jsonl")] == [0, 2]
+    assert "partial last line" in capsys.readouterr().out
+    assert sorted(os.listdir(tmp_path)) == ["metrics.jsonl", "samples.jsonl"]  # the temporary file was renamed
+
+
+def test_resume_needs_a_checkpoint_unless_auto_and_refuses_changed_experiment_flags(tiny_dir, tmp_path):
+    base = ["--model", tiny_dir, "--steps", "1", "--save-every", "0"] + TINY
+    p = run(base + ["--run-dir", tmp_path / "none", "--resume"], check=False)
+    assert p.returncode == 2 and "no complete checkpoint" in p.stderr and "--resume auto" in p.stderr, p.stderr[-2000:]
+    run(base + ["--run-dir", tmp_path / "r"])
+    shutil.copytree(tmp_path / "r", tmp_path / "before")
+    p = run(base + ["--run-dir", tmp_path / "r", "--resume", "--lr", "2e-3", "--group-size", "8", "--seed", "1",
+                    "--clip-high", "0.28", "--steps", "5", "--eval-every", "1"], check=False)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    error = [line for line in p.stderr.splitlines() if line.startswith("error:")]
+    assert len(error) == 1, p.stderr[-2000:]
+    for diff in ("--lr: 0.001 -> 0.002", "--group-size: 4 -> 8", "--seed: 0 -> 1", "--clip-high: 0.2 -> 0.28"):
+        assert diff in error[0], error[0]
+    assert "--steps" not in error[0] and "--eval-every" not in error[0]  # allowed to change
+    p = run(base + ["--run-dir", tmp_path / "r", "--resume"], script="sps.py", check=False)
+    assert p.returncode == 2 and 'script: "grpo" -> "sps"' in p.stderr, p.stderr[-2000:]
+    for name in ("config.json", "metrics.jsonl"):  # a refused resume changes nothing
+        assert (tmp_path / "r" / name).read_text() == (tmp_path / "before" / name).read_text()
+
+
+def test_a_non_finite_update_is_skipped_counted_and_restored_on_resume(tiny_dir, tmp_path):
+    base = ["--model", tiny_dir, "--save-every", "1", "--run-dir", tmp_path / "r"] + TINY
+    run(base + ["--steps", "2"], env={"EXPLORE_RLVR_FAULT": "inf-loss:2"})
+    run(base + ["--steps", "3", "--resume"])  # skipped_steps comes back from the checkpoint
+    rows = metrics(tmp_path / "r")
+    assert [r["skipped_steps"] for r in rows[1:]] == [0, 1, 1]
+    assert not torch.isfinite(torch.tensor(rows[2]["grad_norm"])) and torch.isfinite(torch.tensor(rows[3]["grad_norm"]))
+    assert rows[3]["loss"] != 0 and json.load(open(tmp_path / "r" / "checkpoint" / "trainer_state.json")) == {
+        "step": 3, "skipped_steps": 1, "skip_streak": 0}
+
+
+def test_consecutive_non_finite_updates_stop_the_run(tiny_dir, tmp_path):
+    p = run(["--model", tiny_dir, "--steps", "4", "--max-skipped-steps", "2", "--run-dir", tmp_path / "r"] + TINY,
+            check=False, env={"EXPLORE_RLVR_FAULT": "inf-loss:2,3"})
+    assert p.returncode == 2 and "2 updates in a row had a non-finite loss or gradient" in p.stderr, p.stderr[-2000:]
+    assert "--max-skipped-steps" in p.stderr and "Traceback" not in p.stderr
+    assert [r["step"] for r in metrics(tmp_path / "r")] == [0, 1, 2]  # stopped during step 3, before training on it
+
+
+def test_count_skip():
+    from common import count_skip
+    assert count_skip(1.0, 3, 2, 5) == (3, 0) and count_skip(float("nan"), 3, 2, 5) == (4, 3)
+    assert count_skip(float("inf"), 0, 9, 0) == (1, 10)  # 0: never stop
+    with pytest.raises(UserError, match="5 updates in a row"):
+        count_skip(float("nan"), 7, 4, 5)
