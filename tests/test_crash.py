@@ -132,13 +132,18 @@ def test_resume_needs_a_checkpoint_unless_auto_and_refuses_changed_experiment_fl
 
 
 def test_a_non_finite_update_is_skipped_counted_and_restored_on_resume(tiny_dir, tmp_path):
-    base = ["--model", tiny_dir, "--save-every", "1", "--run-dir", tmp_path / "r"] + TINY
-    run(base + ["--steps", "2"], env={"EXPLORE_RLVR_FAULT": "inf-loss:2"})
+    base = ["--model", tiny_dir, "--save-every", "1", "--run-dir", tmp_path / "r", "--entropy-coef", "0.1"] + TINY
+    run(base + ["--steps", "1"])  # the entropy term gives every step a gradient
+    w1 = weights(tmp_path / "r")
+    run(base + ["--steps", "2", "--resume"], env={"EXPLORE_RLVR_FAULT": "inf-loss:2"})  # loss x inf on step 2
+    w2 = weights(tmp_path / "r")
     run(base + ["--steps", "3", "--resume"])  # skipped_steps comes back from the checkpoint
-    rows = metrics(tmp_path / "r")
+    w3, rows = weights(tmp_path / "r"), metrics(tmp_path / "r")
     assert [r["skipped_steps"] for r in rows[1:]] == [0, 1, 1]
-    assert not torch.isfinite(torch.tensor(rows[2]["grad_norm"])) and torch.isfinite(torch.tensor(rows[3]["grad_norm"]))
-    assert rows[3]["loss"] != 0 and json.load(open(tmp_path / "r" / "checkpoint" / "trainer_state.json")) == {
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)  # step 2 was not applied
+    assert not any(torch.equal(w2[k], w3[k]) for k in w2)  # step 3 trained
+    assert not torch.isfinite(torch.tensor(rows[2]["grad_norm"])) and 0 < rows[3]["grad_norm"] < float("inf")
+    assert json.load(open(tmp_path / "r" / "checkpoint" / "trainer_state.json")) == {
         "step": 3, "skipped_steps": 1, "skip_streak": 0}
 
 
