@@ -682,8 +682,12 @@ class BaseArgs:
     eval_temperature: float = field(default=0.6, metadata={"help": "eval sampling temperature (DeepSeek-R1 convention)"})
     eval_top_p: float = field(default=0.95, metadata={"help": "eval nucleus sampling"})
     save_every: int = field(default=50, metadata={"help": "checkpoint every N steps (and at the end); 0 = only at the end"})
-    resume: Optional[str] = field(default=None, metadata={"choices": ["yes", "auto"], "const": "yes", "help": "--resume: continue --run-dir's newest complete checkpoint with the same data order and sampling (error if there is none) | --resume auto: the same, or start fresh when there is none (pre-emptible jobs: one command for every launch)"})
-    max_skipped_steps: int = field(default=5, metadata={"help": "stop with an error after this many consecutive updates with a non-finite loss or gradient (each is skipped and counted in skipped_steps); 0 = never stop"})
+    resume: Optional[str] = field(default=None, metadata={"choices": ["yes", "auto"], "const": "yes", "help": (
+        "--resume: continue --run-dir's newest complete checkpoint with the same data order and sampling (error if "
+        "there is none) | --resume auto: the same, or start fresh when there is none (one command for every launch)")})
+    max_skipped_steps: int = field(default=5, metadata={"help": (
+        "stop with an error after this many updates in a row with a non-finite loss or gradient (each is skipped, "
+        "never applied, and counted in skipped_steps); 0 = never stop")})
     rollout_backend: str = field(default="auto", metadata={"choices": ["auto", "hf", "vllm"], "help": "auto (vllm when it imports and CUDA is there, else hf) | hf: generate() on the training model | vllm: a colocated engine per rank"})
     vllm_gpu_memory: float = field(default=0.3, metadata={"help": "vllm: fraction of the GPU's memory for the engine's weights and KV cache"})
     parity_every: int = field(default=10, metadata={"help": "vllm: every N weight pushes, compare the engine's log-probs of a rollout with the trainer's (0 = never)"})
@@ -1420,7 +1424,7 @@ def save_checkpoint(run_dir, step, model, optimizer, tokenizer, rank, skipped=0,
     barrier()
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     msd, osd = get_state_dict(model, optimizer)
-    dcp.save({"model": msd, "optim": osd}, checkpoint_id=os.path.join(tmp, "train_state"))  # returns once all ranks wrote
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=os.path.join(tmp, "train_state"))  # returns when all wrote
     fault_point("checkpoint-partial", step)
     if rank == 0:
         from safetensors.torch import save_file
@@ -1458,7 +1462,7 @@ def save_checkpoint(run_dir, step, model, optimizer, tokenizer, rank, skipped=0,
 
 
 def _checkpoint_step(path):
-    """The step of the checkpoint in `path` if it is complete (its trainer_state.json, written last, exists), else None."""
+    """The step of the checkpoint in `path` if it is complete (has its trainer_state.json, written last), else None."""
     try:
         with open(os.path.join(path, "trainer_state.json")) as f:
             return int(json.load(f)["step"])
@@ -1505,9 +1509,9 @@ def load_checkpoint(run_dir, model, optimizer):
 
 
 def truncate_metrics(run_dir, after_step):
-    """On resume, keep the lines of steps <= after_step of metrics.jsonl and samples.jsonl (the later ones are recomputed
-    identically) and drop a partial last line (a kill while appending it). Atomic: a new file, fsynced, then renamed
-    over the old one, so a kill here loses nothing."""
+    """On resume, keep the lines of steps <= after_step of metrics.jsonl and samples.jsonl (the later ones are
+    recomputed identically) and drop a partial last line (a kill while appending it). Atomic: a new file, fsynced,
+    then renamed over the old one, so a kill here loses nothing."""
     for name in ("metrics.jsonl", "samples.jsonl"):
         path = os.path.join(run_dir, name)
         if not os.path.exists(path):

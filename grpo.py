@@ -153,7 +153,7 @@ def train(args):
                 grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
                 if math.isfinite(grad_norm):
                     optimizer.step()
-                skipped, streak = count_skip(grad_norm, skipped, streak, args.max_skipped_steps)  # non-finite: not applied
+                skipped, streak = count_skip(grad_norm, skipped, streak, args.max_skipped_steps)  # non-finite: skipped
         scheduler.step()
         fault_point("update", step + 1)
         t_train = time.time() - t0 - t_rollout - t_reward

@@ -356,6 +356,20 @@ def upper_bounds(metrics, records, bounds, n):
     return {"sps/U1": bounds["U1"], "sps/U2": u2, "sps/U3": saturation([metrics[f"eval/pass@{k}"] for k in ks])}
 
 
+def bounds_from_metrics(run_dir, n):
+    """The U1/U2 state of upper_bounds as of the checkpoint, rebuilt from metrics.jsonl (which --resume has truncated to
+    the checkpoint's step; sps_bounds.json may hold evaluations that a killed run made after its last checkpoint)."""
+    bounds = {}
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        for r in map(json.loads, f):
+            if f"eval/pass@{n}" in r:
+                bounds.setdefault("U1", r[f"eval/pass@{n}"])
+            for name in [k[5:-7] for k in r if k.startswith("eval/") and k.endswith("/solved")]:
+                solved = bounds.setdefault("solved", {})
+                solved[name] = sorted(set(solved.get(name, [])) | set(r[f"eval/{name}/solved"]))
+    return bounds
+
+
 def train(args):
     rank, world, device = init_distributed()
     require(args.prompts_per_step % world == 0, f"--prompts-per-step ({args.prompts_per_step}) must divide by the number of processes ({world})")
@@ -377,7 +391,7 @@ def train(args):
         start, skipped, streak = load_checkpoint(run_dir, model, optimizer)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (args.warmup_steps + 1)), last_epoch=start - 1)
         truncate_metrics(run_dir, start) if rank == 0 else None
-        bounds = json.load(open(bounds_path)) if os.path.exists(bounds_path) else {}
+        bounds = bounds_from_metrics(run_dir, args.eval_samples) if rank == 0 else {}  # SPS: only rank 0 logs them
         if args.irl_optimizer == "separate" and rank == 0:  # SPS: only the default precond step resumes exactly
             print("warning: --irl-optimizer separate: the IRL AdamW's moments are not in the checkpoint; they restart at zero", file=sys.stderr)
     else:
@@ -450,7 +464,7 @@ def train(args):
                 grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
                 if math.isfinite(grad_norm):
                     optimizer.step()
-                skipped, streak = count_skip(grad_norm, skipped, streak, args.max_skipped_steps)  # non-finite: not applied
+                skipped, streak = count_skip(grad_norm, skipped, streak, args.max_skipped_steps)  # non-finite: skipped
         if evaluating and probe:
             s1 = probe_scores(model, p0, args, device)[0]
         # 5b. SPS: the IRL step on the same rollouts, scores recomputed with the weights after the RL step.

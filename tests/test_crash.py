@@ -65,7 +65,8 @@ def test_killed_at_every_stage_and_resumed_matches_the_uninterrupted_run(tiny_di
 def test_torchrun_one_rank_killed_then_resumed_matches_the_uninterrupted_run(tiny_dir, tmp_path):
     common = ["--model", tiny_dir, "--steps", "3", "--save-every", "1"] + TINY
     run(common + ["--run-dir", tmp_path / "full"], torchrun=2)
-    p = run(common + ["--run-dir", tmp_path / "cut"], torchrun=2, check=False, env={"EXPLORE_RLVR_FAULT": "rollout:2@1"})
+    p = run(common + ["--run-dir", tmp_path / "cut"], torchrun=2, check=False,
+            env={"EXPLORE_RLVR_FAULT": "rollout:2@1"})  # rank 1 dies mid-step; torchrun tears the group down
     assert p.returncode != 0 and newest_complete(tmp_path / "cut") == 1, p.stderr[-2000:]
     run(common + ["--run-dir", tmp_path / "cut", "--resume"], torchrun=2)
     wa, wb = weights(tmp_path / "full"), weights(tmp_path / "cut")
