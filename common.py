@@ -1412,7 +1412,7 @@ def _remove_checkpoint(path):
 
 def save_checkpoint(run_dir, step, model, optimizer, tokenizer, rank, skipped=0, streak=0):
     """checkpoint/: Hugging Face weights (loadable by transformers and vLLM) + sharded optimizer state (torch DCP) +
-    trainer_state.json (step, skipped_steps, skip_streak). Written to checkpoint.tmp, every file fsynced, then
+    trainer_state.json (step, skipped_steps, skip_streak, ...). Written to checkpoint.tmp, every file fsynced, then
     trainer_state.json LAST: a checkpoint is complete iff it has one. Then checkpoint -> checkpoint.old,
     checkpoint.tmp -> checkpoint, checkpoint.old deleted: a kill at any moment leaves at least one complete checkpoint
     with the newest step, which recover_checkpoint finds. All ranks write their DCP shards; rank 0 the rest."""
@@ -1423,8 +1423,12 @@ def save_checkpoint(run_dir, step, model, optimizer, tokenizer, rank, skipped=0,
         _remove_checkpoint(tmp)  # a partial one (after a resume, checkpoint/ is the newest complete one)
     barrier()
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    msd, osd = get_state_dict(model, optimizer)
-    dcp.save({"model": msd, "optim": osd}, checkpoint_id=os.path.join(tmp, "train_state"))  # returns when all wrote
+    if optimizer.state:
+        msd, osd = get_state_dict(model, optimizer)
+        state = {"model": msd, "optim": osd}
+    else:  # every update so far was skipped: AdamW has no state, and get_state_dict would make one by a zero-lr step
+        state = {"model": get_model_state_dict(model)}  # (which shifts later bias corrections): the model only
+    dcp.save(state, checkpoint_id=os.path.join(tmp, "train_state"))  # returns when every rank has written
     fault_point("checkpoint-partial", step)
     if rank == 0:
         from safetensors.torch import save_file
@@ -1443,8 +1447,8 @@ def save_checkpoint(run_dir, step, model, optimizer, tokenizer, rank, skipped=0,
             for name in files:
                 _fsync(os.path.join(root, name))
             _fsync(root)
-        write_json_atomic(os.path.join(tmp, "trainer_state.json"),
-                          {"step": step, "skipped_steps": skipped, "skip_streak": streak})  # the completion marker
+        trainer = {"step": step, "skipped_steps": skipped, "skip_streak": streak, "optimizer_state": "optim" in state}
+        write_json_atomic(os.path.join(tmp, "trainer_state.json"), trainer)  # the completion marker, last
         fault_point("tmp-written", step)
         if os.path.exists(old):
             _remove_checkpoint(old)  # left by an earlier kill, older than checkpoint.tmp
@@ -1498,14 +1502,20 @@ def recover_checkpoint(run_dir, rank):
 def load_checkpoint(run_dir, model, optimizer):
     """Restore weights and optimizer from run_dir/checkpoint; returns (step, skipped_steps, skip_streak) at its save."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict, set_model_state_dict,
+                                                         set_state_dict)
     ckpt = os.path.join(run_dir, "checkpoint")
-    msd, osd = get_state_dict(model, optimizer)
-    state = {"model": msd, "optim": osd}
-    dcp.load(state, checkpoint_id=os.path.join(ckpt, "train_state"))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    state = read_json(os.path.join(ckpt, "trainer_state.json"))
-    return state["step"], state.get("skipped_steps", 0), state.get("skip_streak", 0)
+    trainer = read_json(os.path.join(ckpt, "trainer_state.json"))
+    if trainer.get("optimizer_state", True):
+        msd, osd = get_state_dict(model, optimizer)
+        state = {"model": msd, "optim": osd}
+        dcp.load(state, checkpoint_id=os.path.join(ckpt, "train_state"))
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    else:  # saved before any update was applied: the optimizer stays as new
+        state = {"model": get_model_state_dict(model)}
+        dcp.load(state, checkpoint_id=os.path.join(ckpt, "train_state"))
+        set_model_state_dict(model, state["model"])
+    return trainer["step"], trainer.get("skipped_steps", 0), trainer.get("skip_streak", 0)
 
 
 def truncate_metrics(run_dir, after_step):

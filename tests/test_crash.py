@@ -8,9 +8,10 @@ import shutil
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from test_grpo_script import metrics, run, weights
 
-from common import UserError, recover_checkpoint, truncate_metrics
+from common import UserError, parse_args, recover_checkpoint, start_run, truncate_metrics
 
 TINY = ["--prompts-per-step", "4", "--group-size", "4", "--max-new-tokens", "16", "--eval-problems", "4",
         "--eval-samples", "2", "--lr", "1e-3", "--eval-every", "2"]
@@ -63,7 +64,7 @@ def test_killed_at_every_stage_and_resumed_matches_the_uninterrupted_run(tiny_di
 
 
 def test_torchrun_one_rank_killed_then_resumed_matches_the_uninterrupted_run(tiny_dir, tmp_path):
-    common = ["--model", tiny_dir, "--steps", "3", "--save-every", "1"] + TINY
+    common = ["--model", tiny_dir, "--steps", "2", "--save-every", "1"] + TINY
     run(common + ["--run-dir", tmp_path / "full"], torchrun=2)
     p = run(common + ["--run-dir", tmp_path / "cut"], torchrun=2, check=False,
             env={"EXPLORE_RLVR_FAULT": "rollout:2@1"})  # rank 1 dies mid-step; torchrun tears the group down
@@ -112,40 +113,45 @@ def test_truncation_drops_later_steps_and_a_partial_last_line(tmp_path, capsys):
     assert sorted(os.listdir(tmp_path)) == ["metrics.jsonl", "samples.jsonl"]  # the temporary file was renamed
 
 
-def test_resume_needs_a_checkpoint_unless_auto_and_refuses_changed_experiment_flags(tiny_dir, tmp_path):
-    base = ["--model", tiny_dir, "--steps", "1", "--save-every", "0"] + TINY
-    p = run(base + ["--run-dir", tmp_path / "none", "--resume"], check=False)
-    assert p.returncode == 2 and "no complete checkpoint" in p.stderr and "--resume auto" in p.stderr, p.stderr[-2000:]
-    run(base + ["--run-dir", tmp_path / "r"])
-    shutil.copytree(tmp_path / "r", tmp_path / "before")
-    p = run(base + ["--run-dir", tmp_path / "r", "--resume", "--lr", "2e-3", "--group-size", "8", "--seed", "1",
-                    "--clip-high", "0.28", "--steps", "5", "--eval-every", "1"], check=False)
-    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
-    error = [line for line in p.stderr.splitlines() if line.startswith("error:")]
-    assert len(error) == 1, p.stderr[-2000:]
+def test_resume_needs_a_checkpoint_unless_auto_and_refuses_changed_experiment_flags(tmp_path):
+    import grpo
+
+    def start(script="grpo", *flags):
+        return start_run(parse_args(grpo.Args, ["--run-dir", str(tmp_path / "r")] + list(flags)), script, 0)
+    with pytest.raises(UserError, match="holds no complete checkpoint: pass --resume auto"):
+        start("grpo", "--resume")
+    start("grpo", "--lr", "1e-3", "--group-size", "4")  # a fresh run's config.json
+    (tmp_path / "r" / "metrics.jsonl").write_text('{"step": 0}\n')
+    fake_checkpoint(tmp_path / "r" / "checkpoint", 3)
+    before = (tmp_path / "r" / "config.json").read_text()
+    with pytest.raises(UserError) as e:
+        start("grpo", "--resume", "--lr", "2e-3", "--group-size", "8", "--seed", "1", "--clip-high", "0.28",
+              "--steps", "5", "--eval-every", "1")
+    message = str(e.value)
+    assert "\n" not in message and "--steps" not in message and "--eval-every" not in message  # those may change
     for diff in ("--lr: 0.001 -> 0.002", "--group-size: 4 -> 8", "--seed: 0 -> 1", "--clip-high: 0.2 -> 0.28"):
-        assert diff in error[0], error[0]
-    assert "--steps" not in error[0] and "--eval-every" not in error[0]  # allowed to change
-    p = run(base + ["--run-dir", tmp_path / "r", "--resume"], script="sps.py", check=False)
-    assert p.returncode == 2 and 'script: "grpo" -> "sps"' in p.stderr, p.stderr[-2000:]
-    for name in ("config.json", "metrics.jsonl"):  # a refused resume changes nothing
-        assert (tmp_path / "r" / name).read_text() == (tmp_path / "before" / name).read_text()
+        assert diff in message, message
+    with pytest.raises(UserError, match='script: "grpo" -> "sps"'):
+        start("sps", "--resume", "--lr", "1e-3", "--group-size", "4")
+    assert (tmp_path / "r" / "config.json").read_text() == before  # a refused resume changes nothing
+    start("grpo", "--resume", "--lr", "1e-3", "--group-size", "4", "--steps", "7")
+    config = json.load(open(tmp_path / "r" / "config.json"))
+    assert config["steps"] == 7 and config["resumes"][0]["step"] == 3
+    assert config["resumes"][0]["changed"] == {"steps": [100, 7]}  # the original value is kept there
 
 
 def test_a_non_finite_update_is_skipped_counted_and_restored_on_resume(tiny_dir, tmp_path):
     base = ["--model", tiny_dir, "--save-every", "1", "--run-dir", tmp_path / "r", "--entropy-coef", "0.1"] + TINY
-    run(base + ["--steps", "1"])  # the entropy term gives every step a gradient
-    w1 = weights(tmp_path / "r")
-    run(base + ["--steps", "2", "--resume"], env={"EXPLORE_RLVR_FAULT": "inf-loss:2"})  # loss x inf on step 2
-    w2 = weights(tmp_path / "r")
-    run(base + ["--steps", "3", "--resume"])  # skipped_steps comes back from the checkpoint
-    w3, rows = weights(tmp_path / "r"), metrics(tmp_path / "r")
-    assert [r["skipped_steps"] for r in rows[1:]] == [0, 1, 1]
-    assert all(torch.equal(w1[k], w2[k]) for k in w1)  # step 2 was not applied
-    assert not any(torch.equal(w2[k], w3[k]) for k in w2)  # step 3 trained
-    assert not torch.isfinite(torch.tensor(rows[2]["grad_norm"])) and 0 < rows[3]["grad_norm"] < float("inf")
+    run(base + ["--steps", "1"], env={"EXPLORE_RLVR_FAULT": "inf-loss:1"})  # the loss x inf on step 1
+    w0, w1 = load_file(os.path.join(tiny_dir, "model.safetensors")), weights(tmp_path / "r")
+    run(base + ["--steps", "2", "--resume"])  # skipped_steps comes back from the checkpoint
+    w2, rows = weights(tmp_path / "r"), metrics(tmp_path / "r")
+    assert [r["skipped_steps"] for r in rows[1:]] == [1, 1]
+    assert all(torch.equal(w0[k], w1[k]) for k in w1)  # step 1 was not applied
+    assert not any(torch.equal(w1[k], w2[k]) for k in w1)  # step 2 trained (the entropy term gives a gradient)
+    assert not torch.isfinite(torch.tensor(rows[1]["grad_norm"])) and 0 < rows[2]["grad_norm"] < float("inf")
     assert json.load(open(tmp_path / "r" / "checkpoint" / "trainer_state.json")) == {
-        "step": 3, "skipped_steps": 1, "skip_streak": 0}
+        "step": 2, "skipped_steps": 1, "skip_streak": 0, "optimizer_state": True}
 
 
 def test_consecutive_non_finite_updates_stop_the_run(tiny_dir, tmp_path):
