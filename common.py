@@ -746,7 +746,12 @@ class BaseArgs:
     eval_temperature: float = field(default=0.6, metadata={"help": "eval sampling temperature (DeepSeek-R1 convention)"})
     eval_top_p: float = field(default=0.95, metadata={"help": "eval nucleus sampling"})
     save_every: int = field(default=50, metadata={"help": "checkpoint every N steps (and at the end); 0 = only at the end"})
-    resume: bool = field(default=False, metadata={"help": "continue from --run-dir's checkpoint with the same data order and sampling"})
+    resume: Optional[str] = field(default=None, metadata={"choices": ["yes", "auto"], "const": "yes", "help": (
+        "--resume: continue --run-dir's newest complete checkpoint with the same data order and sampling (error if "
+        "there is none) | --resume auto: the same, or start fresh when there is none (one command for every launch)")})
+    max_skipped_steps: int = field(default=5, metadata={"help": (
+        "stop with an error after this many updates in a row with a non-finite loss or gradient (each is skipped, "
+        "never applied, and counted in skipped_steps); 0 = never stop")})
     rollout_backend: str = field(default="auto", metadata={"choices": ["auto", "hf", "vllm"], "help": (
         "auto (vllm where installed and faster: CUDA, or CPU models >= 20M parameters) | hf: generate() on the "
         "training model | vllm: a colocated engine per rank")})
@@ -776,6 +781,7 @@ class BaseArgs:
         require(min(self.eval_every, self.save_every, self.warmup_steps, self.eval_problems) >= 0,
                 "--eval-every, --save-every, --warmup-steps, --eval-problems must be >= 0")
         require(self.max_grad_norm > 0, f"--max-grad-norm must be > 0 (got {self.max_grad_norm})")
+        require(self.max_skipped_steps >= 0, f"--max-skipped-steps must be >= 0 (got {self.max_skipped_steps})")
         require(self.rollout_backend in ("auto", "hf", "vllm"), f"--rollout-backend must be auto, hf or vllm (got {self.rollout_backend})")
         require(0 < self.vllm_gpu_memory < 1, f"--vllm-gpu-memory must be in (0, 1) (got {self.vllm_gpu_memory})")
         require(self.vllm_cpu_kv_gib > 0, f"--vllm-cpu-kv-gib must be > 0 (got {self.vllm_cpu_kv_gib})")
@@ -802,6 +808,9 @@ def parse_args(cls, argv=None):
         name = "--" + f.name.replace("_", "-")
         if kind is bool:
             parser.add_argument(name, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata.get("help", ""))
+        elif "const" in f.metadata:  # --resume alone means --resume yes
+            parser.add_argument(name, type=kind, nargs="?", const=f.metadata["const"], default=f.default,
+                                choices=f.metadata.get("choices"), help=f.metadata.get("help", ""))
         else:
             parser.add_argument(name, type=kind, default=f.default, choices=f.metadata.get("choices"), help=f.metadata.get("help", ""))
     ns = parser.parse_args(argv)
@@ -1426,26 +1435,113 @@ def print_summary(run_dir, rank, t_start=None):
     print(f"run directory: {run_dir}  (metrics.jsonl, samples.jsonl, checkpoint/)")
 
 
+# flags that change speed, memory, evaluation or logging, not what is trained: --resume accepts new values for them
+RESUME_MAY_CHANGE = {"steps", "run_dir", "resume", "save_every", "eval_every", "eval_samples", "eval_problems",
+                     "eval_datasets", "eval_temperature", "eval_top_p", "micro_batch_size", "logprob_chunk",
+                     "gradient_checkpointing", "rollout_backend", "vllm_gpu_memory", "vllm_cpu_kv_gib", "mismatch_tol",
+                     "max_skipped_steps", "report_to"}
+
+
 def start_run(args, script, rank):
-    """Create (or reopen with --resume) the run directory; write config.json; on rank 0, get the --report-to trackers
-    ready (log_jsonl's metrics.jsonl records go to them). Returns its path."""
+    """Create the run directory, or reopen it with --resume: the flags that define the experiment must match its
+    config.json, its newest complete checkpoint becomes checkpoint/ (recover_checkpoint), and --resume auto resolves
+    to "yes" (there is one) or None (start fresh, dropping the metric lines of a run that never checkpointed).
+    Writes config.json (allowed changes are appended to its "resumes" list); on rank 0, gets the --report-to trackers
+    ready (log_jsonl's metrics.jsonl records go to them). Returns the run directory."""
     if not args.run_dir:
         require(not args.resume, "--resume needs --run-dir: the run directory to continue")
         stamp = time.strftime("%Y%m%d-%H%M%S") if rank == 0 else None
         stamp = gather_objects(stamp)[0]
         args.run_dir = os.path.join("runs", f"{script}-{dataset_name(args.dataset)[0]}-s{args.seed}-{stamp}")
-    ckpt = os.path.join(args.run_dir, "checkpoint")
+    run_dir, config_path = args.run_dir, os.path.join(args.run_dir, "config.json")
+    config = json.loads(json.dumps({"script": script, **asdict(args)}))  # what config.json will hold (JSON types)
+    old = read_json(config_path) if args.resume else {}
+    changes = {k: (old[k], v) for k, v in config.items() if k in old and old[k] != v}  # fields added later: ignored
+    bad = [f"{k if k == 'script' else '--' + k.replace('_', '-')}: {json.dumps(a)} -> {json.dumps(b)}"
+           for k, (a, b) in changes.items() if k not in RESUME_MAY_CHANGE]
+    require(not bad, f"--resume: these flags differ from {config_path} and change the experiment: {', '.join(bad)}: "
+                     f"pass the original values, or start a new --run-dir")
+    step = recover_checkpoint(run_dir, rank) if args.resume else None
     if args.resume:
-        require(os.path.isdir(ckpt), f"--resume: no checkpoint in {args.run_dir}/checkpoint to continue from")
+        require(step is not None or args.resume == "auto", f"--resume: {run_dir} holds no complete checkpoint: pass "
+                f"--resume auto to start it from step 0, or check --run-dir")
+        if step is None and rank == 0:
+            print(f"--resume auto: no complete checkpoint in {run_dir}: starting from step 0")
+            truncate_metrics(run_dir, -1)
     else:
-        require(not os.path.exists(os.path.join(args.run_dir, "metrics.jsonl")),
-                f"{args.run_dir} already holds a run: pass --resume to continue it, or another --run-dir")
+        require(not os.path.exists(os.path.join(run_dir, "metrics.jsonl")),
+                f"{run_dir} already holds a run: pass --resume to continue it, or another --run-dir")
+    args.resume = "yes" if step is not None else None  # the scripts' `if args.resume:` loads the checkpoint
     if rank == 0:
-        os.makedirs(args.run_dir, exist_ok=True)
-        with open(os.path.join(args.run_dir, "config.json"), "w") as f:
-            json.dump({"script": script, **asdict(args)}, f, indent=2)
-        start_tracking(args.report_to, args.run_dir, {"script": script, **asdict(args)})
-    return args.run_dir
+        os.makedirs(run_dir, exist_ok=True)
+        config["resume"] = args.resume
+        if old:
+            record = {"step": step or 0, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+                      "changed": {k: list(v) for k, v in changes.items() if k != "resume"}}
+            config["resumes"] = old.get("resumes", []) + [record]
+        write_json_atomic(config_path, config)
+        start_tracking(args.report_to, run_dir, config)
+    barrier()
+    return run_dir
+
+
+def read_json(path):
+    """The JSON object in `path`, {} if there is no such file."""
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def _fsync(path):
+    """Flush a file or directory to disk (a file written by another rank too: fsync acts on the file, not the fd)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path, obj):
+    """Write a JSON file so that a kill at any moment leaves the old file or the new one, never half of one."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+    _fsync(os.path.dirname(os.path.abspath(path)))
+
+
+# ---------------------------------------------------------------- fault injection (test-only)
+FAULT_ENV = "EXPLORE_RLVR_FAULT"  # "STAGE:STEP" (rank 0), "STAGE:STEP@RANK", or "inf-loss:STEP[,STEP...]"
+
+
+def fault_point(stage, step):
+    """Test-only: SIGKILL this process here when $EXPLORE_RLVR_FAULT names this stage and step (1-based: the step
+    whose metric line this is); does nothing otherwise. Stages: rollout, update, metrics (mid-line, in log_jsonl),
+    and save_checkpoint's checkpoint-partial, tmp-written, before-rename-old, between-renames, after-rename.
+    tests/test_crash.py kills runs at each of them and checks that --resume loses nothing."""
+    spec, rank = os.environ.get(FAULT_ENV, ""), os.environ.get("RANK", "0")
+    if spec in (f"{stage}:{step}@{rank}", f"{stage}:{step}" if rank == "0" else None):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def loss_fault(step):
+    """Test-only: inf on the steps $EXPLORE_RLVR_FAULT="inf-loss:STEP[,STEP...]" names, else 1 (the scripts multiply
+    the loss by it, which makes the gradient non-finite)."""
+    kind, _, steps = os.environ.get(FAULT_ENV, "").partition(":")
+    return math.inf if kind == "inf-loss" and str(step) in steps.split(",") else 1.0
+
+
+def count_skip(grad_norm, skipped, streak, limit):
+    """(skipped, streak) after one update: a non-finite grad_norm (which a non-finite loss gives) adds one to both, the
+    caller does not apply that update; a finite one resets the streak. Stops the run when `limit`
+    (--max-skipped-steps; 0 = never) updates in a row were skipped."""
+    if math.isfinite(grad_norm):
+        return skipped, 0
+    require(not limit or streak + 1 < limit, f"{streak + 1} updates in a row had a non-finite loss or gradient (none "
+            f"was applied): lower --lr or --max-grad-norm, check the data, or raise --max-skipped-steps")
+    return skipped + 1, streak + 1
 
 
 def peak_memory_gib(device):
@@ -1461,8 +1557,14 @@ def peak_memory_gib(device):
 
 def log_jsonl(run_dir, name, record):
     """Append `record` to run_dir/name. A metrics.jsonl record also goes to the --report-to trackers (its numbers)."""
+    line = json.dumps(record) + "\n"
     with open(os.path.join(run_dir, name), "a") as f:
-        f.write(json.dumps(record) + "\n")
+        if name == "metrics.jsonl" and os.environ.get(FAULT_ENV):  # test-only: a kill mid-line leaves half a line
+            f.write(line[:len(line) // 2])
+            f.flush()
+            fault_point("metrics", record.get("step"))
+            line = line[len(line) // 2:]
+        f.write(line)
     if name == "metrics.jsonl" and _TRACKING.get("run_dir") == run_dir:
         track(record)
 
@@ -1525,18 +1627,35 @@ def close_tracking(failed=False):
 atexit.register(close_tracking)
 
 
-def save_checkpoint(run_dir, step, model, optimizer, tokenizer, rank):
+def _remove_checkpoint(path):
+    """Delete a checkpoint directory, its completion marker first: a kill midway leaves a partial one, never one that
+    looks complete with files missing."""
+    if os.path.exists(os.path.join(path, "trainer_state.json")):
+        os.remove(os.path.join(path, "trainer_state.json"))
+        _fsync(path)
+    shutil.rmtree(path)
+
+
+def save_checkpoint(run_dir, step, model, optimizer, tokenizer, rank, skipped=0, streak=0):
     """checkpoint/: Hugging Face weights (loadable by transformers and vLLM) + sharded optimizer state (torch DCP) +
-    step. Written to checkpoint.tmp, then renamed, so an interruption never leaves a half checkpoint."""
+    trainer_state.json (step, skipped_steps, skip_streak, ...). Written to checkpoint.tmp, every file fsynced, then
+    trainer_state.json LAST: a checkpoint is complete iff it has one. Then checkpoint -> checkpoint.old,
+    checkpoint.tmp -> checkpoint, checkpoint.old deleted: a kill at any moment leaves at least one complete checkpoint
+    with the newest step, which recover_checkpoint finds. All ranks write their DCP shards; rank 0 the rest."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
-    final, tmp = os.path.join(run_dir, "checkpoint"), os.path.join(run_dir, "checkpoint.tmp")
+    final, tmp, old = (os.path.join(run_dir, name) for name in ("checkpoint", "checkpoint.tmp", "checkpoint.old"))
     if rank == 0 and os.path.exists(tmp):
-        shutil.rmtree(tmp)
+        _remove_checkpoint(tmp)  # a partial one (after a resume, checkpoint/ is the newest complete one)
     barrier()
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    msd, osd = get_state_dict(model, optimizer)
-    dcp.save({"model": msd, "optim": osd}, checkpoint_id=os.path.join(tmp, "train_state"))
+    if optimizer.state:
+        msd, osd = get_state_dict(model, optimizer)
+        state = {"model": msd, "optim": osd}
+    else:  # every update so far was skipped: AdamW has no state, and get_state_dict would make one by a zero-lr step
+        state = {"model": get_model_state_dict(model)}  # (which shifts later bias corrections): the model only
+    dcp.save(state, checkpoint_id=os.path.join(tmp, "train_state"))  # returns when every rank has written
+    fault_point("checkpoint-partial", step)
     if rank == 0:
         from safetensors.torch import save_file
         seen, tied = set(), set()  # tied weights (Qwen2.5 <= 3B ties lm_head to the embeddings) are stored once, as
@@ -1548,33 +1667,105 @@ def save_checkpoint(run_dir, step, model, optimizer, tokenizer, rank):
         model.config.save_pretrained(tmp)
         model.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
-            json.dump({"step": step}, f)
+        for name in ("metrics.jsonl", "samples.jsonl"):  # the lines of the steps this checkpoint holds survive a reboot
+            _fsync(os.path.join(run_dir, name)) if os.path.exists(os.path.join(run_dir, name)) else None
+        for root, _, files in os.walk(tmp):
+            for name in files:
+                _fsync(os.path.join(root, name))
+            _fsync(root)
+        trainer = {"step": step, "skipped_steps": skipped, "skip_streak": streak, "optimizer_state": "optim" in state}
+        write_json_atomic(os.path.join(tmp, "trainer_state.json"), trainer)  # the completion marker, last
+        fault_point("tmp-written", step)
+        if os.path.exists(old):
+            _remove_checkpoint(old)  # left by an earlier kill, older than checkpoint.tmp
+        fault_point("before-rename-old", step)
         if os.path.exists(final):
-            os.replace(final, final + ".old")
+            os.replace(final, old)
+            _fsync(run_dir)
+        fault_point("between-renames", step)
         os.replace(tmp, final)
-        shutil.rmtree(final + ".old", ignore_errors=True)
+        _fsync(run_dir)
+        fault_point("after-rename", step)
+        if os.path.exists(old):
+            _remove_checkpoint(old)
     barrier()
 
 
+def _checkpoint_step(path):
+    """The step of the checkpoint in `path` if it is complete (has its trainer_state.json, written last), else None."""
+    try:
+        with open(os.path.join(path, "trainer_state.json")) as f:
+            return int(json.load(f)["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def recover_checkpoint(run_dir, rank):
+    """Step of the newest complete checkpoint among checkpoint/, checkpoint.tmp and checkpoint.old (a kill inside
+    save_checkpoint can leave any of them), or None. Rank 0 renames it to checkpoint/ and deletes the others, a partial
+    one with a one-line notice, so the next save_checkpoint starts from one checkpoint. Every rank calls it."""
+    step = None
+    if rank == 0:
+        paths = [os.path.join(run_dir, name) for name in ("checkpoint", "checkpoint.tmp", "checkpoint.old")]
+        steps = {p: _checkpoint_step(p) for p in paths if os.path.isdir(p)}
+        best = max((p for p in steps if steps[p] is not None), key=steps.get, default=None)  # ties: checkpoint/
+        for p in steps:
+            if steps[p] is None:
+                print(f"ignoring the partial checkpoint {p} (the run was killed while writing it)")
+        if best is not None and best != paths[0]:
+            print(f"resuming from {best} (step {steps[best]}): the run was killed while renaming it")
+            if os.path.exists(paths[0]):
+                _remove_checkpoint(paths[0])  # partial, or older than best
+            os.replace(best, paths[0])
+            _fsync(run_dir)
+        for p in paths[1:]:
+            if os.path.exists(p):
+                _remove_checkpoint(p)
+        step = steps[best] if best is not None else None
+    return gather_objects(step)[0]
+
+
 def load_checkpoint(run_dir, model, optimizer):
-    """Restore weights and optimizer from run_dir/checkpoint; returns the step it was saved at."""
+    """Restore weights and optimizer from run_dir/checkpoint; returns (step, skipped_steps, skip_streak) at its save."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict, set_model_state_dict,
+                                                         set_state_dict)
     ckpt = os.path.join(run_dir, "checkpoint")
-    msd, osd = get_state_dict(model, optimizer)
-    state = {"model": msd, "optim": osd}
-    dcp.load(state, checkpoint_id=os.path.join(ckpt, "train_state"))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    with open(os.path.join(ckpt, "trainer_state.json")) as f:
-        return json.load(f)["step"]
+    trainer = read_json(os.path.join(ckpt, "trainer_state.json"))
+    if trainer.get("optimizer_state", True):
+        msd, osd = get_state_dict(model, optimizer)
+        state = {"model": msd, "optim": osd}
+        dcp.load(state, checkpoint_id=os.path.join(ckpt, "train_state"))
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    else:  # saved before any update was applied: the optimizer stays as new
+        state = {"model": get_model_state_dict(model)}
+        dcp.load(state, checkpoint_id=os.path.join(ckpt, "train_state"))
+        set_model_state_dict(model, state["model"])
+    return trainer["step"], trainer.get("skipped_steps", 0), trainer.get("skip_streak", 0)
 
 
 def truncate_metrics(run_dir, after_step):
-    """On resume, drop metric lines of steps after the checkpoint (they are recomputed identically)."""
-    path = os.path.join(run_dir, "metrics.jsonl")
-    if os.path.exists(path):
+    """On resume, keep the lines of steps <= after_step of metrics.jsonl and samples.jsonl (the later ones are
+    recomputed identically) and drop a partial last line (a kill while appending it). Atomic: a new file, fsynced,
+    then renamed over the old one, so a kill here loses nothing."""
+    for name in ("metrics.jsonl", "samples.jsonl"):
+        path = os.path.join(run_dir, name)
+        if not os.path.exists(path):
+            continue
         with open(path) as f:
-            keep = [line for line in f if json.loads(line).get("step", 0) <= after_step]
-        with open(path, "w") as f:
-            f.writelines(keep)
+            lines = f.readlines()
+        try:
+            if lines:
+                json.loads(lines[-1])
+            partial = bool(lines) and not lines[-1].endswith("\n")
+        except ValueError:
+            partial = True
+        if partial:
+            print(f"{path}: dropping its partial last line (the run was killed while writing it)")
+            lines = lines[:-1]
+        with open(path + ".tmp", "w") as f:
+            f.writelines(line for line in lines if json.loads(line).get("step", 0) <= after_step)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(path + ".tmp", path)
+        _fsync(run_dir)

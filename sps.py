@@ -71,11 +71,12 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
-from common import (BaseArgs, aggregate_loss, all_sum, answer_key, autocast, compute_rewards, evaluate_all,
-                    format_prompt, gather_objects, generate, init_distributed, load_checkpoint, load_eval_sets,
-                    load_model, load_train_set, log_jsonl, main, peak_memory_gib, print_summary, require,
-                    rollout_batch, rollout_engine, rollout_logprobs, rollout_mismatch, sample_keys, save_checkpoint,
-                    shard_model, start_run, step_problems, token_logprobs, truncate_metrics, truncated_is_weight)
+from common import (BaseArgs, aggregate_loss, all_sum, answer_key, autocast, compute_rewards, count_skip, evaluate_all,
+                    fault_point, format_prompt, gather_objects, generate, init_distributed, load_checkpoint,
+                    load_eval_sets, load_model, load_train_set, log_jsonl, loss_fault, main, peak_memory_gib,
+                    print_summary, require, rollout_batch, rollout_engine, rollout_logprobs, rollout_mismatch,
+                    sample_keys, save_checkpoint, shard_model, start_run, step_problems, token_logprobs,
+                    truncate_metrics, truncated_is_weight)
 
 
 @dataclass
@@ -356,6 +357,20 @@ def upper_bounds(metrics, records, bounds, n):
     return {"sps/U1": bounds["U1"], "sps/U2": u2, "sps/U3": saturation([metrics[f"eval/pass@{k}"] for k in ks])}
 
 
+def bounds_from_metrics(run_dir, n):
+    """The U1/U2 state of upper_bounds as of the checkpoint, rebuilt from metrics.jsonl (which --resume has truncated to
+    the checkpoint's step; sps_bounds.json may hold evaluations that a killed run made after its last checkpoint)."""
+    bounds = {}
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        for r in map(json.loads, f):
+            if f"eval/pass@{n}" in r:
+                bounds.setdefault("U1", r[f"eval/pass@{n}"])
+            for name in [k[5:-7] for k in r if k.startswith("eval/") and k.endswith("/solved")]:
+                solved = bounds.setdefault("solved", {})
+                solved[name] = sorted(set(solved.get(name, [])) | set(r[f"eval/{name}/solved"]))
+    return bounds
+
+
 def train(args):
     rank, world, device = init_distributed()
     require(args.prompts_per_step % world == 0, f"--prompts-per-step ({args.prompts_per_step}) must divide by the number of processes ({world})")
@@ -370,14 +385,14 @@ def train(args):
         if args.irl_optimizer == "separate" else optimizer  # SPS: the IRL step's optimizer (precond: the RL AdamW's moments)
     train_set, eval_sets = load_train_set(args, tokenizer, model), load_eval_sets(args, tokenizer, model)
     engine = rollout_engine(args, model, tokenizer, rank)  # None: HF generate on the training model; else vLLM
-    start, history, skipped = 0, [], 0
+    start, history, skipped, streak = 0, [], 0, 0
     bounds_path, bounds, buffer = os.path.join(run_dir, "sps_bounds.json"), {}, []  # SPS: U1/U2 state; nll buffer
     probe = train_set[:args.probe_prompts]  # SPS: fixed probe prompts for the squeezing diagnostics
     if args.resume:
-        start = load_checkpoint(run_dir, model, optimizer)
+        start, skipped, streak = load_checkpoint(run_dir, model, optimizer)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (args.warmup_steps + 1)), last_epoch=start - 1)
         truncate_metrics(run_dir, start) if rank == 0 else None
-        bounds = json.load(open(bounds_path)) if os.path.exists(bounds_path) else {}
+        bounds = bounds_from_metrics(run_dir, args.eval_samples) if rank == 0 else {}  # SPS: only rank 0 logs them
         if args.irl_optimizer == "separate" and rank == 0:  # SPS: only the default precond step resumes exactly
             print("warning: --irl-optimizer separate: the IRL AdamW's moments are not in the checkpoint; they restart at zero", file=sys.stderr)
     else:
@@ -400,6 +415,7 @@ def train(args):
         samples = generate(model, tokenizer, [format_prompt(tokenizer, p) for p in group], keys,
                            args.max_new_tokens, args.temperature, args.top_p, engine=engine)
         t_rollout = time.time() - t0
+        fault_point("rollout", step + 1)  # test-only: SIGKILL here when $EXPLORE_RLVR_FAULT says so
         # 2. Rewards from the verifier.
         texts = tokenizer.batch_decode([s["completion_ids"] for s in samples], skip_special_tokens=True)
         rewards = torch.tensor(compute_rewards(group, texts), dtype=torch.float32, device=device)  # [N]
@@ -441,6 +457,7 @@ def train(args):
                     if args.entropy_coef > 0:
                         token_loss = token_loss - args.entropy_coef * ent
                     loss = aggregate_loss(token_loss, mask[m], args.loss_agg, n_tokens, n_seqs, args.max_new_tokens)
+                    loss = loss * loss_fault(step + 1)  # test-only: inf on the steps $EXPLORE_RLVR_FAULT names, else 1
                     loss.backward()
                     loss_sum += loss.item() / (args.ppo_epochs * world)
                     clip_sum += (clipped * mask[m]).sum().item()
@@ -450,8 +467,7 @@ def train(args):
                 grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
                 if math.isfinite(grad_norm):
                     optimizer.step()
-                else:
-                    skipped += 1  # a non-finite gradient is counted and never applied
+                skipped, streak = count_skip(grad_norm, skipped, streak, args.max_skipped_steps)  # non-finite: skipped
         if evaluating and probe:
             s1 = probe_scores(model, p0, args, device)[0]
         # 5b. SPS: the IRL step on the same rollouts, scores recomputed with the weights after the RL step.
@@ -464,7 +480,7 @@ def train(args):
                 for g in irl_optimizer.param_groups:
                     g["lr"] = scheduler.get_last_lr()[0] * args.irl_lr_scale  # eta_irl
                 if not math.isfinite(irl["sps/irl_grad_norm"]):
-                    skipped += 1
+                    skipped, streak = count_skip(irl["sps/irl_grad_norm"], skipped, streak, args.max_skipped_steps)
                 elif args.irl_optimizer == "precond":
                     preconditioned_step(optimizer, scheduler.get_last_lr()[0] * args.irl_lr_scale)
                 else:
@@ -474,6 +490,7 @@ def train(args):
         if args.irl_variant == "nll":  # earlier correct rollouts only: this step's join the buffer after its IRL step
             buffer = (buffer + [s for s, r in zip(samples, rewards.tolist()) if r > 0])[-args.irl_buffer:]
         scheduler.step()
+        fault_point("update", step + 1)
         t_train = time.time() - t0 - t_rollout - t_reward
         # 6. Metrics (summed over ranks), evaluation, checkpoint.
         lens = mask.sum(-1)
@@ -510,13 +527,13 @@ def train(args):
                 for name, recs in records.items():
                     log_jsonl(run_dir, "samples.jsonl", {"step": step + 1, "dataset": name, "problems": recs[:4]})
                 json.dump(bounds, open(bounds_path, "w"))
-        if (args.save_every and (step + 1) % args.save_every == 0) or step + 1 == args.steps:
-            save_checkpoint(run_dir, step + 1, model, optimizer, tokenizer, rank)
         record["time/step"] = time.time() - t0
         history.append(record)
         if rank == 0:
             log_jsonl(run_dir, "metrics.jsonl", record)
             bar.set_postfix(reward=f"{mean:.3f}", pass1=f"{next((h['eval/pass@1'] for h in reversed(history) if 'eval/pass@1' in h), 0):.3f}")
+        if (args.save_every and (step + 1) % args.save_every == 0) or step + 1 == args.steps:  # after the metric line
+            save_checkpoint(run_dir, step + 1, model, optimizer, tokenizer, rank, skipped, streak)
     print_summary(run_dir, rank)
 
 

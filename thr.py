@@ -48,11 +48,11 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
-from common import (BaseArgs, aggregate_loss, all_sum, autocast, compute_rewards, evaluate_all, format_prompt,
-                    generate, init_distributed, load_checkpoint, load_eval_sets, load_model, load_train_set,
-                    log_jsonl, main, peak_memory_gib, print_summary, require, rollout_batch, rollout_engine,
-                    rollout_logprobs, rollout_mismatch, sample_keys, save_checkpoint, shard_model, start_run,
-                    step_problems, token_logprobs, truncate_metrics, truncated_is_weight)
+from common import (BaseArgs, aggregate_loss, all_sum, autocast, compute_rewards, count_skip, evaluate_all,
+                    fault_point, format_prompt, generate, init_distributed, load_checkpoint, load_eval_sets,
+                    load_model, load_train_set, log_jsonl, loss_fault, main, peak_memory_gib, print_summary, require,
+                    rollout_batch, rollout_engine, rollout_logprobs, rollout_mismatch, sample_keys, save_checkpoint,
+                    shard_model, start_run, step_problems, token_logprobs, truncate_metrics, truncated_is_weight)
 
 
 @dataclass
@@ -194,9 +194,9 @@ def train(args):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (args.warmup_steps + 1)))
     train_set, eval_sets = load_train_set(args, tokenizer, model), load_eval_sets(args, tokenizer, model)
     engine = rollout_engine(args, model, tokenizer, rank)  # None: HF generate on the training model; else vLLM
-    start, history, skipped = 0, [], 0
+    start, history, skipped, streak = 0, [], 0, 0
     if args.resume:
-        start = load_checkpoint(run_dir, model, optimizer)
+        start, skipped, streak = load_checkpoint(run_dir, model, optimizer)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (args.warmup_steps + 1)), last_epoch=start - 1)
         truncate_metrics(run_dir, start) if rank == 0 else None
     else:
@@ -215,6 +215,7 @@ def train(args):
         samples = generate(model, tokenizer, [format_prompt(tokenizer, p) for p in group], keys,
                            args.max_new_tokens, args.temperature, args.top_p, engine=engine)
         t_rollout = time.time() - t0
+        fault_point("rollout", step + 1)  # test-only: SIGKILL here when $EXPLORE_RLVR_FAULT says so
         # 2. Rewards from the verifier.
         texts = tokenizer.batch_decode([s["completion_ids"] for s in samples], skip_special_tokens=True)
         rewards = torch.tensor(compute_rewards(group, texts), dtype=torch.float32, device=device)  # [N]
@@ -268,6 +269,7 @@ def train(args):
                     if args.entropy_coef > 0:
                         token_loss = token_loss - args.entropy_coef * ent
                     loss = aggregate_loss(token_loss, mask[m], args.loss_agg, n_tokens, n_seqs, args.max_new_tokens)
+                    loss = loss * loss_fault(step + 1)  # test-only: inf on the steps $EXPLORE_RLVR_FAULT names, else 1
                     loss.backward()
                     loss_sum += loss.item() / (args.ppo_epochs * world)
                     clip_sum += (clipped * mask[m]).sum().item()
@@ -275,9 +277,9 @@ def train(args):
                 grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
                 if math.isfinite(grad_norm):
                     optimizer.step()
-                else:
-                    skipped += 1  # a non-finite gradient is counted and never applied
+                skipped, streak = count_skip(grad_norm, skipped, streak, args.max_skipped_steps)  # non-finite: skipped
         scheduler.step()
+        fault_point("update", step + 1)
         t_train = time.time() - t0 - t_rollout - t_reward
         # 6. Metrics (summed over ranks), evaluation, checkpoint.
         lens = mask.sum(-1)
@@ -310,13 +312,13 @@ def train(args):
             if rank == 0:
                 for name, recs in records.items():
                     log_jsonl(run_dir, "samples.jsonl", {"step": step + 1, "dataset": name, "problems": recs[:4]})
-        if (args.save_every and (step + 1) % args.save_every == 0) or step + 1 == args.steps:
-            save_checkpoint(run_dir, step + 1, model, optimizer, tokenizer, rank)
         record["time/step"] = time.time() - t0
         history.append(record)
         if rank == 0:
             log_jsonl(run_dir, "metrics.jsonl", record)
             bar.set_postfix(reward=f"{mean:.3f}", pass1=f"{next((h['eval/pass@1'] for h in reversed(history) if 'eval/pass@1' in h), 0):.3f}")
+        if (args.save_every and (step + 1) % args.save_every == 0) or step + 1 == args.steps:  # after the metric line
+            save_checkpoint(run_dir, step + 1, model, optimizer, tokenizer, rank, skipped, streak)
     print_summary(run_dir, rank)
 
 
