@@ -232,6 +232,20 @@ def test_is_weights_are_one_on_cpu_and_move_and_cap_for_a_perturbed_engine(engin
         model.zero_grad(set_to_none=True)
 
 
+@pytest.mark.gpu
+@pytest.mark.vllm
+def test_gpu_engine_is_bf16_sleeps_between_rollouts_and_keeps_parity(engine_setup):
+    """CUDA only (the other engine tests run there too, at bf16 tolerance): sleep mode is used where the platform has
+    it, the engine wakes for each rollout, and bf16 log-probs stay within the mismatch tolerance of the trainer's."""
+    model, tok, engine = engine_setup
+    assert engine["dtype"] == torch.bfloat16 and engine["sleep"]
+    _, prompts, keys = prompts_and_keys(tok)
+    samples = generate(model, tok, prompts, keys, 16, 1.0, 1.0, engine=engine)
+    logp, mask = trainer_logprobs(model, tok, samples)
+    diff = rollout_mismatch(logp, rollout_logprobs(samples, mask), mask, 2.0, 0.05, model.device)
+    assert diff["rollout/logprob_diff"] < 0.05
+
+
 # ---------------------------------------------------------------------------- grpo.py with the engine
 @pytest.mark.vllm
 def test_vllm_run_end_to_end_logs_the_mismatch_every_step(tiny_dir, tmp_path):
