@@ -69,7 +69,7 @@ def model_dir(shape, root):
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from common import countdown_problems, train_tiny_tokenizer
+    from tasks import countdown_problems, train_tiny_tokenizer
     path = os.path.join(root, f"qwen2.5-{shape}-shaped-random")
     if os.path.exists(os.path.join(path, "config.json")):
         return path
