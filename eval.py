@@ -185,7 +185,8 @@ def compare(args):
     kmax = min(max(int(k[10:]) for k in final_eval(rows) if k.startswith("eval/pass@")) for rows in all_runs)
     k8 = max(k for k in ks_up_to(kmax) if k <= 8)
     u1 = float(np.mean([rows[0][f"eval/pass@{kmax}"] for rows in all_runs if rows[0]["step"] == 0 and f"eval/pass@{kmax}" in rows[0]] or [np.nan]))
-    union, sizes = {}, {}  # (seed, dataset) -> indices of eval problems solved by any evaluation of any run; their number
+    # (seed, dataset) -> indices of eval problems solved by any evaluation of any run; their number
+    union, sizes = {}, {}
     for path in args.runs:
         seed = read_json(os.path.join(path, "config.json")).get("seed", 0)  # seeds hold different held-out problems
         for r in load_run(path) or []:
