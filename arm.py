@@ -1,4 +1,5 @@
-"""ARM / ProGRPO: GRPO whose advantages are shifted by how much more confident the model is in an answer than in the prompt.
+"""ARM / ProGRPO: GRPO whose advantages are shifted by how much more confident the model is in an answer than in the
+prompt.
 
 Paper: Li, Goncharova, Kuznetsov, Oseledets, "Back to Basics: Revisiting Exploration in Reinforcement Learning for LLM
 Reasoning via Generative Probabilities" (arXiv:2602.05281). Only the abstract and secondary reviews were available
@@ -63,7 +64,7 @@ from common import answer_key  # arm_metrics
 class Args(BaseArgs):
     clip_low: float = field(default=0.2, metadata={"help": "PPO clip eps_low: ratio floor 1 - eps_low"})
     clip_high: float = field(default=0.28, metadata={
-        "help": ("PPO clip eps_high: ratio ceiling 1 + eps_high (clip-higher 0.28, as the spec's ProGRPO setup; "
+        "help": ("PPO clip eps_high: ratio ceiling 1 + eps_high (clip-higher 0.28, as in ProGRPO's setup; "
                  "GRPO default 0.2)")})
     loss_agg: str = field(default="token-mean", metadata={
         "choices": ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"],
@@ -96,7 +97,8 @@ class Args(BaseArgs):
         require(self.clip_low >= 0 and self.clip_high >= 0, "--clip-low and --clip-high must be >= 0")
         require(self.kl_coef >= 0 and self.entropy_coef >= 0, "--kl-coef and --entropy-coef must be >= 0")
         require(self.ppo_epochs >= 1 and self.mini_batches >= 1, "--ppo-epochs and --mini-batches must be >= 1")
-        require(self.alpha >= 0 and math.isfinite(self.alpha), f"--alpha must be a finite number >= 0 (got {self.alpha})")
+        require(self.alpha >= 0 and math.isfinite(self.alpha),
+                f"--alpha must be a finite number >= 0 (got {self.alpha})")
         require(0 < self.rho <= 1, f"--rho must be in (0, 1] (got {self.rho})")
         require(self.delta > 0 and math.isfinite(self.delta), f"--delta must be a finite number > 0 (got {self.delta})")
 
@@ -139,7 +141,8 @@ def low_probability_tokens(logp, mask, rho):
     L = mask.sum(-1)  # [N]
     K = torch.ceil(rho * L.double() - 1e-9).clamp(min=1).minimum(L)  # [N]; - 1e-9: 0.2 * 15 = 3.0000000000000004
     order = torch.where(mask.bool(), logp, torch.inf).argsort(dim=-1, stable=True)  # [N, T] ascending, padding last
-    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(logp.shape[-1], device=logp.device).expand_as(order))
+    rank = torch.empty_like(order).scatter_(-1, order,
+                                            torch.arange(logp.shape[-1], device=logp.device).expand_as(order))
     return rank < K[:, None], K
 
 
@@ -182,9 +185,11 @@ def arm_advantages(advantages, correct, c_prompt, c_answer, group_size, alpha, s
     return torch.where(shifted, advantages + shift, advantages), shifted
 
 
-def arm_metrics(advantages, grpo_advantages, shifted, correct, c_prompt, c_answer, prompt_mask, group, texts, group_size,
+def arm_metrics(advantages, grpo_advantages, shifted, correct, c_prompt, c_answer, prompt_mask, group, texts,
+                group_size,
                 device):
-    """The arm/ diagnostics of one step over all ranks. shift = A~ - A = alpha (c(q) - c(o|q)) over the shifted responses;
+    """The arm/ diagnostics of one step over all ranks. shift = A~ - A = alpha (c(q) - c(o|q)) over the shifted
+    responses;
     weight = A~ / A over the correct responses of mixed groups (the factor ARM puts on GRPO's push-up; A = 0 in
     all-correct groups); corr_conf_* = Pearson correlation of c(o|q) with the shift / the weight over the same sets;
     distinct_correct = distinct correct answers per group (0 for a group with none)."""
@@ -196,9 +201,11 @@ def arm_metrics(advantages, grpo_advantages, shifted, correct, c_prompt, c_answe
                 for g in range(0, len(group), group_size)]
     sums = {"n": len(c_answer), "c_prompt": c_prompt.sum(), "c_answer": c_answer.sum(), "n_correct": correct.sum(),
             "correct_negative": (correct & (advantages < 0)).sum(), "distinct": sum(distinct), "groups": len(distinct),
-            "prompt_tokens": prompt_mask.sum(), "n_shift": len(shift), "shift": shift.sum(), "shift_abs": shift.abs().sum(),
+            "prompt_tokens": prompt_mask.sum(), "n_shift": len(shift), "shift": shift.sum(),
+            "shift_abs": shift.abs().sum(),
             "shift2": (shift * shift).sum(), "x": x.sum(), "x2": (x * x).sum(), "x_shift": (x * shift).sum(),
-            "n_w": len(weight), "w": weight.sum(), "w2": (weight * weight).sum(), "xw": xw.sum(), "xw2": (xw * xw).sum(),
+            "n_w": len(weight), "w": weight.sum(), "w2": (weight * weight).sum(), "xw": xw.sum(),
+            "xw2": (xw * xw).sum(),
             "xw_w": (xw * weight).sum()}
     s = all_sum_dict({k: float(v) for k, v in sums.items()}, device)
     top = lambda v: v.max().item() if len(v) else -math.inf  # noqa: E731
@@ -212,7 +219,8 @@ def arm_metrics(advantages, grpo_advantages, shifted, correct, c_prompt, c_answe
     return {"arm/c_prompt_mean": s["c_prompt"] / s["n"], "arm/c_answer_mean": s["c_answer"] / s["n"],
             "arm/frac_shifted": s["n_shift"] / s["n"], "arm/shift_mean": s["shift"] / max(s["n_shift"], 1),
             "arm/shift_abs_mean": s["shift_abs"] / max(s["n_shift"], 1), "arm/shift_min": -finite(shift_min),
-            "arm/shift_max": finite(shift_max), "arm/frac_correct_negative": s["correct_negative"] / max(s["n_correct"], 1),
+            "arm/shift_max": finite(shift_max), "arm/frac_correct_negative": s["correct_negative"] / max(s["n_correct"],
+                                                                                                         1),
             "arm/weight_mean": s["w"] / s["n_w"] if s["n_w"] else 1.0, "arm/weight_min": -finite(w_min),
             "arm/weight_max": finite(w_max),
             "arm/corr_conf_shift": pearson(s["n_shift"], s["x"], s["shift"], s["x2"], s["shift2"], s["x_shift"]),

@@ -198,7 +198,9 @@ class BaseArgs:
     """Flags every script shares. Defaults run the built-in CPU demo; help strings give the paper-scale value."""
     model: str = field(default="tiny", metadata={
         "help": "hub id, local HF directory, or 'tiny' (built-in Qwen2 model, built and cached on first use)"})
-    dataset: str = field(default="countdown", metadata={"help": "countdown, a preset (" + ", ".join(DATASET_PRESETS) + "), a hub id, a local .jsonl/.json/.parquet or folder, NAME=PATH, or PRESET=PATH (a local copy of a preset)"})
+    dataset: str = field(default="countdown", metadata={"help": (
+        "countdown, a preset (" + ", ".join(DATASET_PRESETS) + "), a hub id, a local .jsonl/.json/.parquet or folder, "
+        "NAME=PATH, or PRESET=PATH (a local copy of a preset)")})
     eval_datasets: str = field(default="countdown", metadata={
         "help": ("comma-separated datasets for held-out evaluation, as --dataset; metric keys use the name (a "
                  "file's stem unless NAME=PATH) (real runs: math500,aime24,amc23,minerva,olympiad)")})
@@ -273,7 +275,8 @@ class BaseArgs:
             require("choices" not in f.metadata or value in f.metadata["choices"] or value is None is f.default,
                     f"--{f.name.replace('_', '-')} must be one of {', '.join(f.metadata.get('choices', []))} "
                     f"(got {value})")
-        require(self.group_size >= 2, f"--group-size must be >= 2 for group-relative advantages (got {self.group_size})")
+        require(self.group_size >= 2,
+                f"--group-size must be >= 2 for group-relative advantages (got {self.group_size})")
         require(self.prompts_per_step >= 1, f"--prompts-per-step must be >= 1 (got {self.prompts_per_step})")
         require(self.max_new_tokens >= 1, f"--max-new-tokens must be >= 1 (got {self.max_new_tokens})")
         require(self.lr > 0 and math.isfinite(self.lr), f"--lr must be a positive number (got {self.lr})")
@@ -282,7 +285,8 @@ class BaseArgs:
         require(0 < self.top_p <= 1 and 0 < self.eval_top_p <= 1, "--top-p and --eval-top-p must be in (0, 1]")
         require(self.eval_temperature >= 0, f"--eval-temperature must be >= 0 (got {self.eval_temperature})")
         require(self.eval_samples >= 1, f"--eval-samples must be >= 1 (got {self.eval_samples})")
-        require(self.micro_batch_size >= 1 and self.logprob_chunk >= 1, "--micro-batch-size and --logprob-chunk must be >= 1")
+        require(self.micro_batch_size >= 1 and self.logprob_chunk >= 1,
+                "--micro-batch-size and --logprob-chunk must be >= 1")
         require(min(self.eval_every, self.save_every, self.warmup_steps, self.eval_problems) >= 0,
                 "--eval-every, --save-every, --warmup-steps, --eval-problems must be >= 0")
         require(self.max_grad_norm > 0, f"--max-grad-norm must be > 0 (got {self.max_grad_norm})")
@@ -297,20 +301,24 @@ class BaseArgs:
 
 
 def parse_args(cls, argv=None):
-    """dataclass -> argparse: `--flag-name VALUE` for each field, `--flag/--no-flag` for booleans, defaults in --help."""
+    """dataclass -> argparse: `--flag-name VALUE` for each field, `--flag/--no-flag` for booleans, defaults in
+    --help."""
     parser = argparse.ArgumentParser(description=(sys.modules["__main__"].__doc__ or "").split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in fields(cls):
-        kind = {"Optional[str]": str, "Optional[int]": int, "Optional[float]": float}.get(str(f.type).replace("typing.", ""), f.type)
+        kind = {"Optional[str]": str, "Optional[int]": int,
+                "Optional[float]": float}.get(str(f.type).replace("typing.", ""), f.type)
         kind = {"int": int, "float": float, "str": str, "bool": bool}.get(kind, kind) if isinstance(kind, str) else kind
         name = "--" + f.name.replace("_", "-")
         if kind is bool:
-            parser.add_argument(name, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata.get("help", ""))
+            parser.add_argument(name, action=argparse.BooleanOptionalAction, default=f.default,
+                                help=f.metadata.get("help", ""))
         elif "const" in f.metadata:  # --resume alone means --resume yes
             parser.add_argument(name, type=kind, nargs="?", const=f.metadata["const"], default=f.default,
                                 choices=f.metadata.get("choices"), help=f.metadata.get("help", ""))
         else:
-            parser.add_argument(name, type=kind, default=f.default, choices=f.metadata.get("choices"), help=f.metadata.get("help", ""))
+            parser.add_argument(name, type=kind, default=f.default, choices=f.metadata.get("choices"),
+                                help=f.metadata.get("help", ""))
     ns = parser.parse_args(argv)
     try:
         return cls(**vars(ns))
@@ -390,13 +398,15 @@ def load_model(name, device, rank=0, dtype=torch.float32):
         barrier()
         name = tiny_model_dir("default")
     elif not os.path.isdir(name) and not re.fullmatch(r"[\w.-]+/[\w.-]+", name):
-        raise UserError(f"unknown model '{name}': pass 'tiny', a local Hugging Face model directory, or a hub id like Qwen/Qwen2.5-Math-1.5B")
+        raise UserError(f"unknown model '{name}': pass 'tiny', a local Hugging Face model directory, or a hub id like "
+                        "Qwen/Qwen2.5-Math-1.5B")
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, padding_side="left")
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
     except OSError as e:
-        raise UserError(f"could not load model '{name}' ({str(e).splitlines()[0][:150]}): without internet, download it elsewhere "
-                        f"(`huggingface-cli download {name}`) and pass the local directory") from None
+        first = str(e).splitlines()[0][:150]
+        raise UserError(f"could not load model '{name}' ({first}): without internet, download it "
+                        f"elsewhere (`huggingface-cli download {name}`) and pass the local directory") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.to(device), tokenizer
@@ -415,7 +425,8 @@ def shard_model(model, world, device, gradient_checkpointing="auto"):
         return model
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mesh = init_device_mesh(device.type, (world,))
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" else MixedPrecisionPolicy()
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16,
+                              reduce_dtype=torch.float32) if device.type == "cuda" else MixedPrecisionPolicy()
     for layer in model.model.layers:
         fully_shard(layer, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)
@@ -476,7 +487,8 @@ def eos_ids(model, tokenizer):
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts, keys, max_new_tokens, temperature=1.0, top_p=1.0, batch_size=256, engine=None, push=True):
+def generate(model, tokenizer, prompts, keys, max_new_tokens, temperature=1.0, top_p=1.0, batch_size=256, engine=None,
+             push=True):
     """Sample one completion per prompt string. keys: [N] int64 from sample_keys; temperature 0 = greedy.
     Returns a list of dicts {prompt_ids, completion_ids (incl. EOS if it stopped), finished}.
     engine: None = HF generate on the training model (counter-based sampling); else the colocated vLLM engine of
@@ -490,7 +502,8 @@ def generate(model, tokenizer, prompts, keys, max_new_tokens, temperature=1.0, t
     was_training = model.training
     model.eval()
     for i in range(0, len(prompts), batch_size):
-        enc = tokenizer(prompts[i:i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+        enc = tokenizer(prompts[i:i + batch_size], return_tensors="pt", padding=True,
+                        add_special_tokens=False).to(model.device)
         P = enc.input_ids.shape[1]
         proc = sampling_processor(keys[i:i + batch_size], P, temperature, top_p)
         shared = shared_prefix_forward(model, enc.input_ids, enc.attention_mask, P - 1)  # each prompt once, not G times
@@ -623,7 +636,8 @@ def vllm_generate(engine, model, tokenizer, prompts, keys, max_new_tokens, tempe
         push_weights(engine, model)
         engine["metrics"]["time/sync"] = time.time() - t0  # the weight push (part of time/rollout)
     enc = [tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
-    params = [SamplingParams(n=1, temperature=temperature, top_p=top_p if temperature > 0 else 1.0, max_tokens=max_new_tokens,
+    params = [SamplingParams(n=1, temperature=temperature, top_p=top_p if temperature > 0 else 1.0,
+                             max_tokens=max_new_tokens,
                              seed=int(k), stop_token_ids=eos_ids(model, tokenizer), detokenize=False, logprobs=0)
               for k in keys.tolist()]
     outputs = llm.generate([{"prompt_token_ids": ids} for ids in enc], params, use_tqdm=False)
@@ -717,7 +731,8 @@ def shared_prefix_forward(model, input_ids, attention_mask, split):
                             else "is_gradient_checkpointing")  # the old name is deprecated in transformers 5
     if not 0 < split < input_ids.shape[1] or (model.training and checkpointing):
         return None
-    prefixes, inv = torch.unique(torch.cat([input_ids[:, :split], attention_mask[:, :split]], 1), dim=0, return_inverse=True)
+    prefixes, inv = torch.unique(torch.cat([input_ids[:, :split], attention_mask[:, :split]], 1), dim=0,
+                                 return_inverse=True)
     if len(prefixes) == len(input_ids) and world_size() == 1:  # under FSDP every rank runs the same forwards
         return None
     cache = DynamicCache(config=model.config)
@@ -747,7 +762,8 @@ def _logprob_entropy_no_logits(h, weight, targets):
     return _logprob_entropy(h, weight, targets)[:2]
 
 
-def token_logprobs(model, input_ids, attention_mask, start, chunk=1024, return_hidden=False, row_fn=None, prompt_len=None):
+def token_logprobs(model, input_ids, attention_mask, start, chunk=1024, return_hidden=False, row_fn=None,
+                   prompt_len=None):
     """log pi(x_t | x_<t) and the entropy of pi(. | x_<t) for positions t >= start: ([N, L-start], [N, L-start]),
     plus the LM-head inputs h_t [N, L-start, d] if asked, plus row_fn(logits [n, V], targets [n]) -> [n] gathered to
     [N, L-start] if given (a method's own per-token statistic of the full distribution, computed while the chunk's
@@ -789,7 +805,8 @@ def token_logprobs(model, input_ids, attention_mask, start, chunk=1024, return_h
         out = torch.zeros(targets.numel(), device=input_ids.device, dtype=parts[0].dtype if parts else dtype)
         return (out.index_put((rows,), torch.cat(parts)) if parts else out).view_as(targets)
     logp, entropy = scatter(logp_parts), scatter(ent_parts)
-    return (logp, entropy) + ((hidden,) if return_hidden else ()) + ((scatter(extra_parts),) if row_fn is not None else ())
+    extra = ((hidden,) if return_hidden else ()) + ((scatter(extra_parts),) if row_fn is not None else ())
+    return (logp, entropy) + extra
 
 
 # ============================================================================ loss aggregation
@@ -838,9 +855,12 @@ def evaluate(model, tokenizer, problems, n, temperature, top_p, max_new_tokens, 
     idx = list(range(rank, -(-len(problems) // world) * world, world))  # padded so every rank runs the same forwards
     local = [problems[i % len(problems)] for i in idx]
     prompts = [format_prompt(tokenizer, p) for p in local]
-    keys = torch.stack([sample_keys(seed, 1 << 30, i, j) for i in idx for j in range(n)]) if idx else torch.zeros(0, dtype=torch.long)
-    samples = generate(model, tokenizer, [p for p in prompts for _ in range(n)], keys, max_new_tokens, temperature, top_p, engine=engine)
-    greedy = generate(model, tokenizer, prompts, torch.zeros(len(prompts), dtype=torch.long), max_new_tokens, 0.0, engine=engine, push=False)
+    keys = torch.stack([sample_keys(seed, 1 << 30, i, j) for i in idx for j in range(n)]) if idx else \
+        torch.zeros(0, dtype=torch.long)
+    samples = generate(model, tokenizer, [p for p in prompts for _ in range(n)], keys, max_new_tokens, temperature,
+                       top_p, engine=engine)
+    greedy = generate(model, tokenizer, prompts, torch.zeros(len(prompts), dtype=torch.long), max_new_tokens, 0.0,
+                      engine=engine, push=False)
     texts = tokenizer.batch_decode([s["completion_ids"] for s in samples], skip_special_tokens=True)
     rewards = compute_rewards([p for p in local for _ in range(n)], texts)
     greedy_texts = tokenizer.batch_decode([s["completion_ids"] for s in greedy], skip_special_tokens=True)
@@ -876,7 +896,8 @@ def evaluate_all(model, tokenizer, eval_sets, args, device, engine=None):
     `eval/<name>/solved`: the indices of the problems with at least one correct sample (and `eval/<name>/problems`)."""
     out, records = {}, {}
     for name, problems in eval_sets.items():
-        m, records[name] = evaluate(model, tokenizer, problems, args.eval_samples, args.eval_temperature, args.eval_top_p,
+        m, records[name] = evaluate(model, tokenizer, problems, args.eval_samples, args.eval_temperature,
+                                    args.eval_top_p,
                                     args.max_new_tokens, args.seed, device, args.logprob_chunk, engine)
         out.update({f"eval/{name}/{k}": v for k, v in m.items()})
         out[f"eval/{name}/problems"] = len(records[name])  # with `solved`, union coverage over runs (eval.py's U2)
@@ -903,7 +924,8 @@ def clip_grad_norm(model, max_norm):
 
 
 def due(every, step, steps):
-    """Is it time to evaluate or save after `step` (1-based) of `steps`? Every `every` steps (0: never) and at the end."""
+    """Is it time to evaluate or save after `step` (1-based) of `steps`? Every `every` steps (0: never) and at the
+    end."""
     return bool(every and step % every == 0) or step == steps
 
 
@@ -950,28 +972,32 @@ def step_problems(problems, step, n, seed):
 def fit_prompts(problems, tokenizer, model, args, name):
     """Drop problems whose prompt exceeds --max-prompt-tokens (and say how many); fail if prompt + completion cannot fit
     the model's context."""
-    lengths = [len(x) for x in tokenizer([format_prompt(tokenizer, p) for p in problems], add_special_tokens=False).input_ids]
+    lengths = [len(x) for x in tokenizer([format_prompt(tokenizer, p) for p in problems],
+                                         add_special_tokens=False).input_ids]
     keep = [p for p, n in zip(problems, lengths) if n <= args.max_prompt_tokens]
     if len(keep) < len(problems):
-        print(f"{name}: dropped {len(problems) - len(keep)} of {len(problems)} problems longer than --max-prompt-tokens {args.max_prompt_tokens}")
+        print(f"{name}: dropped {len(problems) - len(keep)} of {len(problems)} problems longer than "
+              f"--max-prompt-tokens {args.max_prompt_tokens}")
     require(keep, f"{name}: every prompt is longer than --max-prompt-tokens {args.max_prompt_tokens}: raise it")
     context = getattr(model.config, "max_position_embeddings", None)
     longest = max(n for n in lengths if n <= args.max_prompt_tokens)
     require(context is None or longest + args.max_new_tokens <= context,
-            f"{name}: a prompt of {longest} tokens + --max-new-tokens {args.max_new_tokens} exceeds the model's context of "
-            f"{context} tokens: lower --max-new-tokens or --max-prompt-tokens")
+            f"{name}: a prompt of {longest} tokens + --max-new-tokens {args.max_new_tokens} exceeds the model's "
+            f"context of {context} tokens: lower --max-new-tokens or --max-prompt-tokens")
     return keep
 
 
 def load_train_set(args, tokenizer, model):
-    problems = load_problems(args.dataset, split="train", prompt_field=args.prompt_field, answer_field=args.answer_field,
+    problems = load_problems(args.dataset, split="train", prompt_field=args.prompt_field,
+                             answer_field=args.answer_field,
                              n=args.train_size if args.dataset == "countdown" else None, seed=args.seed)
     return fit_prompts(problems, tokenizer, model, args, dataset_name(args.dataset)[0])
 
 
 def load_eval_sets(args, tokenizer, model):
     """{name: held-out problems} for --eval-datasets (the first --eval-problems of each, in a seeded order)."""
-    return {name: fit_prompts(load_problems(spec, split="eval", prompt_field=args.prompt_field, answer_field=args.answer_field,
+    return {name: fit_prompts(load_problems(spec, split="eval", prompt_field=args.prompt_field,
+                                            answer_field=args.answer_field,
                                             n=args.eval_problems or None, seed=args.seed), tokenizer, model, args, name)
             for name, spec in dataset_names(args.eval_datasets).items()}
 

@@ -13,7 +13,8 @@ policy-gradient term is replaced by a KL pull toward that proxy, which raises th
             if pi_old(o_t) >= tau_t else 0                                                             (Eq. 5)
     S = {valid t: A_t < 0};  k = int(|S| rho);  B = the k tokens of S with the smallest log pi_theta(o_t), if k > 1
     selected_t = [t in B and log pi_theta(o_t) < log pi_proxy(o_t)]                                    (Eq. 6 indicator)
-    L_t = -A_t r_t + beta * clamp(exp(d_t) - d_t - 1, -10, 10),  d_t = log pi_proxy(o_t) - log pi_theta(o_t)  if selected
+    L_t = -A_t r_t + beta * clamp(exp(d_t) - d_t - 1, -10, 10),  d_t = log pi_proxy(o_t) - log pi_theta(o_t)  if
+    selected
     L_t = max(-A_t r_t, -A_t clamp(r_t, 1 - clip_low, 1 + clip_high))                        otherwise (Eq. 6 objective)
     loss = token-mean of L_t over all valid tokens (the denominator does not change)
 
@@ -184,7 +185,8 @@ def lp_reg_loss(logp, old_logp, advantages, proxy_logp, bottom, clip_low, clip_h
 
 def lp_reg_sets(advantages, mask, rho, rho_pos):
     """The token sets Lp-Reg ranks separately, each with its fraction: A < 0 (rho), and A > 0 (rho_pos) when asked.
-    A = 0 tokens are never regularised. advantages: [n, 1] or [n, T]; mask: [n, T] -> [(candidates [n, T] bool, rho)]."""
+    A = 0 tokens are never regularised. advantages: [n, 1] or [n, T]; mask: [n, T] -> [(candidates [n, T] bool,
+    rho)]."""
     valid = mask.bool()
     return [(valid & (advantages < 0), rho)] + ([(valid & (advantages > 0), rho_pos)] if rho_pos > 0 else [])
 

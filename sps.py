@@ -2,7 +2,7 @@
 
 Paper: Huo et al., "SPS: Steering Probability Squeezing for Better Exploration in Reinforcement Learning for Large
 Language Models", arXiv:2604.16995 (Findings of ACL 2026). Only the abstract was available to us and no code has been
-released: everything below the idea is a principled RECONSTRUCTION (spec: specs/sps.md), not the authors' method.
+released: everything below the idea is a principled RECONSTRUCTION, not the authors' method.
 
 Idea: on-policy RL is winner-take-all among correct solutions -- the more probable of two equally correct trajectories
 gains logit faster (E[dz_tau] = eta pi(tau) (r(tau) - b)), so pass@1 rises while pass@k falls ("probability squeezing").
@@ -23,8 +23,9 @@ gradient is dz_i ~ q_i - p_i: the dominant correct rollout is pushed down to a u
                 AdamW's second moment, so the IRL step is measured in the RL step's units; see preconditioned_step)
 
 Choices (all reconstructed or UNCONFIRMED; default first, each a flag):
-    sign              minimise KL(q || p)  | --irl-sign literal: the paper's printed "minimise -KL" (a sign slip; ablation)
-    support of p      the demonstrations   | --irl-support group: all G rollouts (the spec's first reconstruction). Over
+    sign              minimise KL(q || p)  | --irl-sign literal: the paper's printed "minimise -KL" (a sign
+                                             slip; ablation)
+    support of p      the demonstrations   | --irl-support group: all G rollouts (our first reconstruction). Over
                                              the group, q = 0 on wrong rollouts puts the minimum at their score = -inf:
                                              the gradient lowers their log-likelihood at every step (an unlikelihood
                                              term on top of the RL step). Over the demonstrations it only evens out the
@@ -150,12 +151,15 @@ class Args(BaseArgs):
         require(self.kl_coef >= 0 and self.entropy_coef >= 0, "--kl-coef and --entropy-coef must be >= 0")
         require(self.ppo_epochs >= 1 and self.mini_batches >= 1, "--ppo-epochs and --mini-batches must be >= 1")
         require(self.irl_every >= 0, f"--irl-every must be >= 0 (got {self.irl_every})")
-        require(self.irl_coef >= 0 and math.isfinite(self.irl_coef), f"--irl-coef must be a number >= 0 (got {self.irl_coef})")
-        require(self.irl_lr_scale > 0 and math.isfinite(self.irl_lr_scale), f"--irl-lr-scale must be > 0 (got {self.irl_lr_scale})")
+        require(self.irl_coef >= 0 and math.isfinite(self.irl_coef),
+                f"--irl-coef must be a number >= 0 (got {self.irl_coef})")
+        require(self.irl_lr_scale > 0 and math.isfinite(self.irl_lr_scale),
+                f"--irl-lr-scale must be > 0 (got {self.irl_lr_scale})")
         require(self.irl_temperature > 0, f"--irl-temperature must be > 0 (got {self.irl_temperature})")
         require(self.irl_buffer >= 1, f"--irl-buffer must be >= 1 (got {self.irl_buffer})")
         require(self.probe_prompts >= 0, f"--probe-prompts must be >= 0 (got {self.probe_prompts})")
-        require(not (self.irl_variant == "nll" and self.irl_schedule == "summed"), "--irl-variant nll needs --irl-schedule separate")
+        require(not (self.irl_variant == "nll" and self.irl_schedule == "summed"),
+                "--irl-variant nll needs --irl-schedule separate")
 
 
 def group_advantages(rewards, group_size, scale="group", eps=1e-6):
@@ -184,7 +188,8 @@ def kl_k3(logp, ref_logp):
 
 def implicit_reward(logp, mask, score="mean", ref_logp=None):
     """s_i, the policy's implicit reward of rollout i. logp, mask, ref_logp: [N, T] -> [N].
-    mean: (1/|o_i|) sum_t log pi(o_t) (default) | sum: sum_t log pi(o_t) | ratio: (1/|o_i|) sum_t log pi(o_t) / pi_ref(o_t)."""
+    mean: (1/|o_i|) sum_t log pi(o_t) (default) | sum: sum_t log pi(o_t) | ratio: (1/|o_i|) sum_t log pi(o_t) /
+    pi_ref(o_t)."""
     if score == "ratio":
         logp = logp - ref_logp
     total = (logp * mask).sum(-1)  # [N]
@@ -204,7 +209,8 @@ def first_copy(completions, group_size):
 def irl_target(demos, first, target="uniform"):
     """The target q over each group's G rollouts, and D = the number of distinct demonstrations per group.
     demos: [B, G] bool (correct rollouts, or all); first: [B, G] from first_copy. Returns (q [B, G], D [B]).
-    uniform: each distinct demonstration gets 1/D, split equally over its copies | counts: each demonstration rollout 1/|C|."""
+    uniform: each distinct demonstration gets 1/D, split equally over its copies | counts: each demonstration rollout
+    1/|C|."""
     demos = demos.float()
     same = first[:, :, None] == first[:, None, :]  # [B, G, G]: rollouts i and j are the same trajectory
     copies = (same.float() * demos[:, None, :]).sum(-1).clamp(min=1)  # [B, G]: multiplicity among the demonstrations
@@ -228,7 +234,8 @@ def irl_loss(scores, q, temperature=1.0, sign="kl", support=None):
 
 def squeezing(scores, first, keep, temperature=1.0):
     """Top-1 share max p and effective number of trajectories exp(H(p)) of p = softmax(s / T_s) over each group's
-    DISTINCT rollouts among `keep` (all, or correct only). scores, first: [B, G]; keep: [B, G] bool -> ([B], [B]), NaN if empty."""
+    DISTINCT rollouts among `keep` (all, or correct only). scores, first: [B, G]; keep: [B, G] bool -> ([B], [B]), NaN
+    if empty."""
     live = keep & (first == torch.arange(first.shape[1], device=first.device))  # one entry per distinct trajectory
     p = torch.nan_to_num(torch.softmax((scores / temperature).masked_fill(~live, float("-inf")), -1))  # [B, G]
     n_eff = torch.exp(-(p * p.clamp_min(1e-30).log()).sum(-1))
@@ -238,7 +245,8 @@ def squeezing(scores, first, keep, temperature=1.0):
 
 def saturation(pass_at):
     """U3: the level pass@k saturates at as k grows, from pass@k at k = 1, 2, 4, ..., n (list): the gains per doubling
-    of k are extrapolated geometrically (ratio of the last two gains); 1.0 if they do not shrink (no saturation seen)."""
+    of k are extrapolated geometrically (ratio of the last two gains); 1.0 if they do not shrink (no saturation
+    seen)."""
     if len(pass_at) < 3:
         return pass_at[-1]
     prev, last = pass_at[-2] - pass_at[-3], pass_at[-1] - pass_at[-2]
@@ -257,7 +265,8 @@ def nanmean(x):
 
 @torch.no_grad()
 def preconditioned_step(optimizer, lr):
-    """The IRL step in the RL step's units: theta -= lr * clamp(g / (sqrt(v_hat) + eps), -1, 1), with v_hat the RL AdamW's
+    """The IRL step in the RL step's units: theta -= lr * clamp(g / (sqrt(v_hat) + eps), -1, 1), with v_hat the RL
+    AdamW's
     bias-corrected second moment. Unlike a step of its own Adam, the size follows the IRL gradient's magnitude relative
     to the RL gradients (so lambda_irl matters) and no momentum is re-applied; the clamp keeps any coordinate within
     one Adam-sized step (lr) where the RL gradient was ~0. Parameters the RL step never updated are left alone."""
@@ -324,7 +333,8 @@ def irl_gradients(model, samples, rewards, first, batch, ref_logp, buffer, args,
 
 @torch.no_grad()
 def sample_probe(model, tokenizer, problems, args, device, ref_model):
-    """The probe set's G rollouts per prompt, with keys fixed for the whole run (so evaluations differ only by the weights)."""
+    """The probe set's G rollouts per prompt, with keys fixed for the whole run (so evaluations differ only by the
+    weights)."""
     G = args.group_size
     group = [p for p in problems for _ in range(G)]
     keys = torch.stack([sample_keys(args.seed, 1 << 29, i) for i in range(len(group))])
@@ -333,22 +343,27 @@ def sample_probe(model, tokenizer, problems, args, device, ref_model):
     texts = tokenizer.batch_decode([s["completion_ids"] for s in samples], skip_special_tokens=True)
     correct = torch.tensor(compute_rewards(group, texts), device=device) > 0  # [P * G]
     batch = rollout_batch(samples, tokenizer.pad_token_id, device)
-    answers = [{answer_key(p, t) for p, t, c in zip(group[i:i + G], texts[i:i + G], correct[i:i + G]) if c} for i in range(0, len(group), G)]
+    answers = [{answer_key(p, t) for p, t,
+                c in zip(group[i:i + G], texts[i:i + G], correct[i:i + G]) if c} for i in range(0, len(group), G)]
     ref = probe_scores(ref_model, {"batch": batch}, args, device, raw=True)[0] if args.irl_score == "ratio" else None
-    return {"batch": batch, "ref": ref, "correct": correct.view(-1, G), "first": first_copy([s["completion_ids"] for s in samples], G).to(device),
+    return {"batch": batch, "ref": ref, "correct": correct.view(-1, G),
+            "first": first_copy([s["completion_ids"] for s in samples], G).to(device),
             "distinct_correct": sum(map(len, answers)) / len(answers)}
 
 
 @torch.no_grad()
 def probe_scores(model, probe, args, device, raw=False):
-    """s [P, G] of the probe rollouts under the current weights, and token-level squeezing: mean top-1 token probability,
-    fraction of positions whose top-1 probability exceeds 0.99. raw=True: the per-token log-probs [P * G, T] instead of s."""
+    """s [P, G] of the probe rollouts under the current weights, and token-level squeezing: mean top-1 token
+    probability,
+    fraction of positions whose top-1 probability exceeds 0.99. raw=True: the per-token log-probs [P * G, T] instead of
+    s."""
     ids, attn, mask, P = probe["batch"]
     logp, top1 = [], []
     for i in range(0, len(ids), args.micro_batch_size):
         m = slice(i, i + args.micro_batch_size)
         with autocast(device):
-            lp, _, t1 = token_logprobs(model, ids[m], attn[m], P, args.logprob_chunk, row_fn=lambda logits, t: logits.softmax(-1).max(-1).values)
+            lp, _, t1 = token_logprobs(model, ids[m], attn[m], P, args.logprob_chunk, row_fn=lambda logits,
+                                       t: logits.softmax(-1).max(-1).values)
         logp.append(lp.float()), top1.append(t1.float())
     logp, top1 = torch.cat(logp), torch.cat(top1)  # [P * G, T]
     if raw:
@@ -359,12 +374,15 @@ def probe_scores(model, probe, args, device, raw=False):
 
 
 def probe_record(probe, s0, s1, s2, token_stats, args):
-    """Squeezing diagnostics of the probe set; s0/s1/s2: scores before the RL step, after it, after the IRL step [P, G]."""
+    """Squeezing diagnostics of the probe set; s0/s1/s2: scores before the RL step, after it, after the IRL step
+    [P, G]."""
     correct, first, T = probe["correct"], probe["first"], args.irl_temperature
     top, n_eff = squeezing(s2, first, torch.ones_like(correct), T)
     top_c, n_eff_c = squeezing(s2, first, correct, T)
-    rec = {"sps/probe/top_share": nanmean(top), "sps/probe/n_eff": nanmean(n_eff), "sps/probe/top_share_correct": nanmean(top_c),
-           "sps/probe/n_eff_correct": nanmean(n_eff_c), "sps/probe/distinct_correct": probe["distinct_correct"], **token_stats}
+    rec = {"sps/probe/top_share": nanmean(top), "sps/probe/n_eff": nanmean(n_eff),
+           "sps/probe/top_share_correct": nanmean(top_c),
+           "sps/probe/n_eff_correct": nanmean(n_eff_c), "sps/probe/distinct_correct": probe["distinct_correct"],
+           **token_stats}
     q, distinct = irl_target(correct, first, args.irl_target)
     if s1 is not None and (distinct >= 2).any():
         ok = distinct >= 2
@@ -373,14 +391,17 @@ def probe_record(probe, s0, s1, s2, token_stats, args):
         rec["sps/probe/irl_loss_before"] = float(irl_loss(s1[ok], q[ok], T, args.irl_sign, sup).mean())
         # after the IRL step
         rec["sps/probe/irl_loss_after"] = float(irl_loss(s2[ok], q[ok], T, args.irl_sign, sup).mean())
-        rec["sps/probe/d_top_rl"] = nanmean(squeezing(s1, first, correct, T)[0][ok] - squeezing(s0, first, correct, T)[0][ok])
-        rec["sps/probe/d_top_irl"] = nanmean(squeezing(s2, first, correct, T)[0][ok] - squeezing(s1, first, correct, T)[0][ok])
+        rec["sps/probe/d_top_rl"] = nanmean(squeezing(s1, first, correct, T)[0][ok] - squeezing(s0, first, correct,
+                                                                                                T)[0][ok])
+        rec["sps/probe/d_top_irl"] = nanmean(squeezing(s2, first, correct, T)[0][ok] - squeezing(s1, first, correct,
+                                                                                                 T)[0][ok])
     return {k: v for k, v in rec.items() if not math.isnan(v)}  # NaN: no probe group with (two) correct rollouts
 
 
 def upper_bounds(metrics, records, bounds, n):
     """U1 (base model pass@n, from the first evaluation), U2 (fraction of eval problems solved by any evaluation so far;
-    `bounds` carries the solved indices between evaluations), U3 (saturation of pass@k vs log k). UNCONFIRMED definitions."""
+    `bounds` carries the solved indices between evaluations), U3 (saturation of pass@k vs log k). UNCONFIRMED
+    definitions."""
     bounds.setdefault("U1", metrics[f"eval/pass@{n}"])
     solved = bounds.setdefault("solved", {})
     for name, recs in records.items():

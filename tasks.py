@@ -520,7 +520,8 @@ def tiny_sampled_success(model, tokenizer, problems, reward_fn, batch=100, seed=
     for i in range(0, len(problems), batch):
         chunk = problems[i:i + batch]
         enc = tokenizer([p["prompt"] for p in chunk], return_tensors="pt", padding=True)  # left-padded [B, T]
-        out = model.generate(input_ids=enc.input_ids, attention_mask=enc.attention_mask, do_sample=True, temperature=1.0,
+        out = model.generate(input_ids=enc.input_ids, attention_mask=enc.attention_mask, do_sample=True,
+                             temperature=1.0,
                              top_k=0, top_p=1.0, max_new_tokens=32)  # not **enc: some tokenizers add token_type_ids
         texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
         rewards += [float(reward_fn(t, p)) for t, p in zip(texts, chunk)]
@@ -535,7 +536,8 @@ def tiny_model_dir(size="default", reward_fn=None):
     root = os.environ.get("EXPLORE_RLVR_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "explore-rlvr")
     major = transformers.__version__.split(".")[0]
-    key = hashlib.sha256((json.dumps(TINY_CONFIGS[size], sort_keys=True) + TINY_VERSION + major).encode()).hexdigest()[:12]
+    key = hashlib.sha256((json.dumps(TINY_CONFIGS[size],
+                                     sort_keys=True) + TINY_VERSION + major).encode()).hexdigest()[:12]
     path = os.path.join(root, f"tiny-{size}-{key}")
     if not os.path.isdir(path):
         os.makedirs(root, exist_ok=True)

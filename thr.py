@@ -1,4 +1,5 @@
-"""THR: Token Hidden Reward reweighting of GRPO's token advantages, steering exploitation (p > 0) or exploration (p < 0).
+"""THR: Token Hidden Reward reweighting of GRPO's token advantages, steering exploitation (p > 0) or exploration (p <
+0).
 
 Paper: Deng, Ren, Li, Gong, Sutherland, Li, Thrampoulidis, "Token Hidden Reward: Steering Exploration-Exploitation in
 Group Relative Deep Reinforcement Learning" (arXiv:2510.03669). Its body was not available to us: the score below is
@@ -16,7 +17,8 @@ answers more confident (exploitation), negative ones keep mass on alternatives (
     THR_{j,k'} = a_j s_{j,k'},  a_j = sign(A_j) (--thr-advantage sign) or A_j (value)                      (T3)
     tau = beta_tau min_{i in P} mean_k THR_{i,k};  dominant <=> |THR_{j,k'}| > tau                          (T4)
     A'_{j,k'} = A_j (1 + p sign(THR_{j,k'})) on dominant tokens; A_j elsewhere (0 with --mask-nondominant)   (T5)
-    GSPO-token: s_{i,t} = sg[(pi_theta/pi_old)(y_i)^{1/|y_i|}] pi_theta(y_it) / sg[pi_theta(y_it)]  (arXiv:2507.18071, --objective)
+    GSPO-token: s_{i,t} = sg[(pi_theta/pi_old)(y_i)^{1/|y_i|}] pi_theta(y_it) / sg[pi_theta(y_it)]  (arXiv:2507.18071,
+    --objective)
 The equation labels T1-T5 are ours (the paper's numbering was not available). h is the LM-head input (after the final
 norm) and P the correct responses (r > 0.5) of the group, all from the old policy and detached, computed once per
 rollout batch from the no-grad old-log-prob forward (grpo.py runs it only off-policy; THR needs it before the update,
@@ -97,7 +99,8 @@ class Args(BaseArgs):
         require(self.kl_coef >= 0 and self.entropy_coef >= 0, "--kl-coef and --entropy-coef must be >= 0")
         require(self.ppo_epochs >= 1 and self.mini_batches >= 1, "--ppo-epochs and --mini-batches must be >= 1")
         require(-1 < self.p < 1, f"--p must be in (-1, 1) so that no advantage changes sign (got {self.p})")
-        require(self.tau_beta >= 0 and math.isfinite(self.tau_beta), f"--tau-beta must be a finite number >= 0 (got {self.tau_beta})")
+        require(self.tau_beta >= 0 and math.isfinite(self.tau_beta),
+                f"--tau-beta must be a finite number >= 0 (got {self.tau_beta})")
 
 
 def group_advantages(rewards, group_size, scale="group", eps=1e-6):
@@ -164,7 +167,8 @@ def token_hidden_reward(s, advantages, factor="sign"):
 
 
 def dominant_tokens(thr, mask, correct, group_size, tau_beta):
-    """NTHR's rule (T4): per group tau = beta_tau * min over correct responses of their mean THR; dominant <=> |THR| > tau.
+    """NTHR's rule (T4): per group tau = beta_tau * min over correct responses of their mean THR; dominant <=> |THR| >
+    tau.
     thr, mask: [N, T]; correct: [N] bool -> [N, T] bool (False at padding and in groups without a correct response)."""
     mean = (thr * mask).sum(-1) / mask.sum(-1).clamp(min=1)  # [N] anchor score of each response
     anchor = torch.where(correct, mean, torch.full_like(mean, math.inf)).view(-1, group_size).min(-1).values  # [N/G]
