@@ -174,6 +174,7 @@ def arm_advantages(advantages, correct, c_prompt, c_answer, group_size, alpha, s
     """A~ = A + alpha (c(q) - c(o|q)) on the responses in scope of groups with at least one correct answer, A elsewhere
     (A1). advantages, c_prompt, c_answer: [N]; correct: [N] bool. scope: all | correct (correct responses only) | mixed
     (all, except in all-correct groups). Returns (A~ [N], shifted [N] bool)."""
+    # --- SOLUTION START: arm-reweighting
     c = correct.view(-1, group_size)  # [N/G, G]
     shifted = c.any(-1, keepdim=True).expand_as(c)  # every response of a group with a correct answer
     if scope == "correct":
@@ -183,6 +184,7 @@ def arm_advantages(advantages, correct, c_prompt, c_answer, group_size, alpha, s
     shifted = shifted.flatten()
     shift = alpha * (c_prompt - c_answer)  # [N]
     return torch.where(shifted, advantages + shift, advantages), shifted
+    # --- SOLUTION END
 
 
 def arm_metrics(advantages, grpo_advantages, shifted, correct, c_prompt, c_answer, prompt_mask, group, texts,

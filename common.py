@@ -817,6 +817,7 @@ def aggregate_loss(token_loss, mask, mode, n_tokens, n_seqs, max_new_tokens):
       token-mean               sum_{i,t} l / #tokens                                (DAPO; default)
       seq-mean-token-mean      mean_i (sum_t l / |o_i|)                             (original GRPO)
       seq-mean-token-sum-norm  mean_i (sum_t l / max_new_tokens)                    (Dr. GRPO)"""
+    # --- SOLUTION START: loss-aggregation
     world = world_size()
     if mode == "token-mean":
         return (token_loss * mask).sum() / n_tokens * world
@@ -825,14 +826,17 @@ def aggregate_loss(token_loss, mask, mode, n_tokens, n_seqs, max_new_tokens):
     if mode == "seq-mean-token-sum-norm":
         return ((token_loss * mask).sum(-1) / max_new_tokens).sum() / n_seqs * world
     raise UserError(f"unknown --loss-agg {mode}: use token-mean, seq-mean-token-mean or seq-mean-token-sum-norm")
+    # --- SOLUTION END
 
 
 # ============================================================================ evaluation
 def pass_at_k(n, c, k):
     """Unbiased pass@k (Chen et al. 2021): 1 - C(n-c, k) / C(n, k), in the stable product form."""
+    # --- SOLUTION START: pass-at-k
     if n - c < k:
         return 1.0
     return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
+    # --- SOLUTION END
 
 
 def ks_up_to(n):

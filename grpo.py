@@ -57,26 +57,32 @@ class Args(BaseArgs):
 
 def group_advantages(rewards, group_size, scale="group", eps=1e-6):
     """A_i = (r_i - mean_g r) / (std_g r + eps) within each group of G consecutive completions. rewards: [N] -> [N]."""
+    # --- SOLUTION START: group-advantages
     r = rewards.view(-1, group_size)  # [N/G, G]
     a = r - r.mean(-1, keepdim=True)
     if scale == "group":
         a = a / (r.std(-1, keepdim=True) + eps)  # unbiased std, as in the reference implementations
     return a.flatten()
+    # --- SOLUTION END
 
 
 def policy_loss(logp, old_logp, advantages, clip_low, clip_high):
     """PPO clipped surrogate per token. logp, old_logp: [N, T]; advantages: [N, 1] or [N, T].
     Returns (loss [N, T], clipped [N, T])."""
+    # --- SOLUTION START: clipped-surrogate
     ratio = torch.exp(logp - old_logp)
     unclipped = ratio * advantages
     clipped = ratio.clamp(1 - clip_low, 1 + clip_high) * advantages
     return -torch.min(unclipped, clipped), (clipped < unclipped).float()
+    # --- SOLUTION END
 
 
 def kl_k3(logp, ref_logp):
     """k3 estimator of KL(pi_theta || pi_ref) per token: exp(ref - logp) - (ref - logp) - 1 (Schulman 2020)."""
+    # --- SOLUTION START: k3
     d = ref_logp - logp
     return torch.exp(d) - d - 1
+    # --- SOLUTION END
 
 
 def train(args):

@@ -144,6 +144,7 @@ def bottom_rho(logp, candidates, rho):
     """Eq. 6 steps 2-3 (authors' code): k = int(|S| rho) for S = candidates; the k tokens of S with the smallest
     log-prob, and none unless k > 1. logp: [n, T]; candidates: [n, T] bool.
     Returns (bottom [n, T] bool, k, the k-th smallest log-prob or None)."""
+    # --- SOLUTION START: lp-reg-selection
     flat = candidates.flatten().nonzero().squeeze(-1)  # [|S|] flat indices of S
     k = int(len(flat) * rho)
     bottom = torch.zeros_like(candidates, dtype=torch.bool)
@@ -152,6 +153,7 @@ def bottom_rho(logp, candidates, rho):
     values, idx = logp.detach().flatten()[flat].topk(k, largest=False)  # ascending
     bottom.view(-1)[flat[idx]] = True
     return bottom, k, values[-1].item()
+    # --- SOLUTION END
 
 
 def batch_bottom_rho(old_logp, candidates, rho, device):

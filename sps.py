@@ -226,10 +226,12 @@ def irl_loss(scores, q, temperature=1.0, sign="kl", support=None):
     demonstrations, the minimum H(q) is reached when their scores are equal; over the whole group it is only approached
     as the other rollouts' scores go to -inf, so its gradient never stops pushing them down. sign 'literal' minimises
     -KL instead, as printed in the paper (ablation)."""
+    # --- SOLUTION START: sps-irl-loss
     z = scores / temperature if support is None else (scores / temperature).masked_fill(~support, float("-inf"))
     log_p = torch.log_softmax(z, -1)  # [B, G]: the Boltzmann distribution over the group (or its demonstrations)
     loss = -torch.where(q > 0, q * log_p, 0.0).sum(-1)  # [B]; q = 0 outside the support
     return loss if sign == "kl" else -loss
+    # --- SOLUTION END
 
 
 def squeezing(scores, first, keep, temperature=1.0):

@@ -179,9 +179,11 @@ def dominant_tokens(thr, mask, correct, group_size, tau_beta):
 def reweighted_advantages(advantages, thr, dominant, p, mask_nondominant):
     """A' = A (1 + p sign(THR)) on dominant tokens, A (or 0 with mask_nondominant) elsewhere (T5). advantages: [N];
     thr: [N, T]; dominant: [N, T] bool -> [N, T]. p = 0 without masking gives A exactly (GRPO)."""
+    # --- SOLUTION START: thr-reweighting
     A = advantages[:, None].expand_as(thr)  # [N, T]
     other = torch.zeros_like(A) if mask_nondominant else A
     return torch.where(dominant, A * (1 + p * thr.sign()), other)
+    # --- SOLUTION END
 
 
 def entropy_overlap(thr, entropy, mask, frac=0.2):
