@@ -953,6 +953,13 @@ def rollout_metrics(s, ppo_epochs):
             "clip/frac": s["clipped"] / (s["tokens"] * ppo_epochs), "loss": s["loss"]}
 
 
+def system_metrics(engine, old_logp, rollout_logp, mask, args, device):
+    """time/sync (vLLM's weight push), the engine/trainer mismatch (rollout/*, vLLM only), this rank's peak memory."""
+    return {**(engine["metrics"] if engine else {}),
+            **rollout_mismatch(old_logp, rollout_logp, mask, args.tis_cap, args.mismatch_tol, device),
+            "memory/peak_gib": peak_memory_gib(device)}  # since the previous step's record
+
+
 def log_step(run_dir, record, history, rank, bar=None, samples=None):
     """Rank 0: one metrics.jsonl line (and the trackers), a few completions per eval set, the progress bar."""
     for name, recs in (samples or {}).items():
@@ -1036,6 +1043,8 @@ def start_run(args, script, rank):
     to "yes" (there is one) or None (start fresh, dropping the metric lines of a run that never checkpointed).
     Writes config.json (allowed changes are appended to its "resumes" list); on rank 0, gets the --report-to trackers
     ready (log_jsonl's metrics.jsonl records go to them). Returns the run directory."""
+    require(args.prompts_per_step % world_size() == 0, f"--prompts-per-step ({args.prompts_per_step}) must divide by "
+                                                      f"the number of processes ({world_size()})")
     if not args.run_dir:
         require(not args.resume, "--resume needs --run-dir: the run directory to continue")
         stamp = time.strftime("%Y%m%d-%H%M%S") if rank == 0 else None

@@ -55,10 +55,10 @@ from tqdm import tqdm
 
 from common import (BaseArgs, aggregate_loss, all_sum_dict, autocast, clip_grad_norm, compute_rewards, count_skip,
                     due, evaluate_all, fault_point, format_prompt, generate, init_distributed, load_checkpoint,
-                    load_eval_sets, load_model, load_train_set, log_step, loss_fault, main, peak_memory_gib,
-                    print_summary, require, rollout_batch, rollout_engine, rollout_logprobs, rollout_metrics,
-                    rollout_mismatch, rollout_sums, sample_keys, save_checkpoint, set_lr, shard_model, start_run,
-                    step_problems, token_logprobs, truncate_metrics, truncated_is_weight)
+                    load_eval_sets, load_model, load_train_set, log_step, loss_fault, main, print_summary, require,
+                    rollout_batch, rollout_engine, rollout_logprobs, rollout_metrics, rollout_sums, sample_keys,
+                    save_checkpoint, set_lr, shard_model, start_run, step_problems, system_metrics, token_logprobs,
+                    truncate_metrics, truncated_is_weight)
 
 
 @dataclass
@@ -228,8 +228,6 @@ def thr_metrics(s, world):
 
 def train(args):
     rank, world, device = init_distributed()
-    require(args.prompts_per_step % world == 0,
-            f"--prompts-per-step ({args.prompts_per_step}) must divide by the number of processes ({world})")
     run_dir = start_run(args, "thr", rank)
     model, tokenizer = load_model(args.model, device, rank)
     ref_model = load_model(args.model, device, rank)[0].eval() if args.kl_coef > 0 else None
@@ -331,9 +329,7 @@ def train(args):
                   "tokens_per_s/rollout": s["completion_tokens"] / t_rollout,
                   "tokens_per_s/train": s["tokens"] * (args.ppo_epochs + 1) / t_train}
         record.update(thr_metrics(s, world))
-        record.update(engine["metrics"] if engine else {})  # vLLM: time/sync (the weight push)
-        record.update(rollout_mismatch(old_logp, rollout_logp, mask, args.tis_cap, args.mismatch_tol, device))
-        record["memory/peak_gib"] = peak_memory_gib(device)  # this rank's peak since the previous step's record
+        record.update(system_metrics(engine, old_logp, rollout_logp, mask, args, device))
         samples_by_set = None
         if due(args.eval_every, step + 1, args.steps):
             metrics, samples_by_set = evaluate_all(model, tokenizer, eval_sets, args, device, engine)
