@@ -1,14 +1,16 @@
-"""ARM / ProGRPO: GRPO whose advantages are shifted by how much more confident the model is in an answer than in the prompt.
+"""ARM / ProGRPO: GRPO whose advantages are shifted by how much more confident the model is in an answer than in the
+prompt.
 
 Paper: Li, Goncharova, Kuznetsov, Oseledets, "Back to Basics: Revisiting Exploration in Reinforcement Learning for LLM
-Reasoning via Generative Probabilities" (arXiv:2602.05281). Only the abstract and secondary reviews were available to us.
+Reasoning via Generative Probabilities" (arXiv:2602.05281). Only the abstract and secondary reviews were available
+to us.
 
 Idea: GRPO keeps pushing up the correct answers the model already finds most likely, so probability mass piles onto one
-path and entropy collapses. The Advantage Re-weighting Mechanism (ARM) adds alpha * (c(q) - c(o_i|q)) to the advantage of
-every response of a group that has at least one correct answer, where c is a generative-probability confidence: an
+path and entropy collapses. The Advantage Re-weighting Mechanism (ARM) adds alpha * (c(q) - c(o_i|q)) to the advantage
+of every response of a group that has at least one correct answer, where c is a generative-probability confidence: an
 over-confident correct path gets a smaller update, an under-explored correct path a larger one, and all-correct groups
-(A = 0 in GRPO) still get a signal. Equivalently: GRPO plus REINFORCE on the intrinsic reward -alpha c(o|q) with baseline
--alpha c(q), a confidence penalty, which is why entropy rises.
+(A = 0 in GRPO) still get a signal. Equivalently: GRPO plus REINFORCE on the intrinsic reward -alpha c(o|q)
+with baseline -alpha c(q), a confidence penalty, which is why entropy rises.
 
     A_i = (r_i - mean_g r) / (std_g r + delta)                                              GRPO advantage
     A~_i = A_i if no response of the group is correct, else A_i + alpha (c(q) - c(o_i|q))                           (A1)
@@ -49,44 +51,56 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from common import (BaseArgs, aggregate_loss, all_sum, answer_key, autocast, compute_rewards, count_skip, evaluate_all,
-                    fault_point, format_prompt, generate, init_distributed, load_checkpoint, load_eval_sets,
-                    load_model, load_train_set, log_jsonl, loss_fault, main, peak_memory_gib, print_summary, require,
-                    rollout_batch, rollout_engine, rollout_logprobs, rollout_mismatch, sample_keys, save_checkpoint,
-                    shard_model, start_run, step_problems, token_logprobs, truncate_metrics, truncated_is_weight)
+from common import (BaseArgs, aggregate_loss, all_sum_dict, autocast, clip_grad_norm, compute_rewards, count_skip,
+                    due, evaluate_all, fault_point, format_prompt, generate, init_distributed, load_checkpoint,
+                    load_eval_sets, load_model, load_train_set, log_step, loss_fault, main, print_summary, require,
+                    rollout_batch, rollout_engine, rollout_logprobs, rollout_metrics, rollout_sums, sample_keys,
+                    save_checkpoint, set_lr, shard_model, start_run, step_problems, system_metrics, token_logprobs,
+                    truncate_metrics, truncated_is_weight)
+from common import answer_key  # arm_metrics
 
 
 @dataclass
 class Args(BaseArgs):
     clip_low: float = field(default=0.2, metadata={"help": "PPO clip eps_low: ratio floor 1 - eps_low"})
-    clip_high: float = field(default=0.28, metadata={"help": "PPO clip eps_high: ratio ceiling 1 + eps_high (clip-higher 0.28, as the spec's ProGRPO setup; GRPO default 0.2)"})
-    loss_agg: str = field(default="token-mean", metadata={"choices": ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"], "help": "token-mean (DAPO) | seq-mean-token-mean (GRPO) | seq-mean-token-sum-norm (Dr. GRPO)"})
-    scale_rewards: str = field(default="group", metadata={"choices": ["group", "none"], "help": "group: divide by the group std (GRPO) | none: Dr. GRPO"})
-    kl_coef: float = field(default=0.0, metadata={"help": "beta of the k3 KL to the initial model (0: no reference model is loaded)"})
+    clip_high: float = field(default=0.28, metadata={
+        "help": ("PPO clip eps_high: ratio ceiling 1 + eps_high (clip-higher 0.28, as in ProGRPO's setup; "
+                 "GRPO default 0.2)")})
+    loss_agg: str = field(default="token-mean", metadata={
+        "choices": ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"],
+        "help": "token-mean (DAPO) | seq-mean-token-mean (GRPO) | seq-mean-token-sum-norm (Dr. GRPO)"})
+    scale_rewards: str = field(default="group", metadata={
+        "choices": ["group", "none"], "help": "group: divide by the group std (GRPO) | none: Dr. GRPO"})
+    kl_coef: float = field(default=0.0, metadata={
+        "help": "beta of the k3 KL to the initial model (0: no reference model is loaded)"})
     entropy_coef: float = field(default=0.0, metadata={"help": "entropy bonus coefficient"})
     ppo_epochs: int = field(default=1, metadata={"help": "passes over each rollout batch"})
     mini_batches: int = field(default=1, metadata={"help": "optimizer steps per pass (1 = strictly on-policy)"})
-    alpha: float = field(default=0.2, metadata={"help": "ARM strength alpha in A~ = A + alpha (c(q) - c(o|q)) (A1); UNCONFIRMED, sweep 0.05-0.5; 0 = GRPO"})
-    rho: float = field(default=0.2, metadata={"help": "fraction of a response's lowest-probability tokens T_low: K = max(1, ceil(rho L)) (A2)"})
+    alpha: float = field(default=0.2, metadata={
+        "help": "ARM strength alpha in A~ = A + alpha (c(q) - c(o|q)) (A1); UNCONFIRMED, sweep 0.05-0.5; 0 = GRPO"})
+    rho: float = field(default=0.2, metadata={
+        "help": "fraction of a response's lowest-probability tokens T_low: K = max(1, ceil(rho L)) (A2)"})
     delta: float = field(default=1e-6, metadata={"help": "delta in A = (r - mean) / (std + delta)"})
-    arm_scope: str = field(default="all", metadata={"choices": ["all", "correct", "mixed"], "help": "which responses of a group with a correct answer are shifted: all (A1) | correct only | mixed (all, but not in all-correct groups)"})
-    answer_confidence: str = field(default="tlow-mean", metadata={"choices": ["tlow-mean", "sum-over-k"], "help": "c(o|q): tlow-mean exp(mean_{T_low} l_t) (A2) | sum-over-k exp(sum_{all t} l_t / K)"})
-    prompt_confidence: str = field(default="ppl", metadata={"choices": ["ppl", "tlow", "group-mean"], "help": "c(q): ppl 1/PPL(q) (A3) | tlow (A2 on the prompt tokens) | group-mean mean_g c(o|q); UNCONFIRMED"})
+    arm_scope: str = field(default="all", metadata={
+        "choices": ["all", "correct", "mixed"],
+        "help": ("which responses of a group with a correct answer are shifted: all (A1) | correct only | mixed "
+                 "(all, but not in all-correct groups)")})
+    answer_confidence: str = field(default="tlow-mean", metadata={
+        "choices": ["tlow-mean", "sum-over-k"],
+        "help": "c(o|q): tlow-mean exp(mean_{T_low} l_t) (A2) | sum-over-k exp(sum_{all t} l_t / K)"})
+    prompt_confidence: str = field(default="ppl", metadata={
+        "choices": ["ppl", "tlow", "group-mean"],
+        "help": "c(q): ppl 1/PPL(q) (A3) | tlow (A2 on the prompt tokens) | group-mean mean_g c(o|q); UNCONFIRMED"})
 
     def __post_init__(self):
-        super().__post_init__()
+        super().__post_init__()  # also checks every field's "choices"
         require(self.clip_low >= 0 and self.clip_high >= 0, "--clip-low and --clip-high must be >= 0")
-        require(self.loss_agg in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"),
-                f"--loss-agg must be token-mean, seq-mean-token-mean or seq-mean-token-sum-norm (got {self.loss_agg})")
-        require(self.scale_rewards in ("group", "none"), f"--scale-rewards must be group or none (got {self.scale_rewards})")
         require(self.kl_coef >= 0 and self.entropy_coef >= 0, "--kl-coef and --entropy-coef must be >= 0")
         require(self.ppo_epochs >= 1 and self.mini_batches >= 1, "--ppo-epochs and --mini-batches must be >= 1")
-        require(self.alpha >= 0 and math.isfinite(self.alpha), f"--alpha must be a finite number >= 0 (got {self.alpha})")
+        require(self.alpha >= 0 and math.isfinite(self.alpha),
+                f"--alpha must be a finite number >= 0 (got {self.alpha})")
         require(0 < self.rho <= 1, f"--rho must be in (0, 1] (got {self.rho})")
         require(self.delta > 0 and math.isfinite(self.delta), f"--delta must be a finite number > 0 (got {self.delta})")
-        require(self.arm_scope in ("all", "correct", "mixed"), f"--arm-scope must be all, correct or mixed (got {self.arm_scope})")
-        require(self.answer_confidence in ("tlow-mean", "sum-over-k"), f"--answer-confidence must be tlow-mean or sum-over-k (got {self.answer_confidence})")
-        require(self.prompt_confidence in ("ppl", "tlow", "group-mean"), f"--prompt-confidence must be ppl, tlow or group-mean (got {self.prompt_confidence})")
 
 
 def group_advantages(rewards, group_size, scale="group", eps=1e-6):
@@ -99,7 +113,8 @@ def group_advantages(rewards, group_size, scale="group", eps=1e-6):
 
 
 def policy_loss(logp, old_logp, advantages, clip_low, clip_high):
-    """PPO clipped surrogate per token. logp, old_logp: [N, T]; advantages: [N, 1] or [N, T]. Returns ([N, T], clipped [N, T])."""
+    """PPO clipped surrogate per token. logp, old_logp: [N, T]; advantages: [N, 1] or [N, T].
+    Returns (loss [N, T], clipped [N, T])."""
     ratio = torch.exp(logp - old_logp)
     unclipped = ratio * advantages
     clipped = ratio.clamp(1 - clip_low, 1 + clip_high) * advantages
@@ -126,7 +141,8 @@ def low_probability_tokens(logp, mask, rho):
     L = mask.sum(-1)  # [N]
     K = torch.ceil(rho * L.double() - 1e-9).clamp(min=1).minimum(L)  # [N]; - 1e-9: 0.2 * 15 = 3.0000000000000004
     order = torch.where(mask.bool(), logp, torch.inf).argsort(dim=-1, stable=True)  # [N, T] ascending, padding last
-    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(logp.shape[-1], device=logp.device).expand_as(order))
+    rank = torch.empty_like(order).scatter_(-1, order,
+                                            torch.arange(logp.shape[-1], device=logp.device).expand_as(order))
     return rank < K[:, None], K
 
 
@@ -158,6 +174,7 @@ def arm_advantages(advantages, correct, c_prompt, c_answer, group_size, alpha, s
     """A~ = A + alpha (c(q) - c(o|q)) on the responses in scope of groups with at least one correct answer, A elsewhere
     (A1). advantages, c_prompt, c_answer: [N]; correct: [N] bool. scope: all | correct (correct responses only) | mixed
     (all, except in all-correct groups). Returns (A~ [N], shifted [N] bool)."""
+    # --- SOLUTION START: arm-reweighting
     c = correct.view(-1, group_size)  # [N/G, G]
     shifted = c.any(-1, keepdim=True).expand_as(c)  # every response of a group with a correct answer
     if scope == "correct":
@@ -167,11 +184,14 @@ def arm_advantages(advantages, correct, c_prompt, c_answer, group_size, alpha, s
     shifted = shifted.flatten()
     shift = alpha * (c_prompt - c_answer)  # [N]
     return torch.where(shifted, advantages + shift, advantages), shifted
+    # --- SOLUTION END
 
 
-def arm_metrics(advantages, grpo_advantages, shifted, correct, c_prompt, c_answer, prompt_mask, group, texts, group_size,
+def arm_metrics(advantages, grpo_advantages, shifted, correct, c_prompt, c_answer, prompt_mask, group, texts,
+                group_size,
                 device):
-    """The arm/ diagnostics of one step over all ranks. shift = A~ - A = alpha (c(q) - c(o|q)) over the shifted responses;
+    """The arm/ diagnostics of one step over all ranks. shift = A~ - A = alpha (c(q) - c(o|q)) over the shifted
+    responses;
     weight = A~ / A over the correct responses of mixed groups (the factor ARM puts on GRPO's push-up; A = 0 in
     all-correct groups); corr_conf_* = Pearson correlation of c(o|q) with the shift / the weight over the same sets;
     distinct_correct = distinct correct answers per group (0 for a group with none)."""
@@ -183,11 +203,13 @@ def arm_metrics(advantages, grpo_advantages, shifted, correct, c_prompt, c_answe
                 for g in range(0, len(group), group_size)]
     sums = {"n": len(c_answer), "c_prompt": c_prompt.sum(), "c_answer": c_answer.sum(), "n_correct": correct.sum(),
             "correct_negative": (correct & (advantages < 0)).sum(), "distinct": sum(distinct), "groups": len(distinct),
-            "prompt_tokens": prompt_mask.sum(), "n_shift": len(shift), "shift": shift.sum(), "shift_abs": shift.abs().sum(),
+            "prompt_tokens": prompt_mask.sum(), "n_shift": len(shift), "shift": shift.sum(),
+            "shift_abs": shift.abs().sum(),
             "shift2": (shift * shift).sum(), "x": x.sum(), "x2": (x * x).sum(), "x_shift": (x * shift).sum(),
-            "n_w": len(weight), "w": weight.sum(), "w2": (weight * weight).sum(), "xw": xw.sum(), "xw2": (xw * xw).sum(),
+            "n_w": len(weight), "w": weight.sum(), "w2": (weight * weight).sum(), "xw": xw.sum(),
+            "xw2": (xw * xw).sum(),
             "xw_w": (xw * weight).sum()}
-    s = dict(zip(sums, all_sum([float(v) for v in sums.values()], device)))
+    s = all_sum_dict({k: float(v) for k, v in sums.items()}, device)
     top = lambda v: v.max().item() if len(v) else -math.inf  # noqa: E731
     shift_max, shift_min, w_max, w_min = all_max([top(shift), top(-shift), top(weight), top(-weight)], device)
 
@@ -199,7 +221,8 @@ def arm_metrics(advantages, grpo_advantages, shifted, correct, c_prompt, c_answe
     return {"arm/c_prompt_mean": s["c_prompt"] / s["n"], "arm/c_answer_mean": s["c_answer"] / s["n"],
             "arm/frac_shifted": s["n_shift"] / s["n"], "arm/shift_mean": s["shift"] / max(s["n_shift"], 1),
             "arm/shift_abs_mean": s["shift_abs"] / max(s["n_shift"], 1), "arm/shift_min": -finite(shift_min),
-            "arm/shift_max": finite(shift_max), "arm/frac_correct_negative": s["correct_negative"] / max(s["n_correct"], 1),
+            "arm/shift_max": finite(shift_max), "arm/frac_correct_negative": s["correct_negative"] / max(s["n_correct"],
+                                                                                                         1),
             "arm/weight_mean": s["w"] / s["n_w"] if s["n_w"] else 1.0, "arm/weight_min": -finite(w_min),
             "arm/weight_max": finite(w_max),
             "arm/corr_conf_shift": pearson(s["n_shift"], s["x"], s["shift"], s["x2"], s["shift2"], s["x_shift"]),
@@ -217,28 +240,26 @@ def all_max(values, device):
 
 def train(args):
     rank, world, device = init_distributed()
-    require(args.prompts_per_step % world == 0, f"--prompts-per-step ({args.prompts_per_step}) must divide by the number of processes ({world})")
     run_dir = start_run(args, "arm", rank)
     model, tokenizer = load_model(args.model, device, rank)
-    ref_model = shard_model(load_model(args.model, device, rank)[0].eval(), world, device, "off") if args.kl_coef > 0 else None
+    ref_model = load_model(args.model, device, rank)[0].eval() if args.kl_coef > 0 else None
+    ref_model = shard_model(ref_model, world, device, "off") if ref_model else None
     model = shard_model(model, world, device, args.gradient_checkpointing).train()  # from_pretrained gives eval mode
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (args.warmup_steps + 1)))
     train_set, eval_sets = load_train_set(args, tokenizer, model), load_eval_sets(args, tokenizer, model)
     engine = rollout_engine(args, model, tokenizer, rank)  # None: HF generate on the training model; else vLLM
     start, history, skipped, streak = 0, [], 0, 0
     if args.resume:
         start, skipped, streak = load_checkpoint(run_dir, model, optimizer)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (args.warmup_steps + 1)), last_epoch=start - 1)
-        truncate_metrics(run_dir, start) if rank == 0 else None
+        truncate_metrics(run_dir, start, rank)
     else:
-        metrics, records = evaluate_all(model, tokenizer, eval_sets, args, device, engine)
-        history.append({"step": 0, **metrics})
-        log_jsonl(run_dir, "metrics.jsonl", history[-1]) if rank == 0 else None
-    G, pad = args.group_size, tokenizer.pad_token_id
-    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="arm", disable=rank != 0, dynamic_ncols=True)
+        metrics = evaluate_all(model, tokenizer, eval_sets, args, device, engine)[0]
+        log_step(run_dir, {"step": 0, **metrics}, history, rank)
+    G, pad, on_policy = args.group_size, tokenizer.pad_token_id, args.ppo_epochs == args.mini_batches == 1
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="arm", disable=rank != 0,
+               dynamic_ncols=True)
     for step in bar:
-        t0 = time.time()
+        t0, lr = time.time(), set_lr(optimizer, args, step)
         # 1. Rollouts: this rank's share of the step's B prompts, G completions each, from pi_old = the current weights.
         n_local = args.prompts_per_step // world
         problems = step_problems(train_set, step, args.prompts_per_step, args.seed)[rank * n_local:(rank + 1) * n_local]
@@ -255,84 +276,73 @@ def train(args):
         # 3. Group-relative advantages, broadcast to every token of the completion.
         advantages = group_advantages(rewards, G, args.scale_rewards, args.delta)  # [N]
         # 4. Old log-probs log pi_old(o_t) (and the reference model's) from a no-grad forward of the training model;
-        #    ARM reads the prompt positions of the same forward too (from position 1 instead of P; each prompt runs once).
+        #    ARM reads the prompt positions of the same forward too (from position 1, not P; each prompt runs once).
         ids, attn, mask, P = rollout_batch(samples, pad, device)  # [N, P+T], [N, P+T], [N, T]
         rollout_logp = rollout_logprobs(samples, mask)  # [N, T]: the engine's log pi(o_t) (vLLM), None with HF
         micro = [slice(i, i + args.micro_batch_size) for i in range(0, len(samples), args.micro_batch_size)]
+        logprobs = lambda m, net=model: token_logprobs(net, ids[m], attn[m], P, args.logprob_chunk)  # noqa: E731
         first = P if args.prompt_confidence == "group-mean" else 1
         with torch.no_grad(), autocast(device):
-            old_logp, entropy = map(torch.cat, zip(*[token_logprobs(model, ids[m], attn[m], first, args.logprob_chunk, prompt_len=P) for m in micro]))
-            ref_logp = torch.cat([token_logprobs(ref_model, ids[m], attn[m], P, args.logprob_chunk)[0] for m in micro]) if ref_model else None
+            old_logp, entropy = map(torch.cat, zip(*[
+                token_logprobs(model, ids[m], attn[m], first, args.logprob_chunk, prompt_len=P) for m in micro]))
+            ref_logp = torch.cat([logprobs(m, ref_model)[0] for m in micro]) if ref_model else None
         # [N, P-1] prompt log-probs and mask, [N, T] completion log-probs and entropy
         prompt_logp, prompt_mask, old_logp, entropy = split_prompt_positions(old_logp, entropy, attn, P, first)
-        # 4b. ARM: detached confidences c(o|q) (A2) and c(q) (A3) shift the advantages of groups with a correct answer (A1).
+        # 4b. ARM: detached confidences c(o|q) (A2) and c(q) (A3) shift the advantages of groups with a correct
+        #     answer (A1).
         correct = rewards > 0.5  # [N]
         c_answer = answer_confidence(old_logp, mask, args.rho, args.answer_confidence)  # [N]
         c_prompt = prompt_confidence(prompt_logp, prompt_mask, c_answer, G, args.rho, args.prompt_confidence)  # [N]
         grpo_advantages = advantages  # [N], for the diagnostics
-        advantages, shifted = arm_advantages(advantages, correct, c_prompt, c_answer, G, args.alpha, args.arm_scope)  # [N]
+        advantages, shifted = arm_advantages(advantages, correct, c_prompt, c_answer, G, args.alpha,
+                                             args.arm_scope)  # [N]
         # 5. Policy update: ppo_epochs x mini_batches optimizer steps on the clipped surrogate.
-        rows = torch.arange(len(samples), device=device)
-        clip_sum = loss_sum = grad_norm = 0.0
+        rows, sums = torch.arange(len(samples), device=device), {"clipped": 0.0, "loss": 0.0}
         for epoch in range(args.ppo_epochs):
             for mb in rows.chunk(args.mini_batches):
-                n_tokens, n_seqs = all_sum([mask[mb].sum().item(), len(mb)], device)
+                n = all_sum_dict({"tokens": mask[mb].sum().item(), "seqs": len(mb)}, device)
                 optimizer.zero_grad(set_to_none=True)
                 parts = mb.split(args.micro_batch_size)
                 for j, m in enumerate(parts):
                     if world > 1:
                         model.set_requires_gradient_sync(j == len(parts) - 1)  # reduce-scatter once per optimizer step
                     with autocast(device):
-                        logp, ent = token_logprobs(model, ids[m], attn[m], P, args.logprob_chunk)  # [n, T]
-                    token_loss, clipped = policy_loss(logp, old_logp[m], advantages[m, None], args.clip_low, args.clip_high)
+                        logp, ent = logprobs(m)  # [n, T]
+                    token_loss, clipped = policy_loss(logp, old_logp[m], advantages[m, None], args.clip_low,
+                                                      args.clip_high)
                     token_loss = token_loss * truncated_is_weight(old_logp[m], rollout_logp, m, args.tis_cap)  # TIS
                     if ref_model is not None:
                         token_loss = token_loss + args.kl_coef * kl_k3(logp, ref_logp[m])
                     if args.entropy_coef > 0:
                         token_loss = token_loss - args.entropy_coef * ent
-                    loss = aggregate_loss(token_loss, mask[m], args.loss_agg, n_tokens, n_seqs, args.max_new_tokens)
+                    loss = aggregate_loss(token_loss, mask[m], args.loss_agg, n["tokens"], n["seqs"],
+                                          args.max_new_tokens)
                     loss = loss * loss_fault(step + 1)  # test-only: inf on the steps $EXPLORE_RLVR_FAULT names, else 1
                     loss.backward()
-                    loss_sum += loss.item() / (args.ppo_epochs * world)
-                    clip_sum += (clipped * mask[m]).sum().item()
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+                    sums["loss"] += loss.item() / (args.ppo_epochs * world)
+                    sums["clipped"] += (clipped * mask[m]).sum().item()
+                grad_norm = clip_grad_norm(model, args.max_grad_norm)
                 if math.isfinite(grad_norm):
                     optimizer.step()
                 skipped, streak = count_skip(grad_norm, skipped, streak, args.max_skipped_steps)  # non-finite: skipped
-        scheduler.step()
         fault_point("update", step + 1)
         t_train = time.time() - t0 - t_rollout - t_reward
-        # 6. Metrics (summed over ranks), evaluation, checkpoint.
-        lens = mask.sum(-1)
-        r_grouped = rewards.view(-1, G)
-        s = all_sum([rewards.sum().item(), (rewards ** 2).sum().item(), len(rewards), (r_grouped.std(-1) == 0).sum().item(),
-                     len(r_grouped), lens.sum().item(), sum(not x["finished"] for x in samples), (entropy * mask).sum().item(),
-                     mask.sum().item(), clip_sum, loss_sum], device)
-        mean = s[0] / s[2]
-        record = {"step": step + 1, "reward/mean": mean, "reward/std": math.sqrt(max(s[1] / s[2] - mean ** 2, 0.0)),
-                  "frac_zero_std_groups": s[3] / s[4], "completion/mean_len": s[5] / s[2], "completion/clipped_frac": s[6] / s[2],
-                  "entropy/mean": s[7] / s[8], "clip/frac": s[9] / (s[8] * args.ppo_epochs), "loss": s[10],
-                  "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0], "skipped_steps": skipped,
-                  "time/rollout": t_rollout, "time/reward": t_reward, "time/train": t_train,
-                  "tokens_per_s/rollout": s[5] / t_rollout, "tokens_per_s/train": s[8] * (args.ppo_epochs + 1) / t_train}
-        record.update(arm_metrics(advantages, grpo_advantages, shifted, correct, c_prompt, c_answer, prompt_mask, group, texts, G,
-                                  device))
-        record.update(engine["metrics"] if engine else {})  # vLLM: time/sync (the weight push)
-        record.update(rollout_mismatch(old_logp, rollout_logp, mask, args.tis_cap, args.mismatch_tol, device))
-        record["memory/peak_gib"] = peak_memory_gib(device)  # this rank's peak since the previous step's record
-        if (args.eval_every and (step + 1) % args.eval_every == 0) or step + 1 == args.steps:
-            metrics, records = evaluate_all(model, tokenizer, eval_sets, args, device, engine)
+        # 6. Metrics (sums by name, added over ranks), evaluation, checkpoint.
+        s = all_sum_dict({**rollout_sums(rewards, mask, entropy, samples, G), **sums}, device)
+        record = {"step": step + 1, **rollout_metrics(s, args.ppo_epochs), "grad_norm": grad_norm, "lr": lr,
+                  "skipped_steps": skipped, "time/rollout": t_rollout, "time/reward": t_reward, "time/train": t_train,
+                  "tokens_per_s/rollout": s["completion_tokens"] / t_rollout,
+                  "tokens_per_s/train": s["tokens"] * (args.ppo_epochs + 1) / t_train}
+        record.update(arm_metrics(advantages, grpo_advantages, shifted, correct, c_prompt, c_answer, prompt_mask,
+                                  group, texts, G, device))
+        record.update(system_metrics(engine, old_logp, rollout_logp, mask, args, device))
+        samples_by_set = None
+        if due(args.eval_every, step + 1, args.steps):
+            metrics, samples_by_set = evaluate_all(model, tokenizer, eval_sets, args, device, engine)
             record.update(metrics)
-            if rank == 0:
-                for name, recs in records.items():
-                    log_jsonl(run_dir, "samples.jsonl", {"step": step + 1, "dataset": name, "problems": recs[:4]})
         record["time/step"] = time.time() - t0
-        history.append(record)
-        if rank == 0:
-            log_jsonl(run_dir, "metrics.jsonl", record)
-            bar.set_postfix(reward=f"{mean:.3f}", pass1=f"{next((h['eval/pass@1'] for h in reversed(history) if 'eval/pass@1' in h), 0):.3f}")
-        if (args.save_every and (step + 1) % args.save_every == 0) or step + 1 == args.steps:  # after the metric line
+        log_step(run_dir, record, history, rank, bar, samples_by_set)
+        if due(args.save_every, step + 1, args.steps):  # after the metric line
             save_checkpoint(run_dir, step + 1, model, optimizer, tokenizer, rank, skipped, streak)
     print_summary(run_dir, rank)
 

@@ -1,18 +1,15 @@
-"""Plumbing shared by every method script: arguments, torchrun/FSDP2, models (incl. the built-in `tiny`), data,
+"""Plumbing shared by every method script: arguments, torchrun/FSDP2, models, data (from tasks.py),
 rewards, rollouts, per-token log-probs, loss aggregation, Pass@k evaluation, logging and checkpoints.
 No method's math lives here: each script (grpo.py, sps.py, arm.py, lp_reg.py, thr.py) holds its own algorithm."""
 import argparse
-import ast
 import atexit
 import contextlib
 import functools
-import hashlib
 import json
 import logging
 import math
 import multiprocessing
 import os
-import random
 import re
 import shutil
 import signal
@@ -22,155 +19,18 @@ import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor, TimeoutError as FutureTimeout
 from dataclasses import asdict, dataclass, field, fields
-from fractions import Fraction
 from typing import Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import transformers
-from datasets import load_dataset
-from datasets.exceptions import DatasetGenerationError
-from huggingface_hub.errors import HfHubHTTPError
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch.distributed.device_mesh import init_device_mesh
 from torch.utils.checkpoint import checkpoint
-from tqdm.auto import tqdm
-from transformers import (AutoModelForCausalLM, AutoTokenizer, DynamicCache, GenerationConfig, LogitsProcessorList,
-                          PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM)
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, GenerationConfig, LogitsProcessorList
 
-
-# ============================================================================ user errors and answer extraction
-class UserError(Exception):
-    """A mistake the user can fix (bad flag, missing file, unknown dataset field). Scripts print its message
-    on one line and exit with status 2 instead of a traceback."""
-
-
-def last_boxed(text, max_len=2000):
-    r"""Content of the last \boxed{...} (or \fbox{...}) in `text`, braces balanced; None if there is none."""
-    if not isinstance(text, str):
-        return None
-    for cmd in ("\\boxed", "\\fbox"):
-        start = text.rfind(cmd + "{")
-        if start >= 0:
-            break
-    else:
-        start = text.rfind("\\boxed ")  # \boxed 5
-        if start < 0:
-            return None
-        return text[start + 7:].split("$")[0].strip()[:max_len] or None
-    i = start + len(cmd) + 1
-    depth, j = 1, i
-    while j < len(text) and j - i <= max_len:
-        if text[j] == "{":
-            depth += 1
-        elif text[j] == "}":
-            depth -= 1
-            if depth == 0:
-                return text[i:j]
-        j += 1
-    return None
-
-
-# ============================================================================ built-in task: countdown
-COUNTDOWN_INSTRUCTION = "Use each number once with + - * / to reach the target. Put the expression in \\boxed{}."
-
-
-def countdown_prompt(numbers, target):
-    """The question text of one countdown problem (no chat template)."""
-    return f"Numbers: {' '.join(map(str, numbers))}. Target: {target}. {COUNTDOWN_INSTRUCTION}\n"
-
-
-def _random_solution(rng, numbers):
-    """Combine the numbers (in a random order) with random ops; keep every intermediate a positive integer.
-    Returns (expression string, value) or None."""
-    items = [(str(n), n) for n in numbers]
-    rng.shuffle(items)
-    while len(items) > 1:
-        i, j = rng.sample(range(len(items)), 2)
-        (ea, a), (eb, b) = items[i], items[j]
-        op = rng.choice("+-*/")
-        if op == "-" and a <= b:
-            (ea, a), (eb, b) = (eb, b), (ea, a)
-            if a == b:
-                return None
-        if op == "/" and (b == 0 or a % b != 0 or b == 1):
-            return None
-        if op == "*" and (a == 1 or b == 1):
-            return None
-        value = {"+": a + b, "-": a - b, "*": a * b, "/": a // b if b else 0}[op]
-        expr = f"({ea}{op}{eb})"
-        items = [it for k, it in enumerate(items) if k not in (i, j)] + [(expr, value)]
-    expr, value = items[0]
-    return expr[1:-1] if expr.startswith("(") else expr, value
-
-
-def countdown_problems(n, seed, split="train", min_numbers=3, max_numbers=4, max_number=20, max_target=100):
-    """`n` countdown problems: dicts {prompt, numbers, target, solution, task}. Deterministic in (seed, split);
-    the held-out split ("test") never contains a (numbers, target) pair of the train split (a hash of the
-    problem decides its split, so the two are disjoint whatever n is)."""
-    rng = random.Random(f"countdown-{seed}-{split}")
-    out, seen = [], set()
-    while len(out) < n:
-        k = rng.randint(min_numbers, max_numbers)
-        numbers = [rng.randint(1, max_number) for _ in range(k)]
-        sol = _random_solution(rng, numbers)
-        if sol is None:
-            continue
-        expr, target = sol
-        if not (1 <= target <= max_target):
-            continue
-        key = (tuple(sorted(numbers)), target)
-        in_test = (hash_problem(key) % 10) == 0  # 10% of the problem space is held out
-        if in_test != (split == "test") or key in seen:
-            continue
-        seen.add(key)
-        out.append({"prompt": countdown_prompt(numbers, target), "numbers": numbers, "target": target,
-                    "solution": expr, "gold": str(target), "task": "countdown"})
-    return out
-
-
-def hash_problem(key):
-    import hashlib
-    return int(hashlib.sha256(repr(key).encode()).hexdigest()[:8], 16)
-
-
-# ============================================================================ rewards (verifiers)
-# ---------------------------------------------------------------- countdown
-
-_CD_OPS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b,
-           ast.Mult: lambda a, b: a * b, ast.Div: lambda a, b: a / b}
-_CD_SYMBOLS = {"×": "*", "÷": "/", "−": "-", "\\times": "*", "\\cdot": "*", "\\div": "/"}
-
-
-def _cd_value(node):
-    """Exact value of a parsed countdown expression; ValueError on anything but ints, + - * / and parentheses."""
-    if isinstance(node, ast.Constant) and type(node.value) is int:
-        return Fraction(node.value)
-    if isinstance(node, ast.BinOp) and type(node.op) in _CD_OPS:
-        return _CD_OPS[type(node.op)](_cd_value(node.left), _cd_value(node.right))  # x/0 raises
-    raise ValueError(f"not allowed in countdown: {type(node).__name__}")
-
-
-def countdown_reward(completion, numbers, target):
-    r"""1.0 iff the last \boxed{} of `completion` is an expression using exactly `numbers` (each once, with
-    + - * / and parentheses) whose exact value is `target`; 0.0 otherwise, whatever the input. Never evaluates
-    model text: the expression is parsed with `ast` and computed with Fractions."""
-    try:
-        expr = last_boxed(completion)
-        if expr is None or len(expr) > 200:
-            return 0.0
-        for symbol, op in _CD_SYMBOLS.items():
-            expr = expr.replace(symbol, op)
-        expr = expr.strip()
-        if not re.fullmatch(r"[0-9+\-*/() \t]+", expr):  # no names, calls, dots, unicode digits, ...
-            return 0.0
-        used = re.findall(r"[0-9]+", expr)  # the multiset check bounds the tree size before parsing
-        if len(used) > 20 or sorted(int(u) for u in used) != sorted(int(n) for n in numbers):
-            return 0.0
-        return 1.0 if _cd_value(ast.parse(expr, mode="eval").body) == Fraction(target) else 0.0
-    except Exception:  # SyntaxError, ZeroDivisionError, ValueError, RecursionError, MemoryError, bad args
-        return 0.0
+from tasks import (DATASET_PRESETS, UserError, countdown_problems, countdown_reward, dataset_name, dataset_names,
+                   format_prompt, last_boxed, load_problems, parse_dataset_list, require, tiny_model_dir)
+warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # DCP at world size 1 is intended
 
 
 # ---------------------------------------------------------------- math (math-verify in worker processes)
@@ -331,421 +191,59 @@ def reward_fn(problem, completion):
     return compute_rewards([problem], [completion])[0]
 
 
-# ============================================================================ datasets
-# name -> where the data lives on the Hugging Face hub and how to read it. `gold` says how the reference answer
-# is extracted from the `answer` field: "####" = text after #### (GSM8K), "boxed" = last \boxed{} of a worked
-# solution, "field" = the field is the answer (a list means "any of these"). `name` may be a list of configs,
-# loaded one after the other and concatenated. "eval" as a split means `eval_split` (default: `split`).
-DATASET_PRESETS = {
-    "gsm8k": dict(path="openai/gsm8k", name="main", split="train", eval_split="test",
-                  prompt="question", answer="answer", gold="####"),
-    "math-lighteval": dict(path="DigitalLearningGmbH/MATH-lighteval", name=None, split="train",
-                           prompt="problem", answer="solution", gold="boxed"),
-    "math500": dict(path="HuggingFaceH4/MATH-500", name=None, split="test",
-                    prompt="problem", answer="answer", gold="field"),
-    "aime24": dict(path="HuggingFaceH4/aime_2024", name=None, split="train",  # 30 problems
-                   prompt="problem", answer="answer", gold="field"),
-    "aime25": dict(path="opencompass/AIME2025", name=["AIME2025-I", "AIME2025-II"], split="test",
-                   prompt="question", answer="answer", gold="field"),
-    "amc23": dict(path="math-ai/amc23", name=None, split="test",  # 40 problems
-                  prompt="question", answer="answer", gold="field"),
-    "minerva": dict(path="math-ai/minervamath", name=None, split="test",  # 272 problems
-                    prompt="question", answer="answer", gold="field"),
-    "olympiad": dict(path="lkevinzc/math-eval", name=None, split="olympiad_bench",  # 675 problems, list answers
-                     prompt="problem", answer="answer", gold="field"),
-    # the raw hub copy of DAPO repeats every prompt ~100 times: keep the first occurrence of each prompt
-    "dapo-math-17k": dict(path="open-r1/DAPO-Math-17k-Processed", name="en", split="train",
-                          prompt="prompt", answer="solution", gold="field", dedup=True),
-}
-PROMPT_FIELDS, ANSWER_FIELDS = ("prompt", "problem", "question"), ("answer", "gold", "solution", "target")
-LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-SPLIT_WORDS = {"train": "train", "training": "train", "test": "test", "testing": "test", "eval": "test",
-               "validation": "validation", "valid": "validation", "val": "validation", "dev": "validation"}
-HUB_ERRORS = (ConnectionError, FileNotFoundError, HfHubHTTPError)  # offline mode, no network, unknown id, gated
-MATH_INSTRUCTION = "\nPlease reason step by step, and put your final answer within \\boxed{}."
-
-
-def _gold(value, how):
-    """Reference answer(s) as str (or list of str: any matches) from a raw answer field; None if there is none.
-    how: "####", "boxed", "field" (see DATASET_PRESETS) or "auto" (local files, hub ids): the last \\boxed{} if
-    there is one, else the text after #### if there is one, else the whole field."""
-    if isinstance(value, (list, tuple)):
-        return [g for g in (_gold(v, how) for v in value) if g is not None] or None
-    if value is None:
-        return None
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    value = str(value)  # numeric answers (AIME: 204) become "204"
-    if how == "boxed" or (how == "auto" and ("\\boxed" in value or "\\fbox" in value)):
-        return last_boxed(value)
-    if how == "####" or (how == "auto" and "####" in value):
-        return value.split("####")[-1].strip().replace(",", "") or None
-    return value.strip() or None
-
-
-def _text(prompt):
-    """Question text; a chat-format prompt (list of {role, content}) gives its last user message."""
-    if isinstance(prompt, list):
-        user = [m.get("content") for m in prompt if isinstance(m, dict) and m.get("role") == "user"]
-        prompt = user[-1] if user else None
-    return prompt.strip() if isinstance(prompt, str) else None
-
-
-def _pick_field(columns, explicit, defaults, kind, source):
-    if explicit is None:
-        explicit = next((f for f in defaults if f in columns), None)
-    if explicit not in columns:
-        wanted = f"'{explicit}'" if explicit else f"one of {', '.join(defaults)}"
-        raise UserError(f"{source} has no {kind} field {wanted}; its fields are {', '.join(columns)}: "
-                        f"pass --{kind}-field NAME")
-    return explicit
-
-
-def _split_of(file):
-    """The split a data file's path names: test.jsonl, train-00000-of-00001.parquet, data/test/x.json -> "train",
-    "test" or "validation" (see SPLIT_WORDS); None for a name with no split in it."""
-    for word in re.split(r"[^a-z0-9]+", file.lower()):
-        if word in SPLIT_WORDS:
-            return SPLIT_WORDS[word]
-    return None
-
-
-def _load_local(path, split, configs=(None,)):
-    """A file loads whole, whatever the split. A folder (a copy of a hub dataset, e.g. what `hf download --repo-type
-    dataset ID --local-dir DIR` writes) loads the files that name `split` (train-0000.parquet, test.jsonl; all of its
-    files when none names a split), from its `configs` subfolders when it has them (gsm8k: DIR/main/)."""
-    fmt = LOCAL_FORMATS.get(os.path.splitext(path)[1].lower())
-    if not os.path.isdir(path) and not fmt:
-        raise UserError(f"'{path}' is not a .jsonl/.json/.parquet file: convert it to one of these formats")
-    split = split or "train"
-    tables = []
-    for folder in [os.path.join(path, c) for c in configs if c and os.path.isdir(os.path.join(path, c))] or [path]:
-        files = [path] if fmt else sorted(os.path.join(d, f) for d, dirs, names in os.walk(folder) for f in names
-                                          if not os.path.relpath(os.path.join(d, f), folder).startswith(".")
-                                          and os.path.splitext(f)[1].lower() in LOCAL_FORMATS)  # not .cache/
-        rel = [os.path.relpath(f, folder) for f in files]
-        match = [f for f, r in zip(files, rel) if _split_of(r) == SPLIT_WORDS.get(split, split)
-                 or os.path.basename(r).startswith(split)]  # or a preset's own split name: olympiad_bench.jsonl
-        if not fmt and (match or any(_split_of(r) for r in rel)):  # else one split in files (aime2025-I, -II.jsonl)
-            files = match
-        if not files:
-            raise UserError(f"'{folder}' has no .jsonl/.json/.parquet file for split {split} (it has: "
-                            f"{', '.join(rel) or 'none'}): name the split in the file names or pass one file")
-        formats = {LOCAL_FORMATS[os.path.splitext(f)[1].lower()] for f in files}
-        if len(formats) > 1:
-            raise UserError(f"'{folder}' mixes .parquet and .json/.jsonl files for split {split}: pass one file")
-        try:
-            tables.append(load_dataset(formats.pop(), data_files=files, split="train"))
-        except (DatasetGenerationError, ValueError, FileNotFoundError) as e:
-            raise UserError(f"could not read '{folder}' (split {split}): {str(e).splitlines()[0]}: "
-                            f"fix the file or pass one .jsonl/.json/.parquet file") from e
-    return tables
-
-
-def _load_hub(path, names, split):
-    try:
-        return [load_dataset(path, name, split=split) for name in names]
-    except HUB_ERRORS as e:
-        raise UserError(f"could not load '{path}' from the Hugging Face hub (offline or unknown id): download it on "
-                        f"a machine with internet (`hf download --repo-type dataset {path} --local-dir DIR`) and pass "
-                        f"the local path (DIR or one of its .parquet/.jsonl files), or check the id") from e
-    except ValueError as e:  # unknown config or split
-        raise UserError(f"could not load '{path}' split '{split}': {str(e).splitlines()[0]}: check --split") from e
-
-
-def dataset_name(spec):
-    """(name, source) of one --dataset / --eval-datasets entry. "NAME=SOURCE" names it (NAME a preset: the preset's
-    fields and gold extraction applied to SOURCE, a local copy of it); otherwise countdown and presets keep their
-    name, a local file or folder gets its stem (/data/gsm8k/eval.jsonl -> eval) and a hub id its last part. Names
-    go into metric keys (eval/<name>/pass@1), so they are letters, digits and _ . + - only."""
-    spec = spec.strip()
-    if "=" in spec and not os.path.exists(os.path.expanduser(spec)):
-        name, source = (x.strip() for x in spec.split("=", 1))
-        require(re.fullmatch(r"[\w.+-]+", name) and source,
-                f"dataset '{spec}': NAME=SOURCE needs a NAME of letters, digits, _ . + - and a SOURCE")
-        return name, source
-    if spec == "countdown" or spec in DATASET_PRESETS:
-        return spec, spec
-    stem = os.path.basename(spec.rstrip("/\\"))
-    stem = os.path.splitext(stem)[0] if os.path.splitext(stem)[1].lower() in LOCAL_FORMATS else stem
-    return re.sub(r"[^\w.+-]+", "_", stem) or "data", spec
-
-
-def dataset_names(s):
-    """{name: spec} of a comma-separated --eval-datasets value; two entries with one name are an error."""
-    out = {}
-    for spec in parse_dataset_list(s):
-        name = dataset_name(spec)[0]
-        require(name not in out, f"two datasets are named '{name}' ({out.get(name)} and {spec}): "
-                                 f"name them apart with NAME=PATH (e.g. {name}-2={dataset_name(spec)[1]})")
-        out[name] = spec
-    return out
-
-
-def load_problems(spec, split=None, prompt_field=None, answer_field=None, n=None, seed=0, keep_answer=False):
-    """Problems {prompt, gold, task} from `spec`: "countdown", a DATASET_PRESETS name, a local .jsonl/.json/.parquet
-    file (or folder of them), a hub id owner/name, or NAME=SOURCE (PRESET=PATH: the preset's fields and gold on a local
-    copy). split "eval" is the held-out split: the preset's eval split, else test. `n` keeps the first n after a shuffle
-    seeded by `seed`. keep_answer: each problem also holds its raw answer field as "answer" (eval.py golds)."""
-    name, spec = dataset_name(spec)
-    if spec == "countdown":
-        if split not in (None, "train", "test", "eval", "validation"):
-            raise UserError(f"countdown has no split '{split}': use train or test")
-        split = "train" if split in (None, "train") else "test"
-        return countdown_problems(n or (2000 if split == "train" else 200), seed, split=split)
-    how, dedup, configs, path = "auto", False, [None], os.path.expanduser(spec)
-    preset = DATASET_PRESETS.get(spec) or DATASET_PRESETS.get(name)  # the hub preset, or PRESET=SOURCE
-    if preset:
-        split = preset.get("eval_split", preset["split"]) if split == "eval" else split or preset["split"]
-        configs = preset["name"] if isinstance(preset["name"], list) else [preset["name"]]
-        prompt_field, answer_field = prompt_field or preset["prompt"], answer_field or preset["answer"]
-        how, dedup = preset["gold"], preset.get("dedup", False)
-    split = "test" if split == "eval" else split
-    if spec in DATASET_PRESETS:
-        tables = _load_hub(preset["path"], configs, split)
-    elif os.path.exists(path):
-        tables = _load_local(path, split, configs)
-    elif os.path.splitext(spec)[1].lower() in LOCAL_FORMATS or spec.startswith((".", "/", "~")):
-        raise UserError(f"dataset file '{spec}' does not exist: check the path")
-    elif re.fullmatch(r"[\w.-]+/[\w.-]+", spec):
-        tables = _load_hub(spec, configs, split or "train")
-    else:
-        raise UserError(f"unknown dataset '{spec}': use countdown, one of {', '.join(DATASET_PRESETS)}, "
-                        f"a hub id like owner/name, or a local .jsonl/.json/.parquet file")
-    problems, seen, dropped = [], set(), 0
-    for ds in tables:
-        pf = _pick_field(ds.column_names, prompt_field, PROMPT_FIELDS, "prompt", f"dataset '{spec}'")
-        af = _pick_field(ds.column_names, answer_field, ANSWER_FIELDS, "answer", f"dataset '{spec}'")
-        for prompt, answer in zip(ds[pf], ds[af]):
-            prompt, gold = _text(prompt), _gold(answer, how)
-            if not prompt or gold is None:
-                dropped += 1
-            elif not (dedup and prompt in seen):
-                seen.add(prompt)
-                problems.append({"prompt": prompt, "gold": gold, "task": "math"})
-                problems[-1].update({"answer": answer} if keep_answer else {})
-    if dropped:
-        print(f"warning: dropped {dropped} rows of '{spec}' with an empty {pf} or no answer in {af}")
-    if not problems:
-        raise UserError(f"dataset '{spec}' (split {split or 'train'}) has no usable rows: "
-                        f"check the split and the fields")
-    if n is not None:
-        random.Random(seed).shuffle(problems)
-        problems = problems[:n]
-    return problems
-
-
-def format_prompt(tokenizer, problem):
-    """The text given to the model: the question (+ the \\boxed{} instruction for math), in the chat template
-    when the tokenizer has one."""
-    countdown = problem.get("task") == "countdown"  # its prompt already holds its instruction
-    text = problem["prompt"] + ("" if countdown else MATH_INSTRUCTION)
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                             add_generation_prompt=True)
-    return text if countdown else text + "\n"
-
-
-def parse_dataset_list(s):
-    """A comma-separated --eval-datasets value as a list: "math500, aime24" -> ["math500", "aime24"]."""
-    return [x.strip() for x in (s or "").split(",") if x.strip()]
-
-
-# ============================================================================ built-in model: tiny
-# Qwen2's pre-tokenizer split: words, single digits (\p{N}), punctuation runs, newlines, spaces.
-QWEN2_SPLIT_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                     r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-TINY_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-TINY_VERSION = "tiny-v2"  # bump when the build code changes: it is part of the cache key
-TINY_CONFIGS = {
-    # the built-in model `python grpo.py` starts from: 0.88M parameters, ~100 s to build on 2 CPU cores; after SFT
-    # it solves ~10% of held-out countdown problems sampling at temperature 1 (~12-18% greedy): room for RL
-    "default": dict(tokenizer_vocab_size=512, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
-                    num_key_value_heads=2, intermediate_size=384, max_position_embeddings=512,
-                    tie_word_embeddings=False, sft_steps=1200, sft_batch=32, sft_lr=2e-3, seed=0),
-    # 39K parameters, a few seconds to build: for tests
-    "test": dict(tokenizer_vocab_size=320, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                 num_key_value_heads=1, intermediate_size=64, max_position_embeddings=512,
-                 tie_word_embeddings=False, sft_steps=30, sft_batch=16, sft_lr=3e-3, seed=0),
-}
-# tokenizer_vocab_size is an upper bound: BPE stops when no merge is left (single digits; ~346 tokens on countdown).
-# The model's vocab_size is len(tokenizer).
-
-
-def train_tiny_tokenizer(texts, vocab_size):
-    """Byte-level BPE with Qwen2's pre-tokenizer, trained on `texts`; <|endoftext|> is eos and pad, left padding.
-    The 256-byte initial alphabet makes every string encodable, so decode(encode(s)) == s."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN2_SPLIT_REGEX), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=TINY_SPECIAL_TOKENS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
-                                   padding_side="left", clean_up_tokenization_spaces=False)
-
-
-def tiny_sft_examples(tokenizer, problems):
-    """(prompt ids, completion ids) per problem; the completion is "\\boxed{solution}" + EOS."""
-    prompts = tokenizer([p["prompt"] for p in problems])["input_ids"]
-    completions = tokenizer(["\\boxed{" + p["solution"] + "}" for p in problems])["input_ids"]
-    return [(p, c + [tokenizer.eos_token_id]) for p, c in zip(prompts, completions)]
-
-
-def tiny_sft_batch(examples, pad_id):
-    """Right-padded batch: input_ids, attention_mask [B, T] and labels [B, T] (-100 except on completion tokens)."""
-    T = max(len(p) + len(c) for p, c in examples)
-    ids = torch.full((len(examples), T), pad_id)
-    mask = torch.zeros(len(examples), T, dtype=torch.long)
-    labels = torch.full((len(examples), T), -100)
-    for i, (p, c) in enumerate(examples):
-        ids[i, :len(p) + len(c)] = torch.tensor(p + c)
-        mask[i, :len(p) + len(c)] = 1
-        labels[i, len(p):len(p) + len(c)] = torch.tensor(c)
-    return dict(input_ids=ids, attention_mask=mask, labels=labels)
-
-
-@torch.no_grad()
-def tiny_completion_loss(model, tokenizer, problems, batch=64):
-    """Mean per-token cross-entropy of the model on the "\\boxed{solution}"+EOS completions of `problems`."""
-    examples, total, count = tiny_sft_examples(tokenizer, problems), 0.0, 0
-    for i in range(0, len(examples), batch):
-        b = tiny_sft_batch(examples[i:i + batch], tokenizer.pad_token_id)
-        n = int((b["labels"][:, 1:] != -100).sum())
-        total, count = total + model(**b).loss.item() * n, count + n
-    return total / count
-
-
-def build_tiny_model(out_dir, size="default", log=print, reward_fn=None):
-    """Train the tokenizer, SFT a fresh Qwen2 on countdown and save both into `out_dir` (atomically). Returns out_dir.
-    If reward_fn(completion, problem) -> float is given, held-out sampled success is measured into tiny_build.json."""
-    cfg = TINY_CONFIGS[size]
-    seed, steps, bsz = cfg["seed"], cfg["sft_steps"], cfg["sft_batch"]
-    random.seed(seed)
-    torch.manual_seed(seed)
-    problems = countdown_problems(steps * bsz, seed=seed, split="train")
-    tokenizer = train_tiny_tokenizer([p["prompt"] + "\\boxed{" + p["solution"] + "}" for p in problems[:4000]],
-                                     cfg["tokenizer_vocab_size"])
-    not_arch = ("tokenizer_vocab_size", "sft_steps", "sft_batch", "sft_lr", "seed")
-    arch = {k: v for k, v in cfg.items() if k not in not_arch}
-    config = Qwen2Config(**arch, vocab_size=len(tokenizer),
-                         bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
-    model = Qwen2ForCausalLM(config)
-    log(f"tiny-{size}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {steps} SFT steps")
-    examples = tiny_sft_examples(tokenizer, problems)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg["sft_lr"], weight_decay=0.0)
-    warmup = max(1, steps // 20)  # linear warmup, then cosine decay to 10% of the peak lr
-
-    def lr_factor(s):
-        progress = min(1.0, max(0, s - warmup) / max(1, steps - warmup))
-        return min((s + 1) / warmup, 0.55 + 0.45 * math.cos(math.pi * progress))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
-    model.train()
-    losses = []
-    for step in (bar := tqdm(range(steps), desc=f"SFT tiny-{size}", leave=False)):
-        loss = model(**tiny_sft_batch(examples[step * bsz:(step + 1) * bsz], tokenizer.pad_token_id)).loss
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-    model.eval()
-    model.generation_config.eos_token_id = model.generation_config.pad_token_id = tokenizer.eos_token_id
-    heldout = countdown_problems(200, seed=0, split="test")
-    info = dict(size=size, config=cfg, version=TINY_VERSION, parameters=sum(p.numel() for p in model.parameters()),
-                sft_first_losses=losses[:5], sft_final_loss=sum(losses[-20:]) / len(losses[-20:]),
-                heldout_completion_loss=tiny_completion_loss(model, tokenizer, heldout))
-    if reward_fn is not None:
-        info["heldout_sampled_success"] = tiny_sampled_success(model, tokenizer, heldout, reward_fn)
-    log(f"tiny-{size}: " + ", ".join(f"{k}={v:.3f}" for k, v in info.items() if isinstance(v, float)))
-    tmp = f"{out_dir}.tmp-{os.getpid()}"
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    with open(os.path.join(tmp, "tiny_build.json"), "w") as f:
-        json.dump(info, f, indent=1)
-    try:
-        os.rename(tmp, out_dir)
-    except OSError:  # another process built it meanwhile: use theirs
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not os.path.isdir(out_dir):
-            raise
-    return out_dir
-
-
-@torch.no_grad()
-def tiny_sampled_success(model, tokenizer, problems, reward_fn, batch=100, seed=0):
-    """Mean reward_fn(completion, problem) over one temperature-1 sample per problem (32 new tokens at most)."""
-    torch.manual_seed(seed)
-    rewards = []
-    for i in range(0, len(problems), batch):
-        chunk = problems[i:i + batch]
-        enc = tokenizer([p["prompt"] for p in chunk], return_tensors="pt", padding=True)  # left-padded [B, T]
-        out = model.generate(input_ids=enc.input_ids, attention_mask=enc.attention_mask, do_sample=True, temperature=1.0,
-                             top_k=0, top_p=1.0, max_new_tokens=32)  # not **enc: some tokenizers add token_type_ids
-        texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-        rewards += [float(reward_fn(t, p)) for t, p in zip(texts, chunk)]
-    return sum(rewards) / len(rewards)
-
-
-def tiny_model_dir(size="default", reward_fn=None):
-    """Path of the cached built-in model of this size (built on first use): $EXPLORE_RLVR_CACHE,
-    else $XDG_CACHE_HOME/explore-rlvr, else ~/.cache/explore-rlvr, then tiny-<size>-<hash of config, code version and
-    transformers' major version (4.x cannot read the tokenizer files 5.x writes)>. reward_fn (see build_tiny_model)
-    only matters when it builds."""
-    root = os.environ.get("EXPLORE_RLVR_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "explore-rlvr")
-    major = transformers.__version__.split(".")[0]
-    key = hashlib.sha256((json.dumps(TINY_CONFIGS[size], sort_keys=True) + TINY_VERSION + major).encode()).hexdigest()[:12]
-    path = os.path.join(root, f"tiny-{size}-{key}")
-    if not os.path.isdir(path):
-        os.makedirs(root, exist_ok=True)
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # one thread: the same weights whatever the number of cores (reduction order)
-        try:
-            build_tiny_model(path, size, reward_fn=reward_fn)
-        finally:
-            torch.set_num_threads(threads)
-    return path
-
-
-warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # DCP at world size 1 is intended
 
 # ============================================================================ arguments
 @dataclass
 class BaseArgs:
     """Flags every script shares. Defaults run the built-in CPU demo; help strings give the paper-scale value."""
-    model: str = field(default="tiny", metadata={"help": "hub id, local HF directory, or 'tiny' (built-in Qwen2 model, built and cached on first use)"})
-    dataset: str = field(default="countdown", metadata={"help": "countdown, a preset (" + ", ".join(DATASET_PRESETS) + "), a hub id, a local .jsonl/.json/.parquet or folder, NAME=PATH, or PRESET=PATH (a local copy of a preset)"})
-    eval_datasets: str = field(default="countdown", metadata={"help": "comma-separated datasets for held-out evaluation, as --dataset; metric keys use the name (a file's stem unless NAME=PATH) (real runs: math500,aime24,amc23,minerva,olympiad)"})
-    prompt_field: Optional[str] = field(default=None, metadata={"help": "dataset column holding the question (default: the preset's, or the first of prompt/problem/question)"})
-    answer_field: Optional[str] = field(default=None, metadata={"help": "dataset column holding the gold answer (default: the preset's, or the first of answer/gold/solution/target)"})
+    model: str = field(default="tiny", metadata={
+        "help": "hub id, local HF directory, or 'tiny' (built-in Qwen2 model, built and cached on first use)"})
+    dataset: str = field(default="countdown", metadata={"help": (
+        "countdown, a preset (" + ", ".join(DATASET_PRESETS) + "), a hub id, a local .jsonl/.json/.parquet or folder, "
+        "NAME=PATH, or PRESET=PATH (a local copy of a preset)")})
+    eval_datasets: str = field(default="countdown", metadata={
+        "help": ("comma-separated datasets for held-out evaluation, as --dataset; metric keys use the name (a "
+                 "file's stem unless NAME=PATH) (real runs: math500,aime24,amc23,minerva,olympiad)")})
+    prompt_field: Optional[str] = field(default=None, metadata={
+        "help": "dataset column holding the question (default: the preset's, or the first of prompt/problem/question)"})
+    answer_field: Optional[str] = field(default=None, metadata={
+        "help": ("dataset column holding the gold answer (default: the preset's, or the first of "
+                 "answer/gold/solution/target)")})
     steps: int = field(default=100, metadata={"help": "RL steps (one rollout batch each); paper runs: 300-1000"})
-    prompts_per_step: int = field(default=32, metadata={"help": "prompts per step B, split across ranks; paper runs: 128"})
+    prompts_per_step: int = field(default=32, metadata={
+        "help": "prompts per step B, split across ranks; paper runs: 128"})
     group_size: int = field(default=8, metadata={"help": "completions per prompt G (>= 2)"})
-    max_new_tokens: int = field(default=24, metadata={"help": "max completion tokens; paper runs: 3072 (Qwen2.5-Math has a 4k context)"})
-    max_prompt_tokens: int = field(default=1024, metadata={"help": "longer prompts are dropped from the dataset (the count is printed)"})
+    max_new_tokens: int = field(default=24, metadata={
+        "help": "max completion tokens; paper runs: 3072 (Qwen2.5-Math has a 4k context)"})
+    max_prompt_tokens: int = field(default=1024, metadata={
+        "help": "longer prompts are dropped from the dataset (the count is printed)"})
     temperature: float = field(default=1.0, metadata={"help": "rollout sampling temperature"})
     top_p: float = field(default=1.0, metadata={"help": "rollout nucleus sampling"})
     lr: float = field(default=2e-4, metadata={"help": "AdamW learning rate (constant after warmup); paper runs: 1e-6"})
     warmup_steps: int = field(default=0, metadata={"help": "linear lr warmup steps"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm"})
-    micro_batch_size: int = field(default=64, metadata={"help": "sequences per forward/backward on one rank (memory knob; does not change the math)"})
+    micro_batch_size: int = field(default=64, metadata={
+        "help": "sequences per forward/backward on one rank (memory knob; does not change the math)"})
     seed: int = field(default=0, metadata={"help": "seeds data order, model init of 'tiny', and rollout sampling"})
-    train_size: int = field(default=2000, metadata={"help": "number of generated countdown training problems (countdown only)"})
-    run_dir: str = field(default="", metadata={"help": "where config.json, metrics.jsonl, samples.jsonl and checkpoint/ go (default: runs/<script>-<dataset>-s<seed>-<time>)"})
-    report_to: str = field(default="none", metadata={"help": "also send metrics.jsonl's numbers to: none, tensorboard, wandb, or a comma-separated list (pip install tensorboard / wandb)"})
-    eval_every: int = field(default=25, metadata={"help": "evaluate every N steps (and before and after training); 0 = only before/after"})
-    eval_samples: int = field(default=16, metadata={"help": "samples per held-out problem n (pass@k for k = 1, 2, 4, ..., n)"})
+    train_size: int = field(default=2000, metadata={
+        "help": "number of generated countdown training problems (countdown only)"})
+    run_dir: str = field(default="", metadata={
+        "help": ("where config.json, metrics.jsonl, samples.jsonl and checkpoint/ go (default: "
+                 "runs/<script>-<dataset>-s<seed>-<time>)")})
+    report_to: str = field(default="none", metadata={
+        "help": ("also send metrics.jsonl's numbers to: none, tensorboard, wandb, or a comma-separated list (pip "
+                 "install tensorboard / wandb)")})
+    eval_every: int = field(default=25, metadata={
+        "help": "evaluate every N steps (and before and after training); 0 = only before/after"})
+    eval_samples: int = field(default=16, metadata={
+        "help": "samples per held-out problem n (pass@k for k = 1, 2, 4, ..., n)"})
     eval_problems: int = field(default=100, metadata={"help": "held-out problems per eval dataset (0 = all)"})
-    eval_temperature: float = field(default=0.6, metadata={"help": "eval sampling temperature (DeepSeek-R1 convention)"})
+    eval_temperature: float = field(default=0.6, metadata={
+        "help": "eval sampling temperature (DeepSeek-R1 convention)"})
     eval_top_p: float = field(default=0.95, metadata={"help": "eval nucleus sampling"})
-    save_every: int = field(default=50, metadata={"help": "checkpoint every N steps (and at the end); 0 = only at the end"})
+    save_every: int = field(default=50, metadata={
+        "help": "checkpoint every N steps (and at the end); 0 = only at the end"})
     resume: Optional[str] = field(default=None, metadata={"choices": ["yes", "auto"], "const": "yes", "help": (
         "--resume: continue --run-dir's newest complete checkpoint with the same data order and sampling (error if "
         "there is none) | --resume auto: the same, or start fresh when there is none (one command for every launch)")})
@@ -764,11 +262,21 @@ class BaseArgs:
         "(Yao et al. 2025: 2; 0 = off)")})
     mismatch_tol: float = field(default=0.05, metadata={
         "help": "vllm: stop with an error when the mean |log-prob difference| per sampled token exceeds this"})
-    gradient_checkpointing: str = field(default="auto", metadata={"choices": ["auto", "on", "off"], "help": "auto (on with CUDA) | on | off"})
-    logprob_chunk: int = field(default=1024, metadata={"help": "token rows per log-prob chunk: about 2 x rows x V x 4 bytes at once (1024 rows of Qwen's 151,936-token vocabulary: ~1.2 GB)"})
+    gradient_checkpointing: str = field(default="auto", metadata={
+        "choices": ["auto", "on", "off"],
+        "help": "auto (on with CUDA) | on | off"})
+    logprob_chunk: int = field(default=1024, metadata={
+        "help": ("token rows per log-prob chunk: about 2 x rows x V x 4 bytes at once (1024 rows of Qwen's "
+                 "151,936-token vocabulary: ~1.2 GB)")})
 
     def __post_init__(self):
-        require(self.group_size >= 2, f"--group-size must be >= 2 for group-relative advantages (got {self.group_size})")
+        for f in fields(self):  # each field's "choices", checked here too: Args(...) built in code skips argparse
+            value = getattr(self, f.name)
+            require("choices" not in f.metadata or value in f.metadata["choices"] or value is None is f.default,
+                    f"--{f.name.replace('_', '-')} must be one of {', '.join(f.metadata.get('choices', []))} "
+                    f"(got {value})")
+        require(self.group_size >= 2,
+                f"--group-size must be >= 2 for group-relative advantages (got {self.group_size})")
         require(self.prompts_per_step >= 1, f"--prompts-per-step must be >= 1 (got {self.prompts_per_step})")
         require(self.max_new_tokens >= 1, f"--max-new-tokens must be >= 1 (got {self.max_new_tokens})")
         require(self.lr > 0 and math.isfinite(self.lr), f"--lr must be a positive number (got {self.lr})")
@@ -777,42 +285,40 @@ class BaseArgs:
         require(0 < self.top_p <= 1 and 0 < self.eval_top_p <= 1, "--top-p and --eval-top-p must be in (0, 1]")
         require(self.eval_temperature >= 0, f"--eval-temperature must be >= 0 (got {self.eval_temperature})")
         require(self.eval_samples >= 1, f"--eval-samples must be >= 1 (got {self.eval_samples})")
-        require(self.micro_batch_size >= 1 and self.logprob_chunk >= 1, "--micro-batch-size and --logprob-chunk must be >= 1")
+        require(self.micro_batch_size >= 1 and self.logprob_chunk >= 1,
+                "--micro-batch-size and --logprob-chunk must be >= 1")
         require(min(self.eval_every, self.save_every, self.warmup_steps, self.eval_problems) >= 0,
                 "--eval-every, --save-every, --warmup-steps, --eval-problems must be >= 0")
         require(self.max_grad_norm > 0, f"--max-grad-norm must be > 0 (got {self.max_grad_norm})")
         require(self.max_skipped_steps >= 0, f"--max-skipped-steps must be >= 0 (got {self.max_skipped_steps})")
-        require(self.rollout_backend in ("auto", "hf", "vllm"), f"--rollout-backend must be auto, hf or vllm (got {self.rollout_backend})")
         require(0 < self.vllm_gpu_memory < 1, f"--vllm-gpu-memory must be in (0, 1) (got {self.vllm_gpu_memory})")
         require(self.vllm_cpu_kv_gib > 0, f"--vllm-cpu-kv-gib must be > 0 (got {self.vllm_cpu_kv_gib})")
         require(self.tis_cap == 0 or self.tis_cap >= 1, f"--tis-cap must be 0 (off) or >= 1 (got {self.tis_cap})")
         require(self.mismatch_tol > 0, f"--mismatch-tol must be > 0 (got {self.mismatch_tol})")
-        require(self.gradient_checkpointing in ("auto", "on", "off"), "--gradient-checkpointing must be auto, on or off")
         require(set(parse_dataset_list(self.report_to)) <= set(REPORT_TO),
                 f"--report-to must be none, tensorboard, wandb or a comma-separated list of them "
                 f"(got {self.report_to})")
 
 
-def require(cond, message):
-    if not cond:
-        raise UserError(message)
-
-
 def parse_args(cls, argv=None):
-    """dataclass -> argparse: `--flag-name VALUE` for each field, `--flag/--no-flag` for booleans, defaults in --help."""
+    """dataclass -> argparse: `--flag-name VALUE` for each field, `--flag/--no-flag` for booleans, defaults in
+    --help."""
     parser = argparse.ArgumentParser(description=(sys.modules["__main__"].__doc__ or "").split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in fields(cls):
-        kind = {"Optional[str]": str, "Optional[int]": int, "Optional[float]": float}.get(str(f.type).replace("typing.", ""), f.type)
+        kind = {"Optional[str]": str, "Optional[int]": int,
+                "Optional[float]": float}.get(str(f.type).replace("typing.", ""), f.type)
         kind = {"int": int, "float": float, "str": str, "bool": bool}.get(kind, kind) if isinstance(kind, str) else kind
         name = "--" + f.name.replace("_", "-")
         if kind is bool:
-            parser.add_argument(name, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata.get("help", ""))
+            parser.add_argument(name, action=argparse.BooleanOptionalAction, default=f.default,
+                                help=f.metadata.get("help", ""))
         elif "const" in f.metadata:  # --resume alone means --resume yes
             parser.add_argument(name, type=kind, nargs="?", const=f.metadata["const"], default=f.default,
                                 choices=f.metadata.get("choices"), help=f.metadata.get("help", ""))
         else:
-            parser.add_argument(name, type=kind, default=f.default, choices=f.metadata.get("choices"), help=f.metadata.get("help", ""))
+            parser.add_argument(name, type=kind, default=f.default, choices=f.metadata.get("choices"),
+                                help=f.metadata.get("help", ""))
     ns = parser.parse_args(argv)
     try:
         return cls(**vars(ns))
@@ -869,6 +375,11 @@ def all_sum(values, device):
     return t.tolist()
 
 
+def all_sum_dict(sums, device):
+    """Sum a dict of floats over ranks in one all-reduce, read back by name. Every rank passes the same keys."""
+    return dict(zip(sums, all_sum(list(sums.values()), device)))
+
+
 def gather_objects(obj):
     """List of `obj` from every rank (rank order)."""
     if not dist.is_initialized():
@@ -887,13 +398,15 @@ def load_model(name, device, rank=0, dtype=torch.float32):
         barrier()
         name = tiny_model_dir("default")
     elif not os.path.isdir(name) and not re.fullmatch(r"[\w.-]+/[\w.-]+", name):
-        raise UserError(f"unknown model '{name}': pass 'tiny', a local Hugging Face model directory, or a hub id like Qwen/Qwen2.5-Math-1.5B")
+        raise UserError(f"unknown model '{name}': pass 'tiny', a local Hugging Face model directory, or a hub id like "
+                        "Qwen/Qwen2.5-Math-1.5B")
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, padding_side="left")
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
     except OSError as e:
-        raise UserError(f"could not load model '{name}' ({str(e).splitlines()[0][:150]}): without internet, download it elsewhere "
-                        f"(`huggingface-cli download {name}`) and pass the local directory") from None
+        first = str(e).splitlines()[0][:150]
+        raise UserError(f"could not load model '{name}' ({first}): without internet, download it "
+                        f"elsewhere (`huggingface-cli download {name}`) and pass the local directory") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.to(device), tokenizer
@@ -912,7 +425,8 @@ def shard_model(model, world, device, gradient_checkpointing="auto"):
         return model
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mesh = init_device_mesh(device.type, (world,))
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" else MixedPrecisionPolicy()
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16,
+                              reduce_dtype=torch.float32) if device.type == "cuda" else MixedPrecisionPolicy()
     for layer in model.model.layers:
         fully_shard(layer, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)
@@ -973,7 +487,8 @@ def eos_ids(model, tokenizer):
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts, keys, max_new_tokens, temperature=1.0, top_p=1.0, batch_size=256, engine=None, push=True):
+def generate(model, tokenizer, prompts, keys, max_new_tokens, temperature=1.0, top_p=1.0, batch_size=256, engine=None,
+             push=True):
     """Sample one completion per prompt string. keys: [N] int64 from sample_keys; temperature 0 = greedy.
     Returns a list of dicts {prompt_ids, completion_ids (incl. EOS if it stopped), finished}.
     engine: None = HF generate on the training model (counter-based sampling); else the colocated vLLM engine of
@@ -987,7 +502,8 @@ def generate(model, tokenizer, prompts, keys, max_new_tokens, temperature=1.0, t
     was_training = model.training
     model.eval()
     for i in range(0, len(prompts), batch_size):
-        enc = tokenizer(prompts[i:i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+        enc = tokenizer(prompts[i:i + batch_size], return_tensors="pt", padding=True,
+                        add_special_tokens=False).to(model.device)
         P = enc.input_ids.shape[1]
         proc = sampling_processor(keys[i:i + batch_size], P, temperature, top_p)
         shared = shared_prefix_forward(model, enc.input_ids, enc.attention_mask, P - 1)  # each prompt once, not G times
@@ -1120,7 +636,8 @@ def vllm_generate(engine, model, tokenizer, prompts, keys, max_new_tokens, tempe
         push_weights(engine, model)
         engine["metrics"]["time/sync"] = time.time() - t0  # the weight push (part of time/rollout)
     enc = [tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
-    params = [SamplingParams(n=1, temperature=temperature, top_p=top_p if temperature > 0 else 1.0, max_tokens=max_new_tokens,
+    params = [SamplingParams(n=1, temperature=temperature, top_p=top_p if temperature > 0 else 1.0,
+                             max_tokens=max_new_tokens,
                              seed=int(k), stop_token_ids=eos_ids(model, tokenizer), detokenize=False, logprobs=0)
               for k in keys.tolist()]
     outputs = llm.generate([{"prompt_token_ids": ids} for ids in enc], params, use_tqdm=False)
@@ -1214,13 +731,15 @@ def shared_prefix_forward(model, input_ids, attention_mask, split):
                             else "is_gradient_checkpointing")  # the old name is deprecated in transformers 5
     if not 0 < split < input_ids.shape[1] or (model.training and checkpointing):
         return None
-    prefixes, inv = torch.unique(torch.cat([input_ids[:, :split], attention_mask[:, :split]], 1), dim=0, return_inverse=True)
+    prefixes, inv = torch.unique(torch.cat([input_ids[:, :split], attention_mask[:, :split]], 1), dim=0,
+                                 return_inverse=True)
     if len(prefixes) == len(input_ids) and world_size() == 1:  # under FSDP every rank runs the same forwards
         return None
     cache = DynamicCache(config=model.config)
     h = final_hidden(model, prefixes[:, :split], prefixes[:, split:], cache)  # [U, split, d]
     for layer in cache.layers:  # [U, ...] -> [N, ...]: each row gets its prefix's keys and values
-        layer.keys, layer.values = layer.keys.index_select(0, inv), layer.values.index_select(0, inv)  # backward: index_add
+        # backward: index_add
+        layer.keys, layer.values = layer.keys.index_select(0, inv), layer.values.index_select(0, inv)
     return cache, h, inv
 
 
@@ -1234,7 +753,8 @@ def _logprob_entropy(h, weight, targets):
     logz = logits.logsumexp(-1)  # [n]
     logp = logits.gather(-1, targets[:, None]).squeeze(-1) - logz
     p = logits.softmax(-1)  # [n, V]
-    entropy = logz - (p[:, None, :] @ logits[:, :, None])[:, 0, 0]  # H = log Z - sum_v p_v z_v: a batched dot, no [n, V] product
+    # H = log Z - sum_v p_v z_v: a batched dot, no [n, V] product
+    entropy = logz - (p[:, None, :] @ logits[:, :, None])[:, 0, 0]
     return logp, entropy, logits
 
 
@@ -1242,7 +762,8 @@ def _logprob_entropy_no_logits(h, weight, targets):
     return _logprob_entropy(h, weight, targets)[:2]
 
 
-def token_logprobs(model, input_ids, attention_mask, start, chunk=1024, return_hidden=False, row_fn=None, prompt_len=None):
+def token_logprobs(model, input_ids, attention_mask, start, chunk=1024, return_hidden=False, row_fn=None,
+                   prompt_len=None):
     """log pi(x_t | x_<t) and the entropy of pi(. | x_<t) for positions t >= start: ([N, L-start], [N, L-start]),
     plus the LM-head inputs h_t [N, L-start, d] if asked, plus row_fn(logits [n, V], targets [n]) -> [n] gathered to
     [N, L-start] if given (a method's own per-token statistic of the full distribution, computed while the chunk's
@@ -1257,8 +778,10 @@ def token_logprobs(model, input_ids, attention_mask, start, chunk=1024, return_h
         hidden = final_hidden(model, ids, mask)  # [N, cut, d]
     else:  # each prompt ran once; the rows run their completions on top of its KV cache
         cache, h_prompt, inv = shared
-        hidden = torch.cat([h_prompt.index_select(0, inv), final_hidden(model, ids[:, s:], mask, cache)], 1)  # [N, cut, d]
-    hidden = torch.nn.functional.pad(hidden, (0, 0, 0, L - cut))[:, start - 1:-1]  # [N, T, d]: h predicting t sits at t - 1
+        # [N, cut, d]
+        hidden = torch.cat([h_prompt.index_select(0, inv), final_hidden(model, ids[:, s:], mask, cache)], 1)
+    # [N, T, d]: h predicting t sits at t - 1
+    hidden = torch.nn.functional.pad(hidden, (0, 0, 0, L - cut))[:, start - 1:-1]
     targets, valid = input_ids[:, start:], attention_mask[:, start:].bool()  # [N, T]
     weight = model.get_output_embeddings().weight  # unsharded here: FSDP2 keeps the root's parameters after forward
     rows = valid.flatten().nonzero().squeeze(-1)
@@ -1282,7 +805,8 @@ def token_logprobs(model, input_ids, attention_mask, start, chunk=1024, return_h
         out = torch.zeros(targets.numel(), device=input_ids.device, dtype=parts[0].dtype if parts else dtype)
         return (out.index_put((rows,), torch.cat(parts)) if parts else out).view_as(targets)
     logp, entropy = scatter(logp_parts), scatter(ent_parts)
-    return (logp, entropy) + ((hidden,) if return_hidden else ()) + ((scatter(extra_parts),) if row_fn is not None else ())
+    extra = ((hidden,) if return_hidden else ()) + ((scatter(extra_parts),) if row_fn is not None else ())
+    return (logp, entropy) + extra
 
 
 # ============================================================================ loss aggregation
@@ -1293,6 +817,7 @@ def aggregate_loss(token_loss, mask, mode, n_tokens, n_seqs, max_new_tokens):
       token-mean               sum_{i,t} l / #tokens                                (DAPO; default)
       seq-mean-token-mean      mean_i (sum_t l / |o_i|)                             (original GRPO)
       seq-mean-token-sum-norm  mean_i (sum_t l / max_new_tokens)                    (Dr. GRPO)"""
+    # --- SOLUTION START: loss-aggregation
     world = world_size()
     if mode == "token-mean":
         return (token_loss * mask).sum() / n_tokens * world
@@ -1301,14 +826,17 @@ def aggregate_loss(token_loss, mask, mode, n_tokens, n_seqs, max_new_tokens):
     if mode == "seq-mean-token-sum-norm":
         return ((token_loss * mask).sum(-1) / max_new_tokens).sum() / n_seqs * world
     raise UserError(f"unknown --loss-agg {mode}: use token-mean, seq-mean-token-mean or seq-mean-token-sum-norm")
+    # --- SOLUTION END
 
 
 # ============================================================================ evaluation
 def pass_at_k(n, c, k):
     """Unbiased pass@k (Chen et al. 2021): 1 - C(n-c, k) / C(n, k), in the stable product form."""
+    # --- SOLUTION START: pass-at-k
     if n - c < k:
         return 1.0
     return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
+    # --- SOLUTION END
 
 
 def ks_up_to(n):
@@ -1331,9 +859,12 @@ def evaluate(model, tokenizer, problems, n, temperature, top_p, max_new_tokens, 
     idx = list(range(rank, -(-len(problems) // world) * world, world))  # padded so every rank runs the same forwards
     local = [problems[i % len(problems)] for i in idx]
     prompts = [format_prompt(tokenizer, p) for p in local]
-    keys = torch.stack([sample_keys(seed, 1 << 30, i, j) for i in idx for j in range(n)]) if idx else torch.zeros(0, dtype=torch.long)
-    samples = generate(model, tokenizer, [p for p in prompts for _ in range(n)], keys, max_new_tokens, temperature, top_p, engine=engine)
-    greedy = generate(model, tokenizer, prompts, torch.zeros(len(prompts), dtype=torch.long), max_new_tokens, 0.0, engine=engine, push=False)
+    keys = torch.stack([sample_keys(seed, 1 << 30, i, j) for i in idx for j in range(n)]) if idx else \
+        torch.zeros(0, dtype=torch.long)
+    samples = generate(model, tokenizer, [p for p in prompts for _ in range(n)], keys, max_new_tokens, temperature,
+                       top_p, engine=engine)
+    greedy = generate(model, tokenizer, prompts, torch.zeros(len(prompts), dtype=torch.long), max_new_tokens, 0.0,
+                      engine=engine, push=False)
     texts = tokenizer.batch_decode([s["completion_ids"] for s in samples], skip_special_tokens=True)
     rewards = compute_rewards([p for p in local for _ in range(n)], texts)
     greedy_texts = tokenizer.batch_decode([s["completion_ids"] for s in greedy], skip_special_tokens=True)
@@ -1369,7 +900,8 @@ def evaluate_all(model, tokenizer, eval_sets, args, device, engine=None):
     `eval/<name>/solved`: the indices of the problems with at least one correct sample (and `eval/<name>/problems`)."""
     out, records = {}, {}
     for name, problems in eval_sets.items():
-        m, records[name] = evaluate(model, tokenizer, problems, args.eval_samples, args.eval_temperature, args.eval_top_p,
+        m, records[name] = evaluate(model, tokenizer, problems, args.eval_samples, args.eval_temperature,
+                                    args.eval_top_p,
                                     args.max_new_tokens, args.seed, device, args.logprob_chunk, engine)
         out.update({f"eval/{name}/{k}": v for k, v in m.items()})
         out[f"eval/{name}/problems"] = len(records[name])  # with `solved`, union coverage over runs (eval.py's U2)
@@ -1380,6 +912,65 @@ def evaluate_all(model, tokenizer, eval_sets, args, device, engine=None):
 
 
 # ============================================================================ data order, logging and checkpoints
+# ---------------------------------------------------------------- the loop's shared lines (the same in every script)
+def set_lr(optimizer, args, step):
+    """Linear warm-up over --warmup-steps, then constant --lr; set on the optimizer directly (nanoGPT's get_lr)."""
+    lr = args.lr * min(1.0, (step + 1) / (args.warmup_steps + 1))
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+def clip_grad_norm(model, max_norm):
+    """Clip the gradient to `max_norm`; its norm before clipping as a float (FSDP2 returns a sharded DTensor)."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+
+def due(every, step, steps):
+    """Is it time to evaluate or save after `step` (1-based) of `steps`? Every `every` steps (0: never) and at the
+    end."""
+    return bool(every and step % every == 0) or step == steps
+
+
+def rollout_sums(rewards, mask, entropy, samples, group_size):
+    """This rank's sums behind the metrics every method logs, by name; all_sum_dict adds them over ranks.
+    rewards: [N]; mask, entropy: [N, T]."""
+    groups = rewards.view(-1, group_size)
+    return {"reward": rewards.sum().item(), "reward_sq": (rewards ** 2).sum().item(), "completions": len(rewards),
+            "zero_std_groups": (groups.std(-1) == 0).sum().item(), "groups": len(groups),
+            "completion_tokens": mask.sum(-1).sum().item(), "truncated": sum(not x["finished"] for x in samples),
+            "entropy": (entropy * mask).sum().item(), "tokens": mask.sum().item()}
+
+
+def rollout_metrics(s, ppo_epochs):
+    """The metrics every method logs, from rollout_sums + the update's "clipped" and "loss" sums, added over ranks."""
+    mean = s["reward"] / s["completions"]
+    return {"reward/mean": mean, "reward/std": math.sqrt(max(s["reward_sq"] / s["completions"] - mean ** 2, 0.0)),
+            "frac_zero_std_groups": s["zero_std_groups"] / s["groups"],
+            "completion/mean_len": s["completion_tokens"] / s["completions"],
+            "completion/clipped_frac": s["truncated"] / s["completions"], "entropy/mean": s["entropy"] / s["tokens"],
+            "clip/frac": s["clipped"] / (s["tokens"] * ppo_epochs), "loss": s["loss"]}
+
+
+def system_metrics(engine, old_logp, rollout_logp, mask, args, device):
+    """time/sync (vLLM's weight push), the engine/trainer mismatch (rollout/*, vLLM only), this rank's peak memory."""
+    return {**(engine["metrics"] if engine else {}),
+            **rollout_mismatch(old_logp, rollout_logp, mask, args.tis_cap, args.mismatch_tol, device),
+            "memory/peak_gib": peak_memory_gib(device)}  # since the previous step's record
+
+
+def log_step(run_dir, record, history, rank, bar=None, samples=None):
+    """Rank 0: one metrics.jsonl line (and the trackers), a few completions per eval set, the progress bar."""
+    for name, recs in (samples or {}).items():
+        log_jsonl(run_dir, "samples.jsonl", {"step": record["step"], "dataset": name, "problems": recs[:4]}, rank)
+    history.append(record)
+    log_jsonl(run_dir, "metrics.jsonl", record, rank)
+    if bar is not None and rank == 0:
+        pass1 = next((h["eval/pass@1"] for h in reversed(history) if "eval/pass@1" in h), 0)
+        bar.set_postfix(reward=f"{record['reward/mean']:.3f}", pass1=f"{pass1:.3f}")
+
+
 def step_problems(problems, step, n, seed):
     """The n training problems of a step: consecutive slices of a seeded permutation, reshuffled every epoch.
     A pure function of (step, seed), so a resumed run sees exactly the same prompts."""
@@ -1392,28 +983,32 @@ def step_problems(problems, step, n, seed):
 def fit_prompts(problems, tokenizer, model, args, name):
     """Drop problems whose prompt exceeds --max-prompt-tokens (and say how many); fail if prompt + completion cannot fit
     the model's context."""
-    lengths = [len(x) for x in tokenizer([format_prompt(tokenizer, p) for p in problems], add_special_tokens=False).input_ids]
+    lengths = [len(x) for x in tokenizer([format_prompt(tokenizer, p) for p in problems],
+                                         add_special_tokens=False).input_ids]
     keep = [p for p, n in zip(problems, lengths) if n <= args.max_prompt_tokens]
     if len(keep) < len(problems):
-        print(f"{name}: dropped {len(problems) - len(keep)} of {len(problems)} problems longer than --max-prompt-tokens {args.max_prompt_tokens}")
+        print(f"{name}: dropped {len(problems) - len(keep)} of {len(problems)} problems longer than "
+              f"--max-prompt-tokens {args.max_prompt_tokens}")
     require(keep, f"{name}: every prompt is longer than --max-prompt-tokens {args.max_prompt_tokens}: raise it")
     context = getattr(model.config, "max_position_embeddings", None)
     longest = max(n for n in lengths if n <= args.max_prompt_tokens)
     require(context is None or longest + args.max_new_tokens <= context,
-            f"{name}: a prompt of {longest} tokens + --max-new-tokens {args.max_new_tokens} exceeds the model's context of "
-            f"{context} tokens: lower --max-new-tokens or --max-prompt-tokens")
+            f"{name}: a prompt of {longest} tokens + --max-new-tokens {args.max_new_tokens} exceeds the model's "
+            f"context of {context} tokens: lower --max-new-tokens or --max-prompt-tokens")
     return keep
 
 
 def load_train_set(args, tokenizer, model):
-    problems = load_problems(args.dataset, split="train", prompt_field=args.prompt_field, answer_field=args.answer_field,
+    problems = load_problems(args.dataset, split="train", prompt_field=args.prompt_field,
+                             answer_field=args.answer_field,
                              n=args.train_size if args.dataset == "countdown" else None, seed=args.seed)
     return fit_prompts(problems, tokenizer, model, args, dataset_name(args.dataset)[0])
 
 
 def load_eval_sets(args, tokenizer, model):
     """{name: held-out problems} for --eval-datasets (the first --eval-problems of each, in a seeded order)."""
-    return {name: fit_prompts(load_problems(spec, split="eval", prompt_field=args.prompt_field, answer_field=args.answer_field,
+    return {name: fit_prompts(load_problems(spec, split="eval", prompt_field=args.prompt_field,
+                                            answer_field=args.answer_field,
                                             n=args.eval_problems or None, seed=args.seed), tokenizer, model, args, name)
             for name, spec in dataset_names(args.eval_datasets).items()}
 
@@ -1448,6 +1043,8 @@ def start_run(args, script, rank):
     to "yes" (there is one) or None (start fresh, dropping the metric lines of a run that never checkpointed).
     Writes config.json (allowed changes are appended to its "resumes" list); on rank 0, gets the --report-to trackers
     ready (log_jsonl's metrics.jsonl records go to them). Returns the run directory."""
+    require(args.prompts_per_step % world_size() == 0, f"--prompts-per-step ({args.prompts_per_step}) must divide by "
+                                                      f"the number of processes ({world_size()})")
     if not args.run_dir:
         require(not args.resume, "--resume needs --run-dir: the run directory to continue")
         stamp = time.strftime("%Y%m%d-%H%M%S") if rank == 0 else None
@@ -1555,8 +1152,10 @@ def peak_memory_gib(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB on Linux
 
 
-def log_jsonl(run_dir, name, record):
-    """Append `record` to run_dir/name. A metrics.jsonl record also goes to the --report-to trackers (its numbers)."""
+def log_jsonl(run_dir, name, record, rank=0):
+    """Append `record` to run_dir/name (rank 0 only). A metrics.jsonl record also goes to the --report-to trackers."""
+    if rank != 0:
+        return
     line = json.dumps(record) + "\n"
     with open(os.path.join(run_dir, name), "a") as f:
         if name == "metrics.jsonl" and os.environ.get(FAULT_ENV):  # test-only: a kill mid-line leaves half a line
@@ -1744,10 +1343,12 @@ def load_checkpoint(run_dir, model, optimizer):
     return trainer["step"], trainer.get("skipped_steps", 0), trainer.get("skip_streak", 0)
 
 
-def truncate_metrics(run_dir, after_step):
+def truncate_metrics(run_dir, after_step, rank=0):
     """On resume, keep the lines of steps <= after_step of metrics.jsonl and samples.jsonl (the later ones are
     recomputed identically) and drop a partial last line (a kill while appending it). Atomic: a new file, fsynced,
-    then renamed over the old one, so a kill here loses nothing."""
+    then renamed over the old one, so a kill here loses nothing. Rank 0 only."""
+    if rank != 0:
+        return
     for name in ("metrics.jsonl", "samples.jsonl"):
         path = os.path.join(run_dir, name)
         if not os.path.exists(path):

@@ -60,7 +60,8 @@ def evaluate_models(args):
     rank, _, device = init_distributed()
     names = dataset_names(args.datasets)  # {name: spec}: NAME=PATH, or a short name (a file's stem)
     require(names, "--datasets is empty: pass e.g. countdown or math500,aime24")
-    require(args.n >= 1 and args.problems >= 0 and args.temperature >= 0 and 0 < args.top_p <= 1 and (args.max_new_tokens or 1) >= 1,
+    require(args.n >= 1 and args.problems >= 0 and args.temperature >= 0 and 0 < args.top_p <= 1
+            and (args.max_new_tokens or 1) >= 1,
             "--n must be >= 1, --problems >= 0, --temperature >= 0, --top-p in (0, 1] and --max-new-tokens >= 1")
     rows, resolved = [], [resolve_model(p) for p in args.paths]  # bad paths and datasets fail before any evaluation
     sets = {d: load_problems(spec, split="eval", n=args.problems or None, seed=args.seed) for d, spec in names.items()}
@@ -77,8 +78,8 @@ def evaluate_models(args):
     if rank != 0:
         return
     keys = [f"pass@{k}" for k in ks_up_to(args.n)] + [f"avg@{args.n}", "greedy", "distinct_correct", "entropy"]
-    lines = [f"Held-out evaluation: n = {args.n} samples per problem, temperature {args.temperature}, top-p {args.top_p}, "
-             f"seed {args.seed}; pass@k unbiased (Chen et al. 2021).", "",
+    lines = [f"Held-out evaluation: n = {args.n} samples per problem, temperature {args.temperature}, "
+             f"top-p {args.top_p}, seed {args.seed}; pass@k unbiased (Chen et al. 2021).", "",
              "| model | dataset | problems | max new tokens | " + " | ".join(k.replace("_", " ") for k in keys) + " |",
              "|---" * (len(keys) + 4) + "|"]
     lines += [f"| {r['model']} | {r['dataset']} | {r['problems']} | {r['max_new_tokens']} | "
@@ -101,7 +102,8 @@ def load_run(path):
     """metrics.jsonl rows of a finished run, or None (with a warning) when it has no final checkpoint yet."""
     metrics = os.path.join(path, "metrics.jsonl")
     require(os.path.isfile(metrics), f"'{path}' is not a run directory: it has no metrics.jsonl")
-    state, config = read_json(os.path.join(path, "checkpoint", "trainer_state.json")), read_json(os.path.join(path, "config.json"))
+    state = read_json(os.path.join(path, "checkpoint", "trainer_state.json"))
+    config = read_json(os.path.join(path, "config.json"))
     if "step" not in state or state["step"] < config.get("steps", 0):
         warnings.warn(f"skipping {path}: no final checkpoint/trainer_state.json (still running or interrupted)")
         return None
@@ -112,7 +114,8 @@ def load_run(path):
 
 
 def group_runs(paths):
-    """{method: [rows of each seed]}, methods in order of first appearance; a method is a run dir name minus -s<seed>."""
+    """{method: [rows of each seed]}, methods in order of first appearance; a method is a run dir name minus
+    -s<seed>."""
     methods = {}
     for path in paths:
         rows = load_run(path)
@@ -129,7 +132,8 @@ def mean_std(values):
 
 
 def series(runs, key, smooth=1):
-    """(steps, [seeds, steps] values) of `key` at the steps every seed logged, each seed smoothed by a moving average."""
+    """(steps, [seeds, steps] values) of `key` at the steps every seed logged, each seed smoothed by a moving
+    average."""
     steps = sorted(set.intersection(*[{r["step"] for r in rows if key in r} for rows in runs]))
     if not steps:
         return np.array([]), np.zeros((len(runs), 0))
@@ -146,24 +150,28 @@ def final_eval(rows):
 
 
 def plot(methods, labels, key, ylabel, path, smooth=1, xlabel="step", bounds=()):
-    """One PNG: a line per method (mean over seeds) with a +- std band; key may be 'passk' for the final pass@k curve."""
+    """One PNG: a line per method (mean over seeds) with a +- std band; key may be 'passk' for the final pass@k
+    curve."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(5, 3.5), dpi=100)
     for (method, runs), label in zip(methods.items(), labels):
         if key == "passk":
-            ks = sorted(set.intersection(*[{int(k[10:]) for k in final_eval(rows) if k.startswith("eval/pass@")} for rows in runs]))
+            ks = sorted(set.intersection(*[{int(k[10:]) for k in final_eval(rows) if k.startswith("eval/pass@")}
+                                           for rows in runs]))
             x, values = np.array(ks), np.array([[final_eval(rows)[f"eval/pass@{k}"] for k in ks] for rows in runs])
         else:
             x, values = series(runs, key, smooth)
         if len(x) == 0:
             continue
         mean, std = mean_std(values)
-        line, = ax.plot(x, mean, marker="o" if key == "passk" else None, markersize=3, label=f"{label} ({len(runs)} seed{'s' * (len(runs) > 1)})")
+        line, = ax.plot(x, mean, marker="o" if key == "passk" else None, markersize=3,
+                        label=f"{label} ({len(runs)} seed{'s' * (len(runs) > 1)})")
         ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2, linewidth=0)
     for value, text, style in bounds:
-        ax.axhline(value, color={"--": "gray", ":": "black"}.get(style, "tab:brown"), linestyle=style, linewidth=1, label=f"{text} = {value:.3f}")
+        ax.axhline(value, color={"--": "gray", ":": "black"}.get(style, "tab:brown"), linestyle=style, linewidth=1,
+                   label=f"{text} = {value:.3f}")
     if key == "passk":
         ax.set_xscale("log", base=2)
         ax.set_xticks(x, [str(k) for k in x])
@@ -180,12 +188,15 @@ def compare(args):
     """Figures (one PNG each) and compare.md: final held-out metrics, mean +- std over seeds per method."""
     methods = group_runs(args.runs)
     labels = [x.strip() for x in args.labels.split(",")] if args.labels else list(methods)
-    require(len(labels) == len(methods), f"--labels has {len(labels)} names for {len(methods)} methods ({', '.join(methods)})")
+    require(len(labels) == len(methods),
+            f"--labels has {len(labels)} names for {len(methods)} methods ({', '.join(methods)})")
     all_runs = [rows for runs in methods.values() for rows in runs]
     kmax = min(max(int(k[10:]) for k in final_eval(rows) if k.startswith("eval/pass@")) for rows in all_runs)
     k8 = max(k for k in ks_up_to(kmax) if k <= 8)
-    u1 = float(np.mean([rows[0][f"eval/pass@{kmax}"] for rows in all_runs if rows[0]["step"] == 0 and f"eval/pass@{kmax}" in rows[0]] or [np.nan]))
-    union, sizes = {}, {}  # (seed, dataset) -> indices of eval problems solved by any evaluation of any run; their number
+    u1 = float(np.mean([rows[0][f"eval/pass@{kmax}"] for rows in all_runs
+                        if rows[0]["step"] == 0 and f"eval/pass@{kmax}" in rows[0]] or [np.nan]))
+    # (seed, dataset) -> indices of eval problems solved by any evaluation of any run; their number
+    union, sizes = {}, {}
     for path in args.runs:
         seed = read_json(os.path.join(path, "config.json")).get("seed", 0)  # seeds hold different held-out problems
         for r in load_run(path) or []:
@@ -205,16 +216,19 @@ def compare(args):
     plot(methods, labels, "passk", "final held-out pass@k", out("passk.png"), xlabel="k", bounds=bounds)
     keys = ["pass@1", f"pass@{k8}", f"pass@{kmax}", "greedy", "entropy", "distinct_correct"]
     lines = [f"Final held-out evaluation per method: mean ± std (sample std) over seeds; pass@{kmax} is the largest k "
-             f"every run logged. U1 (base pass@{kmax}) = {u1:.3f}; U2 (fraction of held-out problems solved by any run at any "
-             f"evaluation, per seed, averaged over seeds) = {u2:.3f}.", "",
-             "| method | seeds | final step | " + " | ".join(k.replace("_", " ") for k in keys) + " |", "|---" * (len(keys) + 3) + "|"]
+             f"every run logged. U1 (base pass@{kmax}) = {u1:.3f}; U2 (fraction of held-out problems solved by any run "
+             f"at any evaluation, per seed, averaged over seeds) = {u2:.3f}.", "",
+             "| method | seeds | final step | " + " | ".join(k.replace("_", " ") for k in keys) + " |",
+             "|---" * (len(keys) + 3) + "|"]
     for (method, runs), label in zip(methods.items(), labels):
         finals = [final_eval(rows) for rows in runs]
         cells = [f"{m:.3f} ± {s:.3f}" for m, s in zip(*mean_std([[f[f"eval/{k}"] for k in keys] for f in finals]))]
-        lines.append(f"| {label} | {len(runs)} | {', '.join(sorted({str(f['step']) for f in finals}))} | " + " | ".join(cells) + " |")
+        steps = ", ".join(sorted({str(f["step"]) for f in finals}))
+        lines.append(f"| {label} | {len(runs)} | {steps} | " + " | ".join(cells) + " |")
     write_outputs(args.out, {"compare.md": "\n".join(lines) + "\n"})
     print("\n".join(lines))
-    print(f"figures: {', '.join(out(n) for n in ('reward.png', 'entropy.png', 'pass1.png', 'passk.png', 'distinct.png'))}")
+    print("figures: "
+          f"{', '.join(out(n) for n in ('reward.png', 'entropy.png', 'pass1.png', 'passk.png', 'distinct.png'))}")
 
 
 # ============================================================================ check a dataset's golds
@@ -256,7 +270,8 @@ def parse(argv):
     """`compare RUN...`, `golds DATASET...` or `RUN_OR_MODEL...` (evaluate)."""
     if argv[:1] == ["golds"]:
         p = argparse.ArgumentParser(prog="eval.py golds", description="check that the verifier reads a dataset's golds")
-        p.add_argument("datasets", help="comma-separated datasets, as --eval-datasets (e.g. gsm8k=../shared/data/gsm8k)")
+        p.add_argument("datasets",
+                       help="comma-separated datasets, as --eval-datasets (e.g. gsm8k=../shared/data/gsm8k)")
         p.add_argument("--split", default="eval", help="train, or eval: the held-out split")
         p.add_argument("--problems", type=int, default=0, help="problems per dataset (0 = all)")
         p.add_argument("--prompt-field", default=None, help="column holding the question (default: the preset's)")

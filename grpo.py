@@ -24,81 +24,89 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
-from common import (BaseArgs, aggregate_loss, all_sum, autocast, compute_rewards, count_skip, evaluate_all,
-                    fault_point, format_prompt, generate, init_distributed, load_checkpoint, load_eval_sets,
-                    load_model, load_train_set, log_jsonl, loss_fault, main, peak_memory_gib, print_summary, require,
-                    rollout_batch, rollout_engine, rollout_logprobs, rollout_mismatch, sample_keys, save_checkpoint,
-                    shard_model, start_run, step_problems, token_logprobs, truncate_metrics, truncated_is_weight)
+from common import (BaseArgs, aggregate_loss, all_sum_dict, autocast, clip_grad_norm, compute_rewards, count_skip,
+                    due, evaluate_all, fault_point, format_prompt, generate, init_distributed, load_checkpoint,
+                    load_eval_sets, load_model, load_train_set, log_step, loss_fault, main, print_summary, require,
+                    rollout_batch, rollout_engine, rollout_logprobs, rollout_metrics, rollout_sums, sample_keys,
+                    save_checkpoint, set_lr, shard_model, start_run, step_problems, system_metrics, token_logprobs,
+                    truncate_metrics, truncated_is_weight)
 
 
 @dataclass
 class Args(BaseArgs):
     clip_low: float = field(default=0.2, metadata={"help": "PPO clip eps_low: ratio floor 1 - eps_low"})
-    clip_high: float = field(default=0.2, metadata={"help": "PPO clip eps_high: ratio ceiling 1 + eps_high (DAPO clip-higher: 0.28)"})
-    loss_agg: str = field(default="token-mean", metadata={"choices": ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"], "help": "token-mean (DAPO) | seq-mean-token-mean (GRPO) | seq-mean-token-sum-norm (Dr. GRPO)"})
-    scale_rewards: str = field(default="group", metadata={"choices": ["group", "none"], "help": "group: divide by the group std (GRPO) | none: Dr. GRPO"})
-    kl_coef: float = field(default=0.0, metadata={"help": "beta of the k3 KL to the initial model (0: no reference model is loaded)"})
+    clip_high: float = field(default=0.2, metadata={
+        "help": "PPO clip eps_high: ratio ceiling 1 + eps_high (DAPO clip-higher: 0.28)"})
+    loss_agg: str = field(default="token-mean", metadata={
+        "choices": ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"],
+        "help": "token-mean (DAPO) | seq-mean-token-mean (GRPO) | seq-mean-token-sum-norm (Dr. GRPO)"})
+    scale_rewards: str = field(default="group", metadata={
+        "choices": ["group", "none"], "help": "group: divide by the group std (GRPO) | none: Dr. GRPO"})
+    kl_coef: float = field(default=0.0, metadata={
+        "help": "beta of the k3 KL to the initial model (0: no reference model is loaded)"})
     entropy_coef: float = field(default=0.0, metadata={"help": "entropy bonus coefficient"})
     ppo_epochs: int = field(default=1, metadata={"help": "passes over each rollout batch"})
     mini_batches: int = field(default=1, metadata={"help": "optimizer steps per pass (1 = strictly on-policy)"})
 
     def __post_init__(self):
-        super().__post_init__()
+        super().__post_init__()  # also checks every field's "choices"
         require(self.clip_low >= 0 and self.clip_high >= 0, "--clip-low and --clip-high must be >= 0")
-        require(self.loss_agg in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"),
-                f"--loss-agg must be token-mean, seq-mean-token-mean or seq-mean-token-sum-norm (got {self.loss_agg})")
-        require(self.scale_rewards in ("group", "none"), f"--scale-rewards must be group or none (got {self.scale_rewards})")
         require(self.kl_coef >= 0 and self.entropy_coef >= 0, "--kl-coef and --entropy-coef must be >= 0")
         require(self.ppo_epochs >= 1 and self.mini_batches >= 1, "--ppo-epochs and --mini-batches must be >= 1")
 
 
 def group_advantages(rewards, group_size, scale="group", eps=1e-6):
     """A_i = (r_i - mean_g r) / (std_g r + eps) within each group of G consecutive completions. rewards: [N] -> [N]."""
+    # --- SOLUTION START: group-advantages
     r = rewards.view(-1, group_size)  # [N/G, G]
     a = r - r.mean(-1, keepdim=True)
     if scale == "group":
         a = a / (r.std(-1, keepdim=True) + eps)  # unbiased std, as in the reference implementations
     return a.flatten()
+    # --- SOLUTION END
 
 
 def policy_loss(logp, old_logp, advantages, clip_low, clip_high):
-    """PPO clipped surrogate per token. logp, old_logp: [N, T]; advantages: [N, 1] or [N, T]. Returns ([N, T], clipped [N, T])."""
+    """PPO clipped surrogate per token. logp, old_logp: [N, T]; advantages: [N, 1] or [N, T].
+    Returns (loss [N, T], clipped [N, T])."""
+    # --- SOLUTION START: clipped-surrogate
     ratio = torch.exp(logp - old_logp)
     unclipped = ratio * advantages
     clipped = ratio.clamp(1 - clip_low, 1 + clip_high) * advantages
     return -torch.min(unclipped, clipped), (clipped < unclipped).float()
+    # --- SOLUTION END
 
 
 def kl_k3(logp, ref_logp):
     """k3 estimator of KL(pi_theta || pi_ref) per token: exp(ref - logp) - (ref - logp) - 1 (Schulman 2020)."""
+    # --- SOLUTION START: k3
     d = ref_logp - logp
     return torch.exp(d) - d - 1
+    # --- SOLUTION END
 
 
 def train(args):
     rank, world, device = init_distributed()
-    require(args.prompts_per_step % world == 0, f"--prompts-per-step ({args.prompts_per_step}) must divide by the number of processes ({world})")
     run_dir = start_run(args, "grpo", rank)
     model, tokenizer = load_model(args.model, device, rank)
-    ref_model = shard_model(load_model(args.model, device, rank)[0].eval(), world, device, "off") if args.kl_coef > 0 else None
+    ref_model = load_model(args.model, device, rank)[0].eval() if args.kl_coef > 0 else None
+    ref_model = shard_model(ref_model, world, device, "off") if ref_model else None
     model = shard_model(model, world, device, args.gradient_checkpointing).train()  # from_pretrained gives eval mode
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (args.warmup_steps + 1)))
     train_set, eval_sets = load_train_set(args, tokenizer, model), load_eval_sets(args, tokenizer, model)
     engine = rollout_engine(args, model, tokenizer, rank)  # None: HF generate on the training model; else vLLM
     start, history, skipped, streak = 0, [], 0, 0
     if args.resume:
         start, skipped, streak = load_checkpoint(run_dir, model, optimizer)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (args.warmup_steps + 1)), last_epoch=start - 1)
-        truncate_metrics(run_dir, start) if rank == 0 else None
+        truncate_metrics(run_dir, start, rank)
     else:
-        metrics, records = evaluate_all(model, tokenizer, eval_sets, args, device, engine)
-        history.append({"step": 0, **metrics})
-        log_jsonl(run_dir, "metrics.jsonl", history[-1]) if rank == 0 else None
-    G, pad = args.group_size, tokenizer.pad_token_id
-    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="grpo", disable=rank != 0, dynamic_ncols=True)
+        metrics = evaluate_all(model, tokenizer, eval_sets, args, device, engine)[0]
+        log_step(run_dir, {"step": 0, **metrics}, history, rank)
+    G, pad, on_policy = args.group_size, tokenizer.pad_token_id, args.ppo_epochs == args.mini_batches == 1
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="grpo", disable=rank != 0,
+               dynamic_ncols=True)
     for step in bar:
-        t0 = time.time()
+        t0, lr = time.time(), set_lr(optimizer, args, step)
         # 1. Rollouts: this rank's share of the step's B prompts, G completions each, from pi_old = the current weights.
         n_local = args.prompts_per_step // world
         problems = step_problems(train_set, step, args.prompts_per_step, args.seed)[rank * n_local:(rank + 1) * n_local]
@@ -115,78 +123,63 @@ def train(args):
         # 3. Group-relative advantages, broadcast to every token of the completion.
         advantages = group_advantages(rewards, G, args.scale_rewards)  # [N]
         # 4. Old log-probs log pi_old(o_t) (and the reference model's) from a no-grad forward of the training model.
-        #    Strictly on-policy (one optimizer step per rollout batch), pi_old = pi_theta: the update's forward gives them.
+        #    On-policy (one optimizer step per rollout batch) pi_old = pi_theta: the update's forward gives them.
         ids, attn, mask, P = rollout_batch(samples, pad, device)  # [N, P+T], [N, P+T], [N, T]
         rollout_logp = rollout_logprobs(samples, mask)  # [N, T]: the engine's log pi(o_t) (vLLM), None with HF
         micro = [slice(i, i + args.micro_batch_size) for i in range(0, len(samples), args.micro_batch_size)]
-        on_policy = args.ppo_epochs == args.mini_batches == 1
+        logprobs = lambda m, net=model: token_logprobs(net, ids[m], attn[m], P, args.logprob_chunk)  # noqa: E731
         old_logp, entropy = torch.zeros_like(mask), torch.zeros_like(mask)  # [N, T]
         with torch.no_grad(), autocast(device):
             if not on_policy:
-                old_logp, entropy = map(torch.cat, zip(*[token_logprobs(model, ids[m], attn[m], P, args.logprob_chunk) for m in micro]))
-            ref_logp = torch.cat([token_logprobs(ref_model, ids[m], attn[m], P, args.logprob_chunk)[0] for m in micro]) if ref_model else None
+                old_logp, entropy = map(torch.cat, zip(*[logprobs(m) for m in micro]))
+            ref_logp = torch.cat([logprobs(m, ref_model)[0] for m in micro]) if ref_model else None
         # 5. Policy update: ppo_epochs x mini_batches optimizer steps on the clipped surrogate.
-        rows = torch.arange(len(samples), device=device)
-        clip_sum = loss_sum = grad_norm = 0.0
+        rows, sums = torch.arange(len(samples), device=device), {"clipped": 0.0, "loss": 0.0}
         for epoch in range(args.ppo_epochs):
             for mb in rows.chunk(args.mini_batches):
-                n_tokens, n_seqs = all_sum([mask[mb].sum().item(), len(mb)], device)
+                n = all_sum_dict({"tokens": mask[mb].sum().item(), "seqs": len(mb)}, device)
                 optimizer.zero_grad(set_to_none=True)
                 parts = mb.split(args.micro_batch_size)
                 for j, m in enumerate(parts):
                     if world > 1:
                         model.set_requires_gradient_sync(j == len(parts) - 1)  # reduce-scatter once per optimizer step
                     with autocast(device):
-                        logp, ent = token_logprobs(model, ids[m], attn[m], P, args.logprob_chunk)  # [n, T]
+                        logp, ent = logprobs(m)  # [n, T]
                     if on_policy:  # ratio exp(logp - old_logp) = 1 in value, gradient of log pi
                         old_logp[m], entropy[m] = logp.detach().float(), ent.detach().float()
-                    token_loss, clipped = policy_loss(logp, old_logp[m], advantages[m, None], args.clip_low, args.clip_high)
+                    token_loss, clipped = policy_loss(logp, old_logp[m], advantages[m, None], args.clip_low,
+                                                      args.clip_high)
                     token_loss = token_loss * truncated_is_weight(old_logp[m], rollout_logp, m, args.tis_cap)  # TIS
                     if ref_model is not None:
                         token_loss = token_loss + args.kl_coef * kl_k3(logp, ref_logp[m])
                     if args.entropy_coef > 0:
                         token_loss = token_loss - args.entropy_coef * ent
-                    loss = aggregate_loss(token_loss, mask[m], args.loss_agg, n_tokens, n_seqs, args.max_new_tokens)
+                    loss = aggregate_loss(token_loss, mask[m], args.loss_agg, n["tokens"], n["seqs"],
+                                          args.max_new_tokens)
                     loss = loss * loss_fault(step + 1)  # test-only: inf on the steps $EXPLORE_RLVR_FAULT names, else 1
                     loss.backward()
-                    loss_sum += loss.item() / (args.ppo_epochs * world)
-                    clip_sum += (clipped * mask[m]).sum().item()
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+                    sums["loss"] += loss.item() / (args.ppo_epochs * world)
+                    sums["clipped"] += (clipped * mask[m]).sum().item()
+                grad_norm = clip_grad_norm(model, args.max_grad_norm)
                 if math.isfinite(grad_norm):
                     optimizer.step()
                 skipped, streak = count_skip(grad_norm, skipped, streak, args.max_skipped_steps)  # non-finite: skipped
-        scheduler.step()
         fault_point("update", step + 1)
         t_train = time.time() - t0 - t_rollout - t_reward
-        # 6. Metrics (summed over ranks), evaluation, checkpoint.
-        lens = mask.sum(-1)
-        r_grouped = rewards.view(-1, G)
-        s = all_sum([rewards.sum().item(), (rewards ** 2).sum().item(), len(rewards), (r_grouped.std(-1) == 0).sum().item(),
-                     len(r_grouped), lens.sum().item(), sum(not x["finished"] for x in samples), (entropy * mask).sum().item(),
-                     mask.sum().item(), clip_sum, loss_sum], device)
-        mean = s[0] / s[2]
-        record = {"step": step + 1, "reward/mean": mean, "reward/std": math.sqrt(max(s[1] / s[2] - mean ** 2, 0.0)),
-                  "frac_zero_std_groups": s[3] / s[4], "completion/mean_len": s[5] / s[2], "completion/clipped_frac": s[6] / s[2],
-                  "entropy/mean": s[7] / s[8], "clip/frac": s[9] / (s[8] * args.ppo_epochs), "loss": s[10],
-                  "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0], "skipped_steps": skipped,
-                  "time/rollout": t_rollout, "time/reward": t_reward, "time/train": t_train,
-                  "tokens_per_s/rollout": s[5] / t_rollout, "tokens_per_s/train": s[8] * (args.ppo_epochs + (not on_policy)) / t_train}
-        record.update(engine["metrics"] if engine else {})  # vLLM: time/sync (the weight push)
-        record.update(rollout_mismatch(old_logp, rollout_logp, mask, args.tis_cap, args.mismatch_tol, device))
-        record["memory/peak_gib"] = peak_memory_gib(device)  # this rank's peak since the previous step's record
-        if (args.eval_every and (step + 1) % args.eval_every == 0) or step + 1 == args.steps:
-            metrics, records = evaluate_all(model, tokenizer, eval_sets, args, device, engine)
+        # 6. Metrics (sums by name, added over ranks), evaluation, checkpoint.
+        s = all_sum_dict({**rollout_sums(rewards, mask, entropy, samples, G), **sums}, device)
+        record = {"step": step + 1, **rollout_metrics(s, args.ppo_epochs), "grad_norm": grad_norm, "lr": lr,
+                  "skipped_steps": skipped, "time/rollout": t_rollout, "time/reward": t_reward, "time/train": t_train,
+                  "tokens_per_s/rollout": s["completion_tokens"] / t_rollout,
+                  "tokens_per_s/train": s["tokens"] * (args.ppo_epochs + (not on_policy)) / t_train}
+        record.update(system_metrics(engine, old_logp, rollout_logp, mask, args, device))
+        samples_by_set = None
+        if due(args.eval_every, step + 1, args.steps):
+            metrics, samples_by_set = evaluate_all(model, tokenizer, eval_sets, args, device, engine)
             record.update(metrics)
-            if rank == 0:
-                for name, recs in records.items():
-                    log_jsonl(run_dir, "samples.jsonl", {"step": step + 1, "dataset": name, "problems": recs[:4]})
         record["time/step"] = time.time() - t0
-        history.append(record)
-        if rank == 0:
-            log_jsonl(run_dir, "metrics.jsonl", record)
-            bar.set_postfix(reward=f"{mean:.3f}", pass1=f"{next((h['eval/pass@1'] for h in reversed(history) if 'eval/pass@1' in h), 0):.3f}")
-        if (args.save_every and (step + 1) % args.save_every == 0) or step + 1 == args.steps:  # after the metric line
+        log_step(run_dir, record, history, rank, bar, samples_by_set)
+        if due(args.save_every, step + 1, args.steps):  # after the metric line
             save_checkpoint(run_dir, step + 1, model, optimizer, tokenizer, rank, skipped, streak)
     print_summary(run_dir, rank)
 

@@ -13,7 +13,8 @@ policy-gradient term is replaced by a KL pull toward that proxy, which raises th
             if pi_old(o_t) >= tau_t else 0                                                             (Eq. 5)
     S = {valid t: A_t < 0};  k = int(|S| rho);  B = the k tokens of S with the smallest log pi_theta(o_t), if k > 1
     selected_t = [t in B and log pi_theta(o_t) < log pi_proxy(o_t)]                                    (Eq. 6 indicator)
-    L_t = -A_t r_t + beta * clamp(exp(d_t) - d_t - 1, -10, 10),  d_t = log pi_proxy(o_t) - log pi_theta(o_t)  if selected
+    L_t = -A_t r_t + beta * clamp(exp(d_t) - d_t - 1, -10, 10),  d_t = log pi_proxy(o_t) - log pi_theta(o_t)  if
+    selected
     L_t = max(-A_t r_t, -A_t clamp(r_t, 1 - clip_low, 1 + clip_high))                        otherwise (Eq. 6 objective)
     loss = token-mean of L_t over all valid tokens (the denominator does not change)
 
@@ -45,45 +46,59 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
-from common import (BaseArgs, aggregate_loss, all_sum, autocast, compute_rewards, count_skip, evaluate_all,
-                    fault_point, format_prompt, gather_objects, generate, init_distributed, load_checkpoint,
-                    load_eval_sets, load_model, load_train_set, log_jsonl, loss_fault, main, peak_memory_gib,
-                    print_summary, require, rollout_batch, rollout_engine, rollout_logprobs, rollout_mismatch,
-                    sample_keys, save_checkpoint, shard_model, start_run, step_problems, token_logprobs,
+from common import (BaseArgs, aggregate_loss, all_sum_dict, autocast, clip_grad_norm, compute_rewards, count_skip,
+                    due, evaluate_all, fault_point, format_prompt, generate, init_distributed, load_checkpoint,
+                    load_eval_sets, load_model, load_train_set, log_step, loss_fault, main, print_summary, require,
+                    rollout_batch, rollout_engine, rollout_logprobs, rollout_metrics, rollout_sums, sample_keys,
+                    save_checkpoint, set_lr, shard_model, start_run, step_problems, system_metrics, token_logprobs,
                     truncate_metrics, truncated_is_weight)
+from common import all_sum, gather_objects  # batch_bottom_rho's global percentile
 
 
 @dataclass
 class Args(BaseArgs):
-    clip_low: float = field(default=1.0, metadata={"help": "PPO clip eps_low: ratio floor 1 - eps_low (Lp-Reg: 1.0, i.e. clip(r, 0, 10))"})
-    clip_high: float = field(default=9.0, metadata={"help": "PPO clip eps_high: ratio ceiling 1 + eps_high (Lp-Reg: 9.0, i.e. clip(r, 0, 10))"})
-    loss_agg: str = field(default="token-mean", metadata={"choices": ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"], "help": "token-mean (DAPO) | seq-mean-token-mean (GRPO) | seq-mean-token-sum-norm (Dr. GRPO)"})
-    scale_rewards: str = field(default="group", metadata={"choices": ["group", "none"], "help": "group: divide by the group std (GRPO) | none: Dr. GRPO"})
-    kl_coef: float = field(default=0.0, metadata={"help": "beta of the k3 KL to the initial model (0: no reference model is loaded)"})
+    clip_low: float = field(default=1.0, metadata={
+        "help": "PPO clip eps_low: ratio floor 1 - eps_low (Lp-Reg: 1.0, i.e. clip(r, 0, 10))"})
+    clip_high: float = field(default=9.0, metadata={
+        "help": "PPO clip eps_high: ratio ceiling 1 + eps_high (Lp-Reg: 9.0, i.e. clip(r, 0, 10))"})
+    loss_agg: str = field(default="token-mean", metadata={
+        "choices": ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"],
+        "help": "token-mean (DAPO) | seq-mean-token-mean (GRPO) | seq-mean-token-sum-norm (Dr. GRPO)"})
+    scale_rewards: str = field(default="group", metadata={
+        "choices": ["group", "none"], "help": "group: divide by the group std (GRPO) | none: Dr. GRPO"})
+    kl_coef: float = field(default=0.0, metadata={
+        "help": "beta of the k3 KL to the initial model (0: no reference model is loaded)"})
     entropy_coef: float = field(default=0.0, metadata={"help": "entropy bonus coefficient"})
     ppo_epochs: int = field(default=1, metadata={"help": "passes over each rollout batch"})
     mini_batches: int = field(default=1, metadata={"help": "optimizer steps per pass (1 = strictly on-policy)"})
-    rho: float = field(default=0.01, metadata={"help": "fraction of negative-advantage tokens (lowest pi_theta) considered for the pull; paper 0.01 (Qwen3-14B), 0.005 (Qwen2.5-32B); 0 = plain GRPO. The CPU demo needs 0.1: a micro-batch there holds ~100 negative tokens, so 0.01 gives k <= 1 or picks only filtered tokens"})
-    rho_pos: float = field(default=0.0, metadata={"help": "same fraction for positive-advantage tokens, a separate set (authors' code logp_pos_k_percent; 0 = not regularised)"})
-    kappa: float = field(default=0.02, metadata={"help": "proxy threshold: min-p ratio kappa (tau = kappa * max prob), or the fixed tau with --proxy fixed; paper 0.02"})
-    proxy: str = field(default="minp", metadata={"choices": ["minp", "fixed"], "help": "minp: tau = kappa * max_v pi_old(v) (Eq. 5) | fixed: tau = kappa (paper's ablation)"})
+    rho: float = field(default=0.01, metadata={
+        "help": ("fraction of negative-advantage tokens (lowest pi_theta) considered for the pull; paper 0.01 "
+                 "(Qwen3-14B), 0.005 (Qwen2.5-32B); 0 = plain GRPO. The CPU demo needs 0.1: a micro-batch there "
+                 "holds ~100 negative tokens, so 0.01 gives k <= 1 or picks only filtered tokens")})
+    rho_pos: float = field(default=0.0, metadata={
+        "help": ("same fraction for positive-advantage tokens, a separate set (authors' code logp_pos_k_percent; 0 "
+                 "= not regularised)")})
+    kappa: float = field(default=0.02, metadata={
+        "help": ("proxy threshold: min-p ratio kappa (tau = kappa * max prob), or the fixed tau with --proxy "
+                 "fixed; paper 0.02")})
+    proxy: str = field(default="minp", metadata={
+        "choices": ["minp", "fixed"],
+        "help": "minp: tau = kappa * max_v pi_old(v) (Eq. 5) | fixed: tau = kappa (paper's ablation)"})
     beta: float = field(default=1.0, metadata={"help": "coefficient of the KL pull toward the proxy; paper 1.0"})
-    percentile_scope: str = field(default="microbatch", metadata={"choices": ["microbatch", "batch"], "help": "microbatch: bottom-rho per micro-batch by current log-prob (authors' code) | batch: over the whole rollout batch on all ranks, by log pi_old (paper)"})
+    percentile_scope: str = field(default="microbatch", metadata={
+        "choices": ["microbatch", "batch"],
+        "help": ("microbatch: bottom-rho per micro-batch by current log-prob (authors' code) | batch: over the "
+                 "whole rollout batch on all ranks, by log pi_old (paper)")})
 
     def __post_init__(self):
-        super().__post_init__()
+        super().__post_init__()  # also checks every field's "choices"
         require(self.clip_low >= 0 and self.clip_high >= 0, "--clip-low and --clip-high must be >= 0")
-        require(self.loss_agg in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"),
-                f"--loss-agg must be token-mean, seq-mean-token-mean or seq-mean-token-sum-norm (got {self.loss_agg})")
-        require(self.scale_rewards in ("group", "none"), f"--scale-rewards must be group or none (got {self.scale_rewards})")
         require(self.kl_coef >= 0 and self.entropy_coef >= 0, "--kl-coef and --entropy-coef must be >= 0")
         require(self.ppo_epochs >= 1 and self.mini_batches >= 1, "--ppo-epochs and --mini-batches must be >= 1")
         require(0 <= self.rho <= 1, f"--rho must be in [0, 1] (got {self.rho})")
         require(0 <= self.rho_pos <= 1, f"--rho-pos must be in [0, 1] (got {self.rho_pos})")
         require(0 < self.kappa < 1, f"--kappa must be in (0, 1) (got {self.kappa})")
-        require(self.proxy in ("minp", "fixed"), f"--proxy must be minp or fixed (got {self.proxy})")
         require(self.beta >= 0, f"--beta must be >= 0 (got {self.beta})")
-        require(self.percentile_scope in ("microbatch", "batch"), f"--percentile-scope must be microbatch or batch (got {self.percentile_scope})")
 
 
 def group_advantages(rewards, group_size, scale="group", eps=1e-6):
@@ -96,7 +111,8 @@ def group_advantages(rewards, group_size, scale="group", eps=1e-6):
 
 
 def policy_loss(logp, old_logp, advantages, clip_low, clip_high):
-    """PPO clipped surrogate per token. logp, old_logp: [N, T]; advantages: [N, 1] or [N, T]. Returns ([N, T], clipped [N, T])."""
+    """PPO clipped surrogate per token. logp, old_logp: [N, T]; advantages: [N, 1] or [N, T].
+    Returns (loss [N, T], clipped [N, T])."""
     ratio = torch.exp(logp - old_logp)
     unclipped = ratio * advantages
     clipped = ratio.clamp(1 - clip_low, 1 + clip_high) * advantages
@@ -116,7 +132,8 @@ def proxy_logprob(logits, targets, kappa, proxy="minp"):
     """log pi_proxy(o_t) of the sampled token (Eq. 5), from pi_old's raw logits (temperature 1), without gradient.
     logits: [n, V] float32; targets: [n] -> [n]. The kept set is pi(v) >= tau, i.e. z_v >= z_max + ln kappa (minp)
     or z_v >= logsumexp(z) + ln kappa (fixed tau = kappa); then log pi_proxy(o) = z_o - logsumexp_{kept} z."""
-    top = logits.max(-1, keepdim=True).values if proxy == "minp" else torch.logsumexp(logits, -1, keepdim=True)  # [n, 1]
+    # [n, 1]
+    top = logits.max(-1, keepdim=True).values if proxy == "minp" else torch.logsumexp(logits, -1, keepdim=True)
     kept = logits >= top + math.log(kappa)  # [n, V]
     log_mass = torch.logsumexp(logits.masked_fill(~kept, float("-inf")), -1)  # [n]: log of the unnormalised kept mass
     z_o = logits.gather(-1, targets[:, None]).squeeze(-1)  # [n]
@@ -127,6 +144,7 @@ def bottom_rho(logp, candidates, rho):
     """Eq. 6 steps 2-3 (authors' code): k = int(|S| rho) for S = candidates; the k tokens of S with the smallest
     log-prob, and none unless k > 1. logp: [n, T]; candidates: [n, T] bool.
     Returns (bottom [n, T] bool, k, the k-th smallest log-prob or None)."""
+    # --- SOLUTION START: lp-reg-selection
     flat = candidates.flatten().nonzero().squeeze(-1)  # [|S|] flat indices of S
     k = int(len(flat) * rho)
     bottom = torch.zeros_like(candidates, dtype=torch.bool)
@@ -135,6 +153,7 @@ def bottom_rho(logp, candidates, rho):
     values, idx = logp.detach().flatten()[flat].topk(k, largest=False)  # ascending
     bottom.view(-1)[flat[idx]] = True
     return bottom, k, values[-1].item()
+    # --- SOLUTION END
 
 
 def batch_bottom_rho(old_logp, candidates, rho, device):
@@ -168,35 +187,47 @@ def lp_reg_loss(logp, old_logp, advantages, proxy_logp, bottom, clip_low, clip_h
 
 def lp_reg_sets(advantages, mask, rho, rho_pos):
     """The token sets Lp-Reg ranks separately, each with its fraction: A < 0 (rho), and A > 0 (rho_pos) when asked.
-    A = 0 tokens are never regularised. advantages: [n, 1] or [n, T]; mask: [n, T] -> [(candidates [n, T] bool, rho)]."""
+    A = 0 tokens are never regularised. advantages: [n, 1] or [n, T]; mask: [n, T] -> [(candidates [n, T] bool,
+    rho)]."""
     valid = mask.bool()
     return [(valid & (advantages < 0), rho)] + ([(valid & (advantages > 0), rho_pos)] if rho_pos > 0 else [])
 
 
+def lp_reg_metrics(s, ppo_epochs):
+    """Lp-Reg's diagnostics from the step's sums (added over ranks): how many tokens the pull touched, and why."""
+    out = {"lp_reg/frac_regularized": s["selected"] / (s["tokens"] * ppo_epochs),
+           "lp_reg/frac_fired": s["fired"] / max(s["sets"], 1)}
+    if s["fired"] > 0:  # defined only where k > 1 somewhere: delta = the rho-percentile probability, mean over those
+        out["lp_reg/threshold_prob"] = s["delta"] / s["fired"]
+    if s["bottom"] > 0:
+        out["lp_reg/frac_pass_filter"] = s["selected"] / s["bottom"]  # share of the bottom-rho tokens the filter keeps
+    if s["selected"] > 0:
+        out["lp_reg/kl_mean"] = s["kl"] / s["selected"]  # mean clamped k3 penalty over the selected tokens
+    return out
+
+
 def train(args):
     rank, world, device = init_distributed()
-    require(args.prompts_per_step % world == 0, f"--prompts-per-step ({args.prompts_per_step}) must divide by the number of processes ({world})")
     run_dir = start_run(args, "lp_reg", rank)
     model, tokenizer = load_model(args.model, device, rank)
-    ref_model = shard_model(load_model(args.model, device, rank)[0].eval(), world, device, "off") if args.kl_coef > 0 else None
+    ref_model = load_model(args.model, device, rank)[0].eval() if args.kl_coef > 0 else None
+    ref_model = shard_model(ref_model, world, device, "off") if ref_model else None
     model = shard_model(model, world, device, args.gradient_checkpointing).train()  # from_pretrained gives eval mode
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (args.warmup_steps + 1)))
     train_set, eval_sets = load_train_set(args, tokenizer, model), load_eval_sets(args, tokenizer, model)
     engine = rollout_engine(args, model, tokenizer, rank)  # None: HF generate on the training model; else vLLM
     start, history, skipped, streak = 0, [], 0, 0
     if args.resume:
         start, skipped, streak = load_checkpoint(run_dir, model, optimizer)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (args.warmup_steps + 1)), last_epoch=start - 1)
-        truncate_metrics(run_dir, start) if rank == 0 else None
+        truncate_metrics(run_dir, start, rank)
     else:
-        metrics, records = evaluate_all(model, tokenizer, eval_sets, args, device, engine)
-        history.append({"step": 0, **metrics})
-        log_jsonl(run_dir, "metrics.jsonl", history[-1]) if rank == 0 else None
-    G, pad = args.group_size, tokenizer.pad_token_id
-    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="lp_reg", disable=rank != 0, dynamic_ncols=True)
+        metrics = evaluate_all(model, tokenizer, eval_sets, args, device, engine)[0]
+        log_step(run_dir, {"step": 0, **metrics}, history, rank)
+    G, pad, on_policy = args.group_size, tokenizer.pad_token_id, args.ppo_epochs == args.mini_batches == 1
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="lp_reg", disable=rank != 0,
+               dynamic_ncols=True)
     for step in bar:
-        t0 = time.time()
+        t0, lr = time.time(), set_lr(optimizer, args, step)
         # 1. Rollouts: this rank's share of the step's B prompts, G completions each, from pi_old = the current weights.
         n_local = args.prompts_per_step // world
         problems = step_problems(train_set, step, args.prompts_per_step, args.seed)[rank * n_local:(rank + 1) * n_local]
@@ -217,32 +248,33 @@ def train(args):
         ids, attn, mask, P = rollout_batch(samples, pad, device)  # [N, P+T], [N, P+T], [N, T]
         rollout_logp = rollout_logprobs(samples, mask)  # [N, T]: the engine's log pi(o_t) (vLLM), None with HF
         micro = [slice(i, i + args.micro_batch_size) for i in range(0, len(samples), args.micro_batch_size)]
+        logprobs = lambda m, net=model: token_logprobs(net, ids[m], attn[m], P, args.logprob_chunk)  # noqa: E731
         to_proxy = lambda logits, targets: proxy_logprob(logits, targets, args.kappa, args.proxy)  # noqa: E731
         with torch.no_grad(), autocast(device):
-            old_logp, entropy, proxy_logp = map(torch.cat, zip(*[token_logprobs(model, ids[m], attn[m], P, args.logprob_chunk,
-                                                                                row_fn=to_proxy) for m in micro]))
-            ref_logp = torch.cat([token_logprobs(ref_model, ids[m], attn[m], P, args.logprob_chunk)[0] for m in micro]) if ref_model else None
+            old_logp, entropy, proxy_logp = map(torch.cat, zip(*[
+                token_logprobs(model, ids[m], attn[m], P, args.logprob_chunk, row_fn=to_proxy) for m in micro]))
+            ref_logp = torch.cat([logprobs(m, ref_model)[0] for m in micro]) if ref_model else None
         # 5. Policy update: ppo_epochs x mini_batches optimizer steps on the clipped surrogate, with the Lp-Reg pull.
-        rows = torch.arange(len(samples), device=device)
-        clip_sum = loss_sum = grad_norm = 0.0
-        n_sel = n_bottom = n_fired = n_sets = delta_sum = kl_sum = 0.0  # Lp-Reg diagnostics, summed over micro-batches
+        rows, sums = torch.arange(len(samples), device=device), {"clipped": 0.0, "loss": 0.0}
+        sums.update(dict.fromkeys(["selected", "bottom", "fired", "sets", "delta", "kl"], 0.0))  # Lp-Reg diagnostics
         if args.percentile_scope == "batch":  # one percentile over the whole rollout batch of all ranks, from pi_old
             batch_bottom = torch.zeros_like(mask, dtype=torch.bool)
             for candidates, r in lp_reg_sets(advantages[:, None], mask, args.rho, args.rho_pos):
                 b, k, delta = batch_bottom_rho(old_logp, candidates, r, device)
                 batch_bottom |= b
-                n_sets, n_fired = n_sets + 1 / world, n_fired + (k > 1) / world  # global numbers: each rank adds 1/world
-                delta_sum += math.exp(delta) / world if delta is not None else 0.0
+                sums["sets"] += 1 / world  # global numbers: each rank adds 1/world
+                sums["fired"] += (k > 1) / world
+                sums["delta"] += math.exp(delta) / world if delta is not None else 0.0
         for epoch in range(args.ppo_epochs):
             for mb in rows.chunk(args.mini_batches):
-                n_tokens, n_seqs = all_sum([mask[mb].sum().item(), len(mb)], device)
+                n = all_sum_dict({"tokens": mask[mb].sum().item(), "seqs": len(mb)}, device)
                 optimizer.zero_grad(set_to_none=True)
                 parts = mb.split(args.micro_batch_size)
                 for j, m in enumerate(parts):
                     if world > 1:
                         model.set_requires_gradient_sync(j == len(parts) - 1)  # reduce-scatter once per optimizer step
                     with autocast(device):
-                        logp, ent = token_logprobs(model, ids[m], attn[m], P, args.logprob_chunk)  # [n, T]
+                        logp, ent = logprobs(m)  # [n, T]
                     if args.percentile_scope == "batch":
                         bottom = batch_bottom[m]
                     else:  # the authors' code: rank within the micro-batch by the current log-prob
@@ -250,65 +282,46 @@ def train(args):
                         for candidates, r in lp_reg_sets(advantages[m, None], mask[m], args.rho, args.rho_pos):
                             b, k, delta = bottom_rho(logp, candidates, r)
                             bottom |= b
-                            n_sets, n_fired = n_sets + 1, n_fired + (k > 1)
-                            delta_sum += math.exp(delta) if delta is not None else 0.0
-                    token_loss, clipped, selected, penalty = lp_reg_loss(logp, old_logp[m], advantages[m, None], proxy_logp[m],
-                                                                         bottom, args.clip_low, args.clip_high, args.beta)
+                            sums["sets"], sums["fired"] = sums["sets"] + 1, sums["fired"] + (k > 1)
+                            sums["delta"] += math.exp(delta) if delta is not None else 0.0
+                    token_loss, clipped, selected, penalty = lp_reg_loss(logp, old_logp[m], advantages[m, None],
+                                                                         proxy_logp[m], bottom, args.clip_low,
+                                                                         args.clip_high, args.beta)
                     token_loss = token_loss * truncated_is_weight(old_logp[m], rollout_logp, m, args.tis_cap)  # TIS
-                    n_sel, n_bottom = n_sel + selected.sum().item(), n_bottom + bottom.sum().item()
-                    kl_sum += penalty.detach()[selected].sum().item()
+                    sums["selected"] += selected.sum().item()
+                    sums["bottom"] += bottom.sum().item()
+                    sums["kl"] += penalty.detach()[selected].sum().item()
                     if ref_model is not None:
                         token_loss = token_loss + args.kl_coef * kl_k3(logp, ref_logp[m])
                     if args.entropy_coef > 0:
                         token_loss = token_loss - args.entropy_coef * ent
-                    loss = aggregate_loss(token_loss, mask[m], args.loss_agg, n_tokens, n_seqs, args.max_new_tokens)
+                    loss = aggregate_loss(token_loss, mask[m], args.loss_agg, n["tokens"], n["seqs"],
+                                          args.max_new_tokens)
                     loss = loss * loss_fault(step + 1)  # test-only: inf on the steps $EXPLORE_RLVR_FAULT names, else 1
                     loss.backward()
-                    loss_sum += loss.item() / (args.ppo_epochs * world)
-                    clip_sum += (clipped * mask[m]).sum().item()
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+                    sums["loss"] += loss.item() / (args.ppo_epochs * world)
+                    sums["clipped"] += (clipped * mask[m]).sum().item()
+                grad_norm = clip_grad_norm(model, args.max_grad_norm)
                 if math.isfinite(grad_norm):
                     optimizer.step()
                 skipped, streak = count_skip(grad_norm, skipped, streak, args.max_skipped_steps)  # non-finite: skipped
-        scheduler.step()
         fault_point("update", step + 1)
         t_train = time.time() - t0 - t_rollout - t_reward
-        # 6. Metrics (summed over ranks), evaluation, checkpoint.
-        lens = mask.sum(-1)
-        r_grouped = rewards.view(-1, G)
-        s = all_sum([rewards.sum().item(), (rewards ** 2).sum().item(), len(rewards), (r_grouped.std(-1) == 0).sum().item(),
-                     len(r_grouped), lens.sum().item(), sum(not x["finished"] for x in samples), (entropy * mask).sum().item(),
-                     mask.sum().item(), clip_sum, loss_sum, n_sel, n_bottom, n_fired, n_sets, delta_sum, kl_sum], device)
-        mean = s[0] / s[2]
-        record = {"step": step + 1, "reward/mean": mean, "reward/std": math.sqrt(max(s[1] / s[2] - mean ** 2, 0.0)),
-                  "frac_zero_std_groups": s[3] / s[4], "completion/mean_len": s[5] / s[2], "completion/clipped_frac": s[6] / s[2],
-                  "entropy/mean": s[7] / s[8], "clip/frac": s[9] / (s[8] * args.ppo_epochs), "loss": s[10],
-                  "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0], "skipped_steps": skipped,
-                  "time/rollout": t_rollout, "time/reward": t_reward, "time/train": t_train,
-                  "tokens_per_s/rollout": s[5] / t_rollout, "tokens_per_s/train": s[8] * (args.ppo_epochs + 1) / t_train,
-                  "lp_reg/frac_regularized": s[11] / (s[8] * args.ppo_epochs), "lp_reg/frac_fired": s[13] / max(s[14], 1)}
-        if s[13] > 0:  # defined only where k > 1 somewhere: delta = the rho-percentile probability, mean over those sets
-            record["lp_reg/threshold_prob"] = s[15] / s[13]
-        if s[12] > 0:
-            record["lp_reg/frac_pass_filter"] = s[11] / s[12]  # share of the bottom-rho tokens the filter keeps
-        if s[11] > 0:
-            record["lp_reg/kl_mean"] = s[16] / s[11]  # mean clamped k3 penalty over the selected tokens
-        record.update(engine["metrics"] if engine else {})  # vLLM: time/sync (the weight push)
-        record.update(rollout_mismatch(old_logp, rollout_logp, mask, args.tis_cap, args.mismatch_tol, device))
-        record["memory/peak_gib"] = peak_memory_gib(device)  # this rank's peak since the previous step's record
-        if (args.eval_every and (step + 1) % args.eval_every == 0) or step + 1 == args.steps:
-            metrics, records = evaluate_all(model, tokenizer, eval_sets, args, device, engine)
+        # 6. Metrics (sums by name, added over ranks), evaluation, checkpoint.
+        s = all_sum_dict({**rollout_sums(rewards, mask, entropy, samples, G), **sums}, device)
+        record = {"step": step + 1, **rollout_metrics(s, args.ppo_epochs), "grad_norm": grad_norm, "lr": lr,
+                  "skipped_steps": skipped, "time/rollout": t_rollout, "time/reward": t_reward, "time/train": t_train,
+                  "tokens_per_s/rollout": s["completion_tokens"] / t_rollout,
+                  "tokens_per_s/train": s["tokens"] * (args.ppo_epochs + 1) / t_train}
+        record.update(lp_reg_metrics(s, args.ppo_epochs))
+        record.update(system_metrics(engine, old_logp, rollout_logp, mask, args, device))
+        samples_by_set = None
+        if due(args.eval_every, step + 1, args.steps):
+            metrics, samples_by_set = evaluate_all(model, tokenizer, eval_sets, args, device, engine)
             record.update(metrics)
-            if rank == 0:
-                for name, recs in records.items():
-                    log_jsonl(run_dir, "samples.jsonl", {"step": step + 1, "dataset": name, "problems": recs[:4]})
         record["time/step"] = time.time() - t0
-        history.append(record)
-        if rank == 0:
-            log_jsonl(run_dir, "metrics.jsonl", record)
-            bar.set_postfix(reward=f"{mean:.3f}", pass1=f"{next((h['eval/pass@1'] for h in reversed(history) if 'eval/pass@1' in h), 0):.3f}")
-        if (args.save_every and (step + 1) % args.save_every == 0) or step + 1 == args.steps:  # after the metric line
+        log_step(run_dir, record, history, rank, bar, samples_by_set)
+        if due(args.save_every, step + 1, args.steps):  # after the metric line
             save_checkpoint(run_dir, step + 1, model, optimizer, tokenizer, rank, skipped, streak)
     print_summary(run_dir, rank)
 

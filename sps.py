@@ -2,7 +2,7 @@
 
 Paper: Huo et al., "SPS: Steering Probability Squeezing for Better Exploration in Reinforcement Learning for Large
 Language Models", arXiv:2604.16995 (Findings of ACL 2026). Only the abstract was available to us and no code has been
-released: everything below the idea is a principled RECONSTRUCTION (spec: specs/sps.md), not the authors' method.
+released: everything below the idea is a principled RECONSTRUCTION, not the authors' method.
 
 Idea: on-policy RL is winner-take-all among correct solutions -- the more probable of two equally correct trajectories
 gains logit faster (E[dz_tau] = eta pi(tau) (r(tau) - b)), so pass@1 rises while pass@k falls ("probability squeezing").
@@ -17,31 +17,36 @@ gradient is dz_i ~ q_i - p_i: the dominant correct rollout is pushed down to a u
         p     = softmax(s / T_s) over the group's correct rollouts        Boltzmann distribution over the demonstrations
         q_i   = 1/D split over the copies of each distinct correct rollout (D distinct correct), 0 otherwise
         L_IRL = (1/#groups) sum_{groups with D >= 2} -sum_i q_i log p_i   = KL(q || p) + H(q) >= H(q), minimised
-                #groups = all the step's groups (groups without demonstrations contribute 0, as in the token-mean RL loss)
+                #groups = all the step's groups (groups without demonstrations contribute 0, as in the token-mean RL
+                loss)
         theta <- theta - eta_irl * clamp(grad(lambda_irl L_IRL) / (sqrt(v_hat_RL) + eps), -1, 1)    (v_hat_RL: the RL
                 AdamW's second moment, so the IRL step is measured in the RL step's units; see preconditioned_step)
 
 Choices (all reconstructed or UNCONFIRMED; default first, each a flag):
-    sign              minimise KL(q || p)  | --irl-sign literal: the paper's printed "minimise -KL" (a sign slip; ablation)
-    support of p      the demonstrations   | --irl-support group: all G rollouts (the spec's first reconstruction). Over
+    sign              minimise KL(q || p)  | --irl-sign literal: the paper's printed "minimise -KL" (a sign
+                                             slip; ablation)
+    support of p      the demonstrations   | --irl-support group: all G rollouts (our first reconstruction). Over
                                              the group, q = 0 on wrong rollouts puts the minimum at their score = -inf:
-                                             the gradient lowers their log-likelihood at every step (an unlikelihood term
-                                             on top of the RL step). Over the demonstrations it only evens out the
+                                             the gradient lowers their log-likelihood at every step (an unlikelihood
+                                             term on top of the RL step). Over the demonstrations it only evens out the
                                              correct rollouts' scores (README, Results: why the default changed).
     normalisation     over the group       | --irl-variant nll: token-mean NLL on a FIFO buffer of correct rollouts of
-                                             EARLIER steps (--irl-buffer; on fresh samples its expected gradient is zero)
+                                             EARLIER steps (--irl-buffer; on fresh samples its expected gradient is
+                                             zero)
     demonstrations    correct rollouts     | --irl-demos all
     target q          uniform over distinct correct rollouts | --irl-target counts (reproduces the squeezed
                                              distribution; ablation)
     score             length-normalised log-likelihood | --irl-score sum (raw) | ratio (length-normalised log-ratio to
                                              the initial model, which is then loaded); --irl-temperature T_s = 1.0
     schedule          IRL after every RL step, its own optimizer step | --irl-every K (0 = never: exactly grpo.py);
-                                             --irl-schedule summed: one step on -J_RL + lambda L_IRL; --irl-coef lambda = 1
+                                             --irl-schedule summed: one step on -J_RL + lambda L_IRL; --irl-coef lambda
+                                             = 1
     optimizer         precond: a plain step scaled by the RL AdamW's second moments (no momentum re-applied, no state of
                                              its own, so --resume is exact and lambda_irl sets the IRL step's size
                                              relative to the RL step); lr = current lr x --irl-lr-scale |
-                                             --irl-optimizer separate: its own AdamW (Adam's scale invariance makes every
-                                             IRL step full-size whatever lambda or the gradient; moments not checkpointed)
+                                             --irl-optimizer separate: its own AdamW (Adam's scale invariance makes
+                                             every IRL step full-size whatever lambda or the gradient; moments not
+                                             checkpointed)
                                              | shared: grpo.py's AdamW (its momentum re-applies the RL step)
     #groups           all the step's groups | --irl-norm eligible: only those with >= 2 distinct demonstrations
     eligible groups   >= 2 DISTINCT demonstrations (a group whose correct rollouts are one repeated sequence has nothing
@@ -71,62 +76,90 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
-from common import (BaseArgs, aggregate_loss, all_sum, answer_key, autocast, compute_rewards, count_skip, evaluate_all,
-                    fault_point, format_prompt, gather_objects, generate, init_distributed, load_checkpoint,
-                    load_eval_sets, load_model, load_train_set, log_jsonl, loss_fault, main, peak_memory_gib,
-                    print_summary, require, rollout_batch, rollout_engine, rollout_logprobs, rollout_mismatch,
-                    sample_keys, save_checkpoint, shard_model, start_run, step_problems, token_logprobs,
+from common import (BaseArgs, aggregate_loss, all_sum_dict, autocast, clip_grad_norm, compute_rewards, count_skip,
+                    due, evaluate_all, fault_point, format_prompt, generate, init_distributed, load_checkpoint,
+                    load_eval_sets, load_model, load_train_set, log_step, loss_fault, main, print_summary, require,
+                    rollout_batch, rollout_engine, rollout_logprobs, rollout_metrics, rollout_sums, sample_keys,
+                    save_checkpoint, set_lr, shard_model, start_run, step_problems, system_metrics, token_logprobs,
                     truncate_metrics, truncated_is_weight)
+from common import all_sum, answer_key, gather_objects  # SPS
 
 
 @dataclass
 class Args(BaseArgs):
     clip_low: float = field(default=0.2, metadata={"help": "PPO clip eps_low: ratio floor 1 - eps_low"})
-    clip_high: float = field(default=0.2, metadata={"help": "PPO clip eps_high: ratio ceiling 1 + eps_high (DAPO clip-higher: 0.28)"})
-    loss_agg: str = field(default="token-mean", metadata={"choices": ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"], "help": "token-mean (DAPO) | seq-mean-token-mean (GRPO) | seq-mean-token-sum-norm (Dr. GRPO)"})
-    scale_rewards: str = field(default="group", metadata={"choices": ["group", "none"], "help": "group: divide by the group std (GRPO) | none: Dr. GRPO"})
-    kl_coef: float = field(default=0.0, metadata={"help": "beta of the k3 KL to the initial model (0: no reference model is loaded)"})
+    clip_high: float = field(default=0.2, metadata={
+        "help": "PPO clip eps_high: ratio ceiling 1 + eps_high (DAPO clip-higher: 0.28)"})
+    loss_agg: str = field(default="token-mean", metadata={
+        "choices": ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"],
+        "help": "token-mean (DAPO) | seq-mean-token-mean (GRPO) | seq-mean-token-sum-norm (Dr. GRPO)"})
+    scale_rewards: str = field(default="group", metadata={
+        "choices": ["group", "none"], "help": "group: divide by the group std (GRPO) | none: Dr. GRPO"})
+    kl_coef: float = field(default=0.0, metadata={
+        "help": "beta of the k3 KL to the initial model (0: no reference model is loaded)"})
     entropy_coef: float = field(default=0.0, metadata={"help": "entropy bonus coefficient"})
     ppo_epochs: int = field(default=1, metadata={"help": "passes over each rollout batch"})
     mini_batches: int = field(default=1, metadata={"help": "optimizer steps per pass (1 = strictly on-policy)"})
-    irl_every: int = field(default=1, metadata={"help": "SPS: an IRL step after every K-th RL step (K_irl; 0 = never, exactly grpo.py)"})
-    irl_coef: float = field(default=1.0, metadata={"help": "SPS: lambda_irl, weight of the IRL loss (with a separate Adam step it mainly matters for --irl-schedule summed)"})
-    irl_lr_scale: float = field(default=1.0, metadata={"help": "SPS: eta_irl = current lr x this (the IRL step's learning rate)"})
-    irl_schedule: str = field(default="separate", metadata={"choices": ["separate", "summed"], "help": "SPS: separate: its own optimizer step after the RL step | summed: one step on -J_RL + lambda L_IRL"})
-    irl_optimizer: str = field(default="precond", metadata={"choices": ["precond", "separate", "shared"], "help": "SPS: precond: a step preconditioned by the RL AdamW's second moments (no state of its own) | separate: own AdamW state | shared: grpo.py's AdamW (its momentum re-applies the RL step)"})
-    irl_variant: str = field(default="group", metadata={"choices": ["group", "nll"], "help": "SPS: group: KL(q || softmax(s / T_s)) per group | nll: token-mean NLL on a buffer of earlier correct rollouts"})
-    irl_sign: str = field(default="kl", metadata={"choices": ["kl", "literal"], "help": "SPS: kl: minimise KL(q || p) | literal: minimise -KL as printed (ablation)"})
-    irl_demos: str = field(default="correct", metadata={"choices": ["correct", "all"], "help": "SPS: demonstrations: the correct rollouts | all rollouts"})
-    irl_target: str = field(default="uniform", metadata={"choices": ["uniform", "counts"], "help": "SPS: q uniform over distinct demonstrations | proportional to their counts (ablation)"})
-    irl_score: str = field(default="mean", metadata={"choices": ["mean", "sum", "ratio"], "help": "SPS: implicit reward s: mean token log-prob | sum | mean log-ratio to the initial model"})
-    irl_temperature: float = field(default=1.0, metadata={"help": "SPS: T_s of the group Boltzmann distribution softmax(s / T_s)"})
-    irl_support: str = field(default="demos", metadata={"choices": ["demos", "group"], "help": "SPS: p = softmax(s / T_s) over the demonstrations (bounded: redistributes among correct rollouts) | over the whole group (spec; also pushes wrong rollouts down without bound)"})
-    irl_norm: str = field(default="batch", metadata={"choices": ["batch", "eligible"], "help": "SPS: L_IRL / #groups over all the step's groups (like the token-mean RL loss) | over eligible groups only"})
-    irl_buffer: int = field(default=1024, metadata={"help": "SPS --irl-variant nll: capacity (rollouts per rank) of the FIFO buffer of earlier correct rollouts"})
-    probe_prompts: int = field(default=4, metadata={"help": "SPS diagnostics: fixed training prompts (x G rollouts) probed at every eval (0 = off)"})
+    irl_every: int = field(default=1, metadata={
+        "help": "SPS: an IRL step after every K-th RL step (K_irl; 0 = never, exactly grpo.py)"})
+    irl_coef: float = field(default=1.0, metadata={
+        "help": ("SPS: lambda_irl, weight of the IRL loss (with a separate Adam step it mainly matters for "
+                 "--irl-schedule summed)")})
+    irl_lr_scale: float = field(default=1.0, metadata={
+        "help": "SPS: eta_irl = current lr x this (the IRL step's learning rate)"})
+    irl_schedule: str = field(default="separate", metadata={
+        "choices": ["separate", "summed"],
+        "help": "SPS: separate: its own optimizer step after the RL step | summed: one step on -J_RL + lambda L_IRL"})
+    irl_optimizer: str = field(default="precond", metadata={
+        "choices": ["precond", "separate", "shared"],
+        "help": ("SPS: precond: a step preconditioned by the RL AdamW's second moments (no state of its own) | "
+                 "separate: own AdamW state | shared: grpo.py's AdamW (its momentum re-applies the RL step)")})
+    irl_variant: str = field(default="group", metadata={
+        "choices": ["group", "nll"],
+        "help": ("SPS: group: KL(q || softmax(s / T_s)) per group | nll: token-mean NLL on a buffer of earlier "
+                 "correct rollouts")})
+    irl_sign: str = field(default="kl", metadata={
+        "choices": ["kl", "literal"],
+        "help": "SPS: kl: minimise KL(q || p) | literal: minimise -KL as printed (ablation)"})
+    irl_demos: str = field(default="correct", metadata={
+        "choices": ["correct", "all"],
+        "help": "SPS: demonstrations: the correct rollouts | all rollouts"})
+    irl_target: str = field(default="uniform", metadata={
+        "choices": ["uniform", "counts"],
+        "help": "SPS: q uniform over distinct demonstrations | proportional to their counts (ablation)"})
+    irl_score: str = field(default="mean", metadata={
+        "choices": ["mean", "sum", "ratio"],
+        "help": "SPS: implicit reward s: mean token log-prob | sum | mean log-ratio to the initial model"})
+    irl_temperature: float = field(default=1.0, metadata={
+        "help": "SPS: T_s of the group Boltzmann distribution softmax(s / T_s)"})
+    irl_support: str = field(default="demos", metadata={
+        "choices": ["demos", "group"],
+        "help": ("SPS: p = softmax(s / T_s) over the demonstrations (bounded: redistributes among correct "
+                 "rollouts) | over the whole group (spec; also pushes wrong rollouts down without bound)")})
+    irl_norm: str = field(default="batch", metadata={
+        "choices": ["batch", "eligible"],
+        "help": ("SPS: L_IRL / #groups over all the step's groups (like the token-mean RL loss) | over eligible "
+                 "groups only")})
+    irl_buffer: int = field(default=1024, metadata={
+        "help": "SPS --irl-variant nll: capacity (rollouts per rank) of the FIFO buffer of earlier correct rollouts"})
+    probe_prompts: int = field(default=4, metadata={
+        "help": "SPS diagnostics: fixed training prompts (x G rollouts) probed at every eval (0 = off)"})
 
     def __post_init__(self):
-        super().__post_init__()
+        super().__post_init__()  # also checks every field's "choices"
         require(self.clip_low >= 0 and self.clip_high >= 0, "--clip-low and --clip-high must be >= 0")
-        require(self.loss_agg in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"),
-                f"--loss-agg must be token-mean, seq-mean-token-mean or seq-mean-token-sum-norm (got {self.loss_agg})")
-        require(self.scale_rewards in ("group", "none"), f"--scale-rewards must be group or none (got {self.scale_rewards})")
         require(self.kl_coef >= 0 and self.entropy_coef >= 0, "--kl-coef and --entropy-coef must be >= 0")
         require(self.ppo_epochs >= 1 and self.mini_batches >= 1, "--ppo-epochs and --mini-batches must be >= 1")
         require(self.irl_every >= 0, f"--irl-every must be >= 0 (got {self.irl_every})")
-        require(self.irl_coef >= 0 and math.isfinite(self.irl_coef), f"--irl-coef must be a number >= 0 (got {self.irl_coef})")
-        require(self.irl_lr_scale > 0 and math.isfinite(self.irl_lr_scale), f"--irl-lr-scale must be > 0 (got {self.irl_lr_scale})")
+        require(self.irl_coef >= 0 and math.isfinite(self.irl_coef),
+                f"--irl-coef must be a number >= 0 (got {self.irl_coef})")
+        require(self.irl_lr_scale > 0 and math.isfinite(self.irl_lr_scale),
+                f"--irl-lr-scale must be > 0 (got {self.irl_lr_scale})")
         require(self.irl_temperature > 0, f"--irl-temperature must be > 0 (got {self.irl_temperature})")
         require(self.irl_buffer >= 1, f"--irl-buffer must be >= 1 (got {self.irl_buffer})")
         require(self.probe_prompts >= 0, f"--probe-prompts must be >= 0 (got {self.probe_prompts})")
-        for flag, value, allowed in (("--irl-schedule", self.irl_schedule, ("separate", "summed")),
-                                     ("--irl-optimizer", self.irl_optimizer, ("precond", "separate", "shared")),
-                                     ("--irl-variant", self.irl_variant, ("group", "nll")), ("--irl-sign", self.irl_sign, ("kl", "literal")),
-                                     ("--irl-demos", self.irl_demos, ("correct", "all")), ("--irl-target", self.irl_target, ("uniform", "counts")),
-                                     ("--irl-score", self.irl_score, ("mean", "sum", "ratio")), ("--irl-norm", self.irl_norm, ("batch", "eligible")),
-                                     ("--irl-support", self.irl_support, ("demos", "group"))):
-            require(value in allowed, f"{flag} must be {' or '.join(allowed)} (got {value})")
-        require(not (self.irl_variant == "nll" and self.irl_schedule == "summed"), "--irl-variant nll needs --irl-schedule separate")
+        require(not (self.irl_variant == "nll" and self.irl_schedule == "summed"),
+                "--irl-variant nll needs --irl-schedule separate")
 
 
 def group_advantages(rewards, group_size, scale="group", eps=1e-6):
@@ -139,7 +172,8 @@ def group_advantages(rewards, group_size, scale="group", eps=1e-6):
 
 
 def policy_loss(logp, old_logp, advantages, clip_low, clip_high):
-    """PPO clipped surrogate per token. logp, old_logp: [N, T]; advantages: [N, 1] or [N, T]. Returns ([N, T], clipped [N, T])."""
+    """PPO clipped surrogate per token. logp, old_logp: [N, T]; advantages: [N, 1] or [N, T].
+    Returns (loss [N, T], clipped [N, T])."""
     ratio = torch.exp(logp - old_logp)
     unclipped = ratio * advantages
     clipped = ratio.clamp(1 - clip_low, 1 + clip_high) * advantages
@@ -154,7 +188,8 @@ def kl_k3(logp, ref_logp):
 
 def implicit_reward(logp, mask, score="mean", ref_logp=None):
     """s_i, the policy's implicit reward of rollout i. logp, mask, ref_logp: [N, T] -> [N].
-    mean: (1/|o_i|) sum_t log pi(o_t) (default) | sum: sum_t log pi(o_t) | ratio: (1/|o_i|) sum_t log pi(o_t) / pi_ref(o_t)."""
+    mean: (1/|o_i|) sum_t log pi(o_t) (default) | sum: sum_t log pi(o_t) | ratio: (1/|o_i|) sum_t log pi(o_t) /
+    pi_ref(o_t)."""
     if score == "ratio":
         logp = logp - ref_logp
     total = (logp * mask).sum(-1)  # [N]
@@ -174,7 +209,8 @@ def first_copy(completions, group_size):
 def irl_target(demos, first, target="uniform"):
     """The target q over each group's G rollouts, and D = the number of distinct demonstrations per group.
     demos: [B, G] bool (correct rollouts, or all); first: [B, G] from first_copy. Returns (q [B, G], D [B]).
-    uniform: each distinct demonstration gets 1/D, split equally over its copies | counts: each demonstration rollout 1/|C|."""
+    uniform: each distinct demonstration gets 1/D, split equally over its copies | counts: each demonstration rollout
+    1/|C|."""
     demos = demos.float()
     same = first[:, :, None] == first[:, None, :]  # [B, G, G]: rollouts i and j are the same trajectory
     copies = (same.float() * demos[:, None, :]).sum(-1).clamp(min=1)  # [B, G]: multiplicity among the demonstrations
@@ -190,15 +226,18 @@ def irl_loss(scores, q, temperature=1.0, sign="kl", support=None):
     demonstrations, the minimum H(q) is reached when their scores are equal; over the whole group it is only approached
     as the other rollouts' scores go to -inf, so its gradient never stops pushing them down. sign 'literal' minimises
     -KL instead, as printed in the paper (ablation)."""
+    # --- SOLUTION START: sps-irl-loss
     z = scores / temperature if support is None else (scores / temperature).masked_fill(~support, float("-inf"))
     log_p = torch.log_softmax(z, -1)  # [B, G]: the Boltzmann distribution over the group (or its demonstrations)
     loss = -torch.where(q > 0, q * log_p, 0.0).sum(-1)  # [B]; q = 0 outside the support
     return loss if sign == "kl" else -loss
+    # --- SOLUTION END
 
 
 def squeezing(scores, first, keep, temperature=1.0):
     """Top-1 share max p and effective number of trajectories exp(H(p)) of p = softmax(s / T_s) over each group's
-    DISTINCT rollouts among `keep` (all, or correct only). scores, first: [B, G]; keep: [B, G] bool -> ([B], [B]), NaN if empty."""
+    DISTINCT rollouts among `keep` (all, or correct only). scores, first: [B, G]; keep: [B, G] bool -> ([B], [B]), NaN
+    if empty."""
     live = keep & (first == torch.arange(first.shape[1], device=first.device))  # one entry per distinct trajectory
     p = torch.nan_to_num(torch.softmax((scores / temperature).masked_fill(~live, float("-inf")), -1))  # [B, G]
     n_eff = torch.exp(-(p * p.clamp_min(1e-30).log()).sum(-1))
@@ -208,7 +247,8 @@ def squeezing(scores, first, keep, temperature=1.0):
 
 def saturation(pass_at):
     """U3: the level pass@k saturates at as k grows, from pass@k at k = 1, 2, 4, ..., n (list): the gains per doubling
-    of k are extrapolated geometrically (ratio of the last two gains); 1.0 if they do not shrink (no saturation seen)."""
+    of k are extrapolated geometrically (ratio of the last two gains); 1.0 if they do not shrink (no saturation
+    seen)."""
     if len(pass_at) < 3:
         return pass_at[-1]
     prev, last = pass_at[-2] - pass_at[-3], pass_at[-1] - pass_at[-2]
@@ -227,7 +267,8 @@ def nanmean(x):
 
 @torch.no_grad()
 def preconditioned_step(optimizer, lr):
-    """The IRL step in the RL step's units: theta -= lr * clamp(g / (sqrt(v_hat) + eps), -1, 1), with v_hat the RL AdamW's
+    """The IRL step in the RL step's units: theta -= lr * clamp(g / (sqrt(v_hat) + eps), -1, 1), with v_hat the RL
+    AdamW's
     bias-corrected second moment. Unlike a step of its own Adam, the size follows the IRL gradient's magnitude relative
     to the RL gradients (so lambda_irl matters) and no momentum is re-applied; the clamp keeps any coordinate within
     one Adam-sized step (lr) where the RL gradient was ~0. Parameters the RL step never updated are left alone."""
@@ -269,7 +310,8 @@ def irl_gradients(model, samples, rewards, first, batch, ref_logp, buffer, args,
     n_groups, n_all = all_sum([eligible.sum().item(), len(eligible)], device)
     if n_groups == 0:
         return None
-    n_norm = n_all if args.irl_norm == "batch" else n_groups  # groups without demonstrations contribute 0, as in token-mean
+    # groups without demonstrations contribute 0, as in token-mean
+    n_norm = n_all if args.irl_norm == "batch" else n_groups
     groups, per = eligible.nonzero().squeeze(-1).tolist(), max(1, mb // G)  # micro-batches of whole groups
     n_micro, loss_sum = max(gather_objects(-(-len(groups) // per))), 0.0
     scores = torch.zeros(q.shape, device=device)  # [N/G, G]: s with the weights after the RL step (eligible groups)
@@ -293,7 +335,8 @@ def irl_gradients(model, samples, rewards, first, batch, ref_logp, buffer, args,
 
 @torch.no_grad()
 def sample_probe(model, tokenizer, problems, args, device, ref_model):
-    """The probe set's G rollouts per prompt, with keys fixed for the whole run (so evaluations differ only by the weights)."""
+    """The probe set's G rollouts per prompt, with keys fixed for the whole run (so evaluations differ only by the
+    weights)."""
     G = args.group_size
     group = [p for p in problems for _ in range(G)]
     keys = torch.stack([sample_keys(args.seed, 1 << 29, i) for i in range(len(group))])
@@ -302,22 +345,27 @@ def sample_probe(model, tokenizer, problems, args, device, ref_model):
     texts = tokenizer.batch_decode([s["completion_ids"] for s in samples], skip_special_tokens=True)
     correct = torch.tensor(compute_rewards(group, texts), device=device) > 0  # [P * G]
     batch = rollout_batch(samples, tokenizer.pad_token_id, device)
-    answers = [{answer_key(p, t) for p, t, c in zip(group[i:i + G], texts[i:i + G], correct[i:i + G]) if c} for i in range(0, len(group), G)]
+    answers = [{answer_key(p, t) for p, t,
+                c in zip(group[i:i + G], texts[i:i + G], correct[i:i + G]) if c} for i in range(0, len(group), G)]
     ref = probe_scores(ref_model, {"batch": batch}, args, device, raw=True)[0] if args.irl_score == "ratio" else None
-    return {"batch": batch, "ref": ref, "correct": correct.view(-1, G), "first": first_copy([s["completion_ids"] for s in samples], G).to(device),
+    return {"batch": batch, "ref": ref, "correct": correct.view(-1, G),
+            "first": first_copy([s["completion_ids"] for s in samples], G).to(device),
             "distinct_correct": sum(map(len, answers)) / len(answers)}
 
 
 @torch.no_grad()
 def probe_scores(model, probe, args, device, raw=False):
-    """s [P, G] of the probe rollouts under the current weights, and token-level squeezing: mean top-1 token probability,
-    fraction of positions whose top-1 probability exceeds 0.99. raw=True: the per-token log-probs [P * G, T] instead of s."""
+    """s [P, G] of the probe rollouts under the current weights, and token-level squeezing: mean top-1 token
+    probability,
+    fraction of positions whose top-1 probability exceeds 0.99. raw=True: the per-token log-probs [P * G, T] instead of
+    s."""
     ids, attn, mask, P = probe["batch"]
     logp, top1 = [], []
     for i in range(0, len(ids), args.micro_batch_size):
         m = slice(i, i + args.micro_batch_size)
         with autocast(device):
-            lp, _, t1 = token_logprobs(model, ids[m], attn[m], P, args.logprob_chunk, row_fn=lambda logits, t: logits.softmax(-1).max(-1).values)
+            lp, _, t1 = token_logprobs(model, ids[m], attn[m], P, args.logprob_chunk, row_fn=lambda logits,
+                                       t: logits.softmax(-1).max(-1).values)
         logp.append(lp.float()), top1.append(t1.float())
     logp, top1 = torch.cat(logp), torch.cat(top1)  # [P * G, T]
     if raw:
@@ -328,26 +376,34 @@ def probe_scores(model, probe, args, device, raw=False):
 
 
 def probe_record(probe, s0, s1, s2, token_stats, args):
-    """Squeezing diagnostics of the probe set; s0/s1/s2: scores before the RL step, after it, after the IRL step [P, G]."""
+    """Squeezing diagnostics of the probe set; s0/s1/s2: scores before the RL step, after it, after the IRL step
+    [P, G]."""
     correct, first, T = probe["correct"], probe["first"], args.irl_temperature
     top, n_eff = squeezing(s2, first, torch.ones_like(correct), T)
     top_c, n_eff_c = squeezing(s2, first, correct, T)
-    rec = {"sps/probe/top_share": nanmean(top), "sps/probe/n_eff": nanmean(n_eff), "sps/probe/top_share_correct": nanmean(top_c),
-           "sps/probe/n_eff_correct": nanmean(n_eff_c), "sps/probe/distinct_correct": probe["distinct_correct"], **token_stats}
+    rec = {"sps/probe/top_share": nanmean(top), "sps/probe/n_eff": nanmean(n_eff),
+           "sps/probe/top_share_correct": nanmean(top_c),
+           "sps/probe/n_eff_correct": nanmean(n_eff_c), "sps/probe/distinct_correct": probe["distinct_correct"],
+           **token_stats}
     q, distinct = irl_target(correct, first, args.irl_target)
     if s1 is not None and (distinct >= 2).any():
         ok = distinct >= 2
         sup = correct[ok] if args.irl_support == "demos" else None
-        rec["sps/probe/irl_loss_before"] = float(irl_loss(s1[ok], q[ok], T, args.irl_sign, sup).mean())  # after the RL step
-        rec["sps/probe/irl_loss_after"] = float(irl_loss(s2[ok], q[ok], T, args.irl_sign, sup).mean())  # after the IRL step
-        rec["sps/probe/d_top_rl"] = nanmean(squeezing(s1, first, correct, T)[0][ok] - squeezing(s0, first, correct, T)[0][ok])
-        rec["sps/probe/d_top_irl"] = nanmean(squeezing(s2, first, correct, T)[0][ok] - squeezing(s1, first, correct, T)[0][ok])
+        # after the RL step
+        rec["sps/probe/irl_loss_before"] = float(irl_loss(s1[ok], q[ok], T, args.irl_sign, sup).mean())
+        # after the IRL step
+        rec["sps/probe/irl_loss_after"] = float(irl_loss(s2[ok], q[ok], T, args.irl_sign, sup).mean())
+        rec["sps/probe/d_top_rl"] = nanmean(squeezing(s1, first, correct, T)[0][ok] - squeezing(s0, first, correct,
+                                                                                                T)[0][ok])
+        rec["sps/probe/d_top_irl"] = nanmean(squeezing(s2, first, correct, T)[0][ok] - squeezing(s1, first, correct,
+                                                                                                 T)[0][ok])
     return {k: v for k, v in rec.items() if not math.isnan(v)}  # NaN: no probe group with (two) correct rollouts
 
 
 def upper_bounds(metrics, records, bounds, n):
     """U1 (base model pass@n, from the first evaluation), U2 (fraction of eval problems solved by any evaluation so far;
-    `bounds` carries the solved indices between evaluations), U3 (saturation of pass@k vs log k). UNCONFIRMED definitions."""
+    `bounds` carries the solved indices between evaluations), U3 (saturation of pass@k vs log k). UNCONFIRMED
+    definitions."""
     bounds.setdefault("U1", metrics[f"eval/pass@{n}"])
     solved = bounds.setdefault("solved", {})
     for name, recs in records.items():
@@ -371,18 +427,31 @@ def bounds_from_metrics(run_dir, n):
     return bounds
 
 
+def d_top_rl(irl, old_logp, rewards, mask, ref_logp, first, args, device):
+    """Change of the correct-only top share of the IRL-eligible groups caused by the RL step (scores after it, from
+    irl_gradients, minus the scores under pi_old), mean over ranks."""
+    G = args.group_size
+    ok, correct = irl["eligible"], (rewards > 0).view(-1, G)
+    s_old = implicit_reward(old_logp.float(), mask, args.irl_score, ref_logp).view(-1, G)
+    d = (squeezing(irl["scores"], first, correct, args.irl_temperature)[0]
+         - squeezing(s_old, first, correct, args.irl_temperature)[0])
+    s = all_sum_dict({"d": d[ok].nansum().item(), "n": (ok & ~d.isnan()).sum().item()}, device)
+    return s["d"] / max(s["n"], 1)
+
+
 def train(args):
     rank, world, device = init_distributed()
-    require(args.prompts_per_step % world == 0, f"--prompts-per-step ({args.prompts_per_step}) must divide by the number of processes ({world})")
     run_dir = start_run(args, "sps", rank)
     model, tokenizer = load_model(args.model, device, rank)
     need_ref = args.kl_coef > 0 or args.irl_score == "ratio"  # SPS: --irl-score ratio also needs the initial model
-    ref_model = shard_model(load_model(args.model, device, rank)[0].eval(), world, device, "off") if need_ref else None
+    ref_model = load_model(args.model, device, rank)[0].eval() if need_ref else None
+    ref_model = shard_model(ref_model, world, device, "off") if ref_model else None
     model = shard_model(model, world, device, args.gradient_checkpointing).train()  # from_pretrained gives eval mode
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (args.warmup_steps + 1)))
-    irl_optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay) \
-        if args.irl_optimizer == "separate" else optimizer  # SPS: the IRL step's optimizer (precond: the RL AdamW's moments)
+    irl_optimizer = optimizer  # SPS: the IRL step's optimizer (precond: the RL AdamW's moments)
+    if args.irl_optimizer == "separate":
+        irl_optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999),
+                                          weight_decay=args.weight_decay)
     train_set, eval_sets = load_train_set(args, tokenizer, model), load_eval_sets(args, tokenizer, model)
     engine = rollout_engine(args, model, tokenizer, rank)  # None: HF generate on the training model; else vLLM
     start, history, skipped, streak = 0, [], 0, 0
@@ -390,23 +459,24 @@ def train(args):
     probe = train_set[:args.probe_prompts]  # SPS: fixed probe prompts for the squeezing diagnostics
     if args.resume:
         start, skipped, streak = load_checkpoint(run_dir, model, optimizer)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (args.warmup_steps + 1)), last_epoch=start - 1)
-        truncate_metrics(run_dir, start) if rank == 0 else None
+        truncate_metrics(run_dir, start, rank)
         bounds = bounds_from_metrics(run_dir, args.eval_samples) if rank == 0 else {}  # SPS: only rank 0 logs them
         if args.irl_optimizer == "separate" and rank == 0:  # SPS: only the default precond step resumes exactly
-            print("warning: --irl-optimizer separate: the IRL AdamW's moments are not in the checkpoint; they restart at zero", file=sys.stderr)
+            print("warning: --irl-optimizer separate: the IRL AdamW's moments are not in the checkpoint; they restart "
+                  "at zero", file=sys.stderr)
     else:
         metrics, records = evaluate_all(model, tokenizer, eval_sets, args, device, engine)
-        history.append({"step": 0, **metrics, **upper_bounds(metrics, records, bounds, args.eval_samples)})
+        record = {"step": 0, **metrics, **upper_bounds(metrics, records, bounds, args.eval_samples)}
         if probe:
             p0 = sample_probe(model, tokenizer, probe, args, device, ref_model)
             s0, token_stats = probe_scores(model, p0, args, device)
-            history[-1].update(probe_record(p0, s0, None, s0, token_stats, args))
-        log_jsonl(run_dir, "metrics.jsonl", history[-1]) if rank == 0 else None
-    G, pad = args.group_size, tokenizer.pad_token_id
-    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="sps", disable=rank != 0, dynamic_ncols=True)
+            record.update(probe_record(p0, s0, None, s0, token_stats, args))
+        log_step(run_dir, record, history, rank)
+    G, pad, on_policy = args.group_size, tokenizer.pad_token_id, args.ppo_epochs == args.mini_batches == 1
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="sps", disable=rank != 0,
+               dynamic_ncols=True)
     for step in bar:
-        t0 = time.time()
+        t0, lr = time.time(), set_lr(optimizer, args, step)
         # 1. Rollouts: this rank's share of the step's B prompts, G completions each, from pi_old = the current weights.
         n_local = args.prompts_per_step // world
         problems = step_problems(train_set, step, args.prompts_per_step, args.seed)[rank * n_local:(rank + 1) * n_local]
@@ -426,45 +496,48 @@ def train(args):
         ids, attn, mask, P = rollout_batch(samples, pad, device)  # [N, P+T], [N, P+T], [N, T]
         rollout_logp = rollout_logprobs(samples, mask)  # [N, T]: the engine's log pi(o_t) (vLLM), None with HF
         micro = [slice(i, i + args.micro_batch_size) for i in range(0, len(samples), args.micro_batch_size)]
+        logprobs = lambda m, net=model: token_logprobs(net, ids[m], attn[m], P, args.logprob_chunk)  # noqa: E731
         with torch.no_grad(), autocast(device):
-            old_logp, entropy = map(torch.cat, zip(*[token_logprobs(model, ids[m], attn[m], P, args.logprob_chunk) for m in micro]))
-            ref_logp = torch.cat([token_logprobs(ref_model, ids[m], attn[m], P, args.logprob_chunk)[0] for m in micro]) if ref_model else None
+            old_logp, entropy = map(torch.cat, zip(*[logprobs(m) for m in micro]))
+            ref_logp = torch.cat([logprobs(m, ref_model)[0] for m in micro]) if ref_model else None
         # 4b. SPS: is this an IRL step; at eval steps, the probe rollouts and their scores s0 before the RL step.
         irl_now, irl = args.irl_every > 0 and (step + 1) % args.irl_every == 0, None
         irl_pending = irl_now and args.irl_schedule == "summed"  # summed: L_IRL joins the first RL optimizer step
         first = first_copy([s["completion_ids"] for s in samples], G).to(device)  # [N/G, G]
-        evaluating = (args.eval_every and (step + 1) % args.eval_every == 0) or step + 1 == args.steps
+        evaluating = due(args.eval_every, step + 1, args.steps)
         if evaluating and probe:
             p0 = sample_probe(model, tokenizer, probe, args, device, ref_model)
             s0 = probe_scores(model, p0, args, device)[0]
         # 5. Policy update: ppo_epochs x mini_batches optimizer steps on the clipped surrogate.
-        rows = torch.arange(len(samples), device=device)
-        clip_sum = loss_sum = grad_norm = 0.0
+        rows, sums = torch.arange(len(samples), device=device), {"clipped": 0.0, "loss": 0.0}
         for epoch in range(args.ppo_epochs):
             for mb in rows.chunk(args.mini_batches):
-                n_tokens, n_seqs = all_sum([mask[mb].sum().item(), len(mb)], device)
+                n = all_sum_dict({"tokens": mask[mb].sum().item(), "seqs": len(mb)}, device)
                 optimizer.zero_grad(set_to_none=True)
                 parts = mb.split(args.micro_batch_size)
                 for j, m in enumerate(parts):
                     if world > 1:
                         model.set_requires_gradient_sync(j == len(parts) - 1)  # reduce-scatter once per optimizer step
                     with autocast(device):
-                        logp, ent = token_logprobs(model, ids[m], attn[m], P, args.logprob_chunk)  # [n, T]
-                    token_loss, clipped = policy_loss(logp, old_logp[m], advantages[m, None], args.clip_low, args.clip_high)
+                        logp, ent = logprobs(m)  # [n, T]
+                    token_loss, clipped = policy_loss(logp, old_logp[m], advantages[m, None], args.clip_low,
+                                                      args.clip_high)
                     token_loss = token_loss * truncated_is_weight(old_logp[m], rollout_logp, m, args.tis_cap)  # TIS
                     if args.kl_coef > 0:
                         token_loss = token_loss + args.kl_coef * kl_k3(logp, ref_logp[m])
                     if args.entropy_coef > 0:
                         token_loss = token_loss - args.entropy_coef * ent
-                    loss = aggregate_loss(token_loss, mask[m], args.loss_agg, n_tokens, n_seqs, args.max_new_tokens)
+                    loss = aggregate_loss(token_loss, mask[m], args.loss_agg, n["tokens"], n["seqs"],
+                                          args.max_new_tokens)
                     loss = loss * loss_fault(step + 1)  # test-only: inf on the steps $EXPLORE_RLVR_FAULT names, else 1
                     loss.backward()
-                    loss_sum += loss.item() / (args.ppo_epochs * world)
-                    clip_sum += (clipped * mask[m]).sum().item()
-                if irl_pending:  # SPS --irl-schedule summed: add grad(lambda L_IRL) at theta_old to this step's gradient
-                    irl, irl_pending = irl_gradients(model, samples, rewards, first, (ids, attn, mask, P), ref_logp, buffer, args, world, device, pad), False
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+                    sums["loss"] += loss.item() / (args.ppo_epochs * world)
+                    sums["clipped"] += (clipped * mask[m]).sum().item()
+                # SPS --irl-schedule summed: add grad(lambda L_IRL) at theta_old to this step's gradient
+                if irl_pending:
+                    irl, irl_pending = irl_gradients(model, samples, rewards, first, (ids, attn, mask, P), ref_logp,
+                                                     buffer, args, world, device, pad), False
+                grad_norm = clip_grad_norm(model, args.max_grad_norm)
                 if math.isfinite(grad_norm):
                     optimizer.step()
                 skipped, streak = count_skip(grad_norm, skipped, streak, args.max_skipped_steps)  # non-finite: skipped
@@ -473,66 +546,48 @@ def train(args):
         # 5b. SPS: the IRL step on the same rollouts, scores recomputed with the weights after the RL step.
         if irl_now and args.irl_schedule == "separate":
             irl_optimizer.zero_grad(set_to_none=True)
-            irl = irl_gradients(model, samples, rewards, first, (ids, attn, mask, P), ref_logp, buffer, args, world, device, pad)
+            irl = irl_gradients(model, samples, rewards, first, (ids, attn, mask, P), ref_logp, buffer, args, world,
+                                device, pad)
             if irl is not None:
-                irl_gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                irl["sps/irl_grad_norm"] = float(irl_gnorm.full_tensor() if hasattr(irl_gnorm, "full_tensor") else irl_gnorm)
+                irl["sps/irl_grad_norm"] = clip_grad_norm(model, args.max_grad_norm)
                 for g in irl_optimizer.param_groups:
-                    g["lr"] = scheduler.get_last_lr()[0] * args.irl_lr_scale  # eta_irl
+                    g["lr"] = lr * args.irl_lr_scale  # eta_irl
                 if not math.isfinite(irl["sps/irl_grad_norm"]):
                     skipped, streak = count_skip(irl["sps/irl_grad_norm"], skipped, streak, args.max_skipped_steps)
                 elif args.irl_optimizer == "precond":
-                    preconditioned_step(optimizer, scheduler.get_last_lr()[0] * args.irl_lr_scale)
+                    preconditioned_step(optimizer, lr * args.irl_lr_scale)
                 else:
                     irl_optimizer.step()
                 for g in irl_optimizer.param_groups:
-                    g["lr"] = scheduler.get_last_lr()[0]  # restores the shared optimizer's lr
+                    g["lr"] = lr  # restores the shared optimizer's lr
         if args.irl_variant == "nll":  # earlier correct rollouts only: this step's join the buffer after its IRL step
             buffer = (buffer + [s for s, r in zip(samples, rewards.tolist()) if r > 0])[-args.irl_buffer:]
-        scheduler.step()
         fault_point("update", step + 1)
         t_train = time.time() - t0 - t_rollout - t_reward
-        # 6. Metrics (summed over ranks), evaluation, checkpoint.
-        lens = mask.sum(-1)
-        r_grouped = rewards.view(-1, G)
-        s = all_sum([rewards.sum().item(), (rewards ** 2).sum().item(), len(rewards), (r_grouped.std(-1) == 0).sum().item(),
-                     len(r_grouped), lens.sum().item(), sum(not x["finished"] for x in samples), (entropy * mask).sum().item(),
-                     mask.sum().item(), clip_sum, loss_sum], device)
-        mean = s[0] / s[2]
-        record = {"step": step + 1, "reward/mean": mean, "reward/std": math.sqrt(max(s[1] / s[2] - mean ** 2, 0.0)),
-                  "frac_zero_std_groups": s[3] / s[4], "completion/mean_len": s[5] / s[2], "completion/clipped_frac": s[6] / s[2],
-                  "entropy/mean": s[7] / s[8], "clip/frac": s[9] / (s[8] * args.ppo_epochs), "loss": s[10],
-                  "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0], "skipped_steps": skipped,
-                  "time/rollout": t_rollout, "time/reward": t_reward, "time/train": t_train,
-                  "tokens_per_s/rollout": s[5] / t_rollout, "tokens_per_s/train": s[8] * (args.ppo_epochs + 1) / t_train}
+        # 6. Metrics (sums by name, added over ranks), evaluation, checkpoint.
+        s = all_sum_dict({**rollout_sums(rewards, mask, entropy, samples, G), **sums}, device)
+        record = {"step": step + 1, **rollout_metrics(s, args.ppo_epochs), "grad_norm": grad_norm, "lr": lr,
+                  "skipped_steps": skipped, "time/rollout": t_rollout, "time/reward": t_reward, "time/train": t_train,
+                  "tokens_per_s/rollout": s["completion_tokens"] / t_rollout,
+                  "tokens_per_s/train": s["tokens"] * (args.ppo_epochs + 1) / t_train}
         if irl is not None:  # SPS: IRL loss before its step; change of the correct-only top share caused by the RL step
             record.update({k: v for k, v in irl.items() if k.startswith("sps/")})
             if "scores" in irl and args.irl_schedule == "separate":
-                ok, correct = irl["eligible"], (rewards > 0).view(-1, G)
-                s_old = implicit_reward(old_logp.float(), mask, args.irl_score, ref_logp).view(-1, G)
-                d = squeezing(irl["scores"], first, correct, args.irl_temperature)[0] - squeezing(s_old, first, correct, args.irl_temperature)[0]
-                d_sum, d_n = all_sum([d[ok].nansum().item(), (ok & ~d.isnan()).sum().item()], device)
-                record["sps/d_top_rl"] = d_sum / max(d_n, 1)
+                record["sps/d_top_rl"] = d_top_rl(irl, old_logp, rewards, mask, ref_logp, first, args, device)
         if evaluating and probe:
             s2, token_stats = probe_scores(model, p0, args, device)
             record.update(probe_record(p0, s0, s1, s2, token_stats, args))
-        record.update(engine["metrics"] if engine else {})  # vLLM: time/sync (the weight push)
-        record.update(rollout_mismatch(old_logp, rollout_logp, mask, args.tis_cap, args.mismatch_tol, device))
-        record["memory/peak_gib"] = peak_memory_gib(device)  # this rank's peak since the previous step's record
-        if (args.eval_every and (step + 1) % args.eval_every == 0) or step + 1 == args.steps:
-            metrics, records = evaluate_all(model, tokenizer, eval_sets, args, device, engine)
+        record.update(system_metrics(engine, old_logp, rollout_logp, mask, args, device))
+        samples_by_set = None
+        if evaluating:
+            metrics, samples_by_set = evaluate_all(model, tokenizer, eval_sets, args, device, engine)
             record.update(metrics)
-            record.update(upper_bounds(metrics, records, bounds, args.eval_samples))
+            record.update(upper_bounds(metrics, samples_by_set, bounds, args.eval_samples))
             if rank == 0:
-                for name, recs in records.items():
-                    log_jsonl(run_dir, "samples.jsonl", {"step": step + 1, "dataset": name, "problems": recs[:4]})
                 json.dump(bounds, open(bounds_path, "w"))
         record["time/step"] = time.time() - t0
-        history.append(record)
-        if rank == 0:
-            log_jsonl(run_dir, "metrics.jsonl", record)
-            bar.set_postfix(reward=f"{mean:.3f}", pass1=f"{next((h['eval/pass@1'] for h in reversed(history) if 'eval/pass@1' in h), 0):.3f}")
-        if (args.save_every and (step + 1) % args.save_every == 0) or step + 1 == args.steps:  # after the metric line
+        log_step(run_dir, record, history, rank, bar, samples_by_set)
+        if due(args.save_every, step + 1, args.steps):  # after the metric line
             save_checkpoint(run_dir, step + 1, model, optimizer, tokenizer, rank, skipped, streak)
     print_summary(run_dir, rank)
 

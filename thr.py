@@ -1,4 +1,5 @@
-"""THR: Token Hidden Reward reweighting of GRPO's token advantages, steering exploitation (p > 0) or exploration (p < 0).
+"""THR: Token Hidden Reward reweighting of GRPO's token advantages, steering exploitation (p > 0) or exploration (p <
+0).
 
 Paper: Deng, Ren, Li, Gong, Sutherland, Li, Thrampoulidis, "Token Hidden Reward: Steering Exploration-Exploitation in
 Group Relative Deep Reinforcement Learning" (arXiv:2510.03669). Its body was not available to us: the score below is
@@ -16,19 +17,22 @@ answers more confident (exploitation), negative ones keep mass on alternatives (
     THR_{j,k'} = a_j s_{j,k'},  a_j = sign(A_j) (--thr-advantage sign) or A_j (value)                      (T3)
     tau = beta_tau min_{i in P} mean_k THR_{i,k};  dominant <=> |THR_{j,k'}| > tau                          (T4)
     A'_{j,k'} = A_j (1 + p sign(THR_{j,k'})) on dominant tokens; A_j elsewhere (0 with --mask-nondominant)   (T5)
-    GSPO-token: s_{i,t} = sg[(pi_theta/pi_old)(y_i)^{1/|y_i|}] pi_theta(y_it) / sg[pi_theta(y_it)]  (arXiv:2507.18071, --objective)
+    GSPO-token: s_{i,t} = sg[(pi_theta/pi_old)(y_i)^{1/|y_i|}] pi_theta(y_it) / sg[pi_theta(y_it)]  (arXiv:2507.18071,
+    --objective)
 The equation labels T1-T5 are ours (the paper's numbering was not available). h is the LM-head input (after the final
 norm) and P the correct responses (r > 0.5) of the group, all from the old policy and detached, computed once per
 rollout batch from the no-grad old-log-prob forward (grpo.py runs it only off-policy; THR needs it before the update,
 the scores use the whole group). Groups with no correct response keep
 plain GRPO advantages; all-correct/all-wrong groups have A = 0 anyway.
 
-Confirmed (abstract): THR measures a token's influence on the correct responses' likelihood; positive THR = exploitation,
+Confirmed (abstract): THR measures a token's influence on the correct responses' likelihood; positive THR =
+exploitation,
 negative = exploration; amplifying positive / weakening negative (p > 0) helps greedy, the reverse (p < 0) helps pass@k;
 works with GSPO. Reconstructed from NTHR, UNCONFIRMED for THR, each with its flag:
   - the V* restriction with the full-vocabulary denominator and the sum-first M = G+^T H+ (NTHR's tricks; exact math
     otherwise); self-terms included (a correct token's own response is in the sum of T2);
-  - the advantage factor in T3: --thr-advantage sign (default) makes T4 exactly NTHR's |s| > beta min_i mean_k s_ik rule;
+  - the advantage factor in T3: --thr-advantage sign (default) makes T4 exactly NTHR's
+    |s| > beta min_i mean_k s_ik rule;
     value uses a_j = A_j, so the threshold sees the influence magnitude |A_j s|. sign(THR) is the same either way;
   - the dominant-token threshold T4 (NTHR's rule): --tau-beta (beta_tau = 1);
   - the functional form T5: --p (|p| < 1) and --mask-nondominant (the "THR-only" mode, reported ~GRPO);
@@ -37,8 +41,9 @@ With --p 0 and no masking the update is exactly GRPO's (tests/test_thr.py checks
 
 Run it:
     python thr.py --p -0.2                                             # CPU demo: tiny model, countdown, a few minutes
-    python thr.py --p 0.2 --model Qwen/Qwen2.5-Math-1.5B --dataset math-lighteval --eval-datasets math500,aime24,amc23 \\
-        --prompts-per-step 128 --max-new-tokens 3072 --lr 1e-6 --steps 500 --micro-batch-size 8     # one GPU
+    python thr.py --p 0.2 --model Qwen/Qwen2.5-Math-1.5B --dataset math-lighteval \\
+        --eval-datasets math500,aime24,amc23 --prompts-per-step 128 --max-new-tokens 3072 --lr 1e-6 --steps 500 \\
+        --micro-batch-size 8                                                                        # one GPU
     torchrun --nproc_per_node 8 thr.py --p -0.2 --model Qwen/Qwen2.5-7B ...                         # FSDP2, 8 GPUs
 """
 import math
@@ -48,41 +53,54 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
-from common import (BaseArgs, aggregate_loss, all_sum, autocast, compute_rewards, count_skip, evaluate_all,
-                    fault_point, format_prompt, generate, init_distributed, load_checkpoint, load_eval_sets,
-                    load_model, load_train_set, log_jsonl, loss_fault, main, peak_memory_gib, print_summary, require,
-                    rollout_batch, rollout_engine, rollout_logprobs, rollout_mismatch, sample_keys, save_checkpoint,
-                    shard_model, start_run, step_problems, token_logprobs, truncate_metrics, truncated_is_weight)
+from common import (BaseArgs, aggregate_loss, all_sum_dict, autocast, clip_grad_norm, compute_rewards, count_skip,
+                    due, evaluate_all, fault_point, format_prompt, generate, init_distributed, load_checkpoint,
+                    load_eval_sets, load_model, load_train_set, log_step, loss_fault, main, print_summary, require,
+                    rollout_batch, rollout_engine, rollout_logprobs, rollout_metrics, rollout_sums, sample_keys,
+                    save_checkpoint, set_lr, shard_model, start_run, step_problems, system_metrics, token_logprobs,
+                    truncate_metrics, truncated_is_weight)
 
 
 @dataclass
 class Args(BaseArgs):
     clip_low: float = field(default=0.2, metadata={"help": "PPO clip eps_low: ratio floor 1 - eps_low"})
-    clip_high: float = field(default=0.2, metadata={"help": "PPO clip eps_high: ratio ceiling 1 + eps_high (DAPO clip-higher: 0.28)"})
-    loss_agg: str = field(default="token-mean", metadata={"choices": ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"], "help": "token-mean (DAPO) | seq-mean-token-mean (GRPO) | seq-mean-token-sum-norm (Dr. GRPO)"})
-    scale_rewards: str = field(default="group", metadata={"choices": ["group", "none"], "help": "group: divide by the group std (GRPO) | none: Dr. GRPO"})
-    kl_coef: float = field(default=0.0, metadata={"help": "beta of the k3 KL to the initial model (0: no reference model is loaded)"})
+    clip_high: float = field(default=0.2, metadata={
+        "help": "PPO clip eps_high: ratio ceiling 1 + eps_high (DAPO clip-higher: 0.28)"})
+    loss_agg: str = field(default="token-mean", metadata={
+        "choices": ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"],
+        "help": "token-mean (DAPO) | seq-mean-token-mean (GRPO) | seq-mean-token-sum-norm (Dr. GRPO)"})
+    scale_rewards: str = field(default="group", metadata={
+        "choices": ["group", "none"], "help": "group: divide by the group std (GRPO) | none: Dr. GRPO"})
+    kl_coef: float = field(default=0.0, metadata={
+        "help": "beta of the k3 KL to the initial model (0: no reference model is loaded)"})
     entropy_coef: float = field(default=0.0, metadata={"help": "entropy bonus coefficient"})
     ppo_epochs: int = field(default=1, metadata={"help": "passes over each rollout batch"})
     mini_batches: int = field(default=1, metadata={"help": "optimizer steps per pass (1 = strictly on-policy)"})
-    p: float = field(default=-0.2, metadata={"help": "THR steering strength, |p| < 1: < 0 explore (pass@k), > 0 exploit (greedy); -0.2 as this repo targets exploration collapse and the paper's p < 0 helped pass@k on every model (p > 0 hurt on Llama)"})
-    mask_nondominant: bool = field(default=False, metadata={"help": "zero the advantage of non-dominant tokens (the paper's THR-only mode)"})
-    tau_beta: float = field(default=1.0, metadata={"help": "beta_tau of the dominant-token threshold tau = beta_tau * min over correct responses of their mean THR (NTHR: 1)"})
-    thr_advantage: str = field(default="sign", metadata={"choices": ["sign", "value"], "help": "advantage factor of THR = a_j * s: sign(A_j) (NTHR's |s| threshold) | value A_j"})
-    objective: str = field(default="grpo", metadata={"choices": ["grpo", "gspo-token"], "help": "grpo: token ratio | gspo-token: sequence ratio, token advantages (pass --clip-low 3e-4 --clip-high 4e-4)"})
+    p: float = field(default=-0.2, metadata={
+        "help": ("THR steering strength, |p| < 1: < 0 explore (pass@k), > 0 exploit (greedy); -0.2 as this repo "
+                 "targets exploration collapse and the paper's p < 0 helped pass@k on every model (p > 0 hurt on "
+                 "Llama)")})
+    mask_nondominant: bool = field(default=False, metadata={
+        "help": "zero the advantage of non-dominant tokens (the paper's THR-only mode)"})
+    tau_beta: float = field(default=1.0, metadata={
+        "help": ("beta_tau of the dominant-token threshold tau = beta_tau * min over correct responses of their "
+                 "mean THR (NTHR: 1)")})
+    thr_advantage: str = field(default="sign", metadata={
+        "choices": ["sign", "value"],
+        "help": "advantage factor of THR = a_j * s: sign(A_j) (NTHR's |s| threshold) | value A_j"})
+    objective: str = field(default="grpo", metadata={
+        "choices": ["grpo", "gspo-token"],
+        "help": ("grpo: token ratio | gspo-token: sequence ratio, token advantages (pass --clip-low 3e-4 "
+                 "--clip-high 4e-4)")})
 
     def __post_init__(self):
-        super().__post_init__()
+        super().__post_init__()  # also checks every field's "choices"
         require(self.clip_low >= 0 and self.clip_high >= 0, "--clip-low and --clip-high must be >= 0")
-        require(self.loss_agg in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"),
-                f"--loss-agg must be token-mean, seq-mean-token-mean or seq-mean-token-sum-norm (got {self.loss_agg})")
-        require(self.scale_rewards in ("group", "none"), f"--scale-rewards must be group or none (got {self.scale_rewards})")
         require(self.kl_coef >= 0 and self.entropy_coef >= 0, "--kl-coef and --entropy-coef must be >= 0")
         require(self.ppo_epochs >= 1 and self.mini_batches >= 1, "--ppo-epochs and --mini-batches must be >= 1")
         require(-1 < self.p < 1, f"--p must be in (-1, 1) so that no advantage changes sign (got {self.p})")
-        require(self.tau_beta >= 0 and math.isfinite(self.tau_beta), f"--tau-beta must be a finite number >= 0 (got {self.tau_beta})")
-        require(self.thr_advantage in ("sign", "value"), f"--thr-advantage must be sign or value (got {self.thr_advantage})")
-        require(self.objective in ("grpo", "gspo-token"), f"--objective must be grpo or gspo-token (got {self.objective})")
+        require(self.tau_beta >= 0 and math.isfinite(self.tau_beta),
+                f"--tau-beta must be a finite number >= 0 (got {self.tau_beta})")
 
 
 def group_advantages(rewards, group_size, scale="group", eps=1e-6):
@@ -95,7 +113,8 @@ def group_advantages(rewards, group_size, scale="group", eps=1e-6):
 
 
 def policy_loss(logp, old_logp, advantages, clip_low, clip_high):
-    """PPO clipped surrogate per token. logp, old_logp: [N, T]; advantages: [N, 1] or [N, T]. Returns ([N, T], clipped [N, T])."""
+    """PPO clipped surrogate per token. logp, old_logp: [N, T]; advantages: [N, 1] or [N, T].
+    Returns (loss [N, T], clipped [N, T])."""
     ratio = torch.exp(logp - old_logp)
     unclipped = ratio * advantages
     clipped = ratio.clamp(1 - clip_low, 1 + clip_high) * advantages
@@ -148,7 +167,8 @@ def token_hidden_reward(s, advantages, factor="sign"):
 
 
 def dominant_tokens(thr, mask, correct, group_size, tau_beta):
-    """NTHR's rule (T4): per group tau = beta_tau * min over correct responses of their mean THR; dominant <=> |THR| > tau.
+    """NTHR's rule (T4): per group tau = beta_tau * min over correct responses of their mean THR; dominant <=> |THR| >
+    tau.
     thr, mask: [N, T]; correct: [N] bool -> [N, T] bool (False at padding and in groups without a correct response)."""
     mean = (thr * mask).sum(-1) / mask.sum(-1).clamp(min=1)  # [N] anchor score of each response
     anchor = torch.where(correct, mean, torch.full_like(mean, math.inf)).view(-1, group_size).min(-1).values  # [N/G]
@@ -159,9 +179,11 @@ def dominant_tokens(thr, mask, correct, group_size, tau_beta):
 def reweighted_advantages(advantages, thr, dominant, p, mask_nondominant):
     """A' = A (1 + p sign(THR)) on dominant tokens, A (or 0 with mask_nondominant) elsewhere (T5). advantages: [N];
     thr: [N, T]; dominant: [N, T] bool -> [N, T]. p = 0 without masking gives A exactly (GRPO)."""
+    # --- SOLUTION START: thr-reweighting
     A = advantages[:, None].expand_as(thr)  # [N, T]
     other = torch.zeros_like(A) if mask_nondominant else A
     return torch.where(dominant, A * (1 + p * thr.sign()), other)
+    # --- SOLUTION END
 
 
 def entropy_overlap(thr, entropy, mask, frac=0.2):
@@ -183,30 +205,49 @@ def gspo_token_logp(logp, old_logp, mask):
     return old_logp + log_s.detach() + logp - logp.detach()
 
 
+def thr_sums(thr, dominant, correct, entropy, mask, t_thr):
+    """This rank's sums behind THR's diagnostics (the train loop adds them over ranks). thr, entropy, mask: [N, T];
+    dominant: [N, T] bool; correct: [N] bool."""
+    dom, pos, neg, ok = dominant.float(), (thr > 0).float(), (thr < 0).float(), correct[:, None].float()
+    overlap, top_k = entropy_overlap(thr, entropy, mask)
+    return {"dom": dom.sum().item(), "dom_pos": (dom * pos).sum().item(), "dom_neg": (dom * neg).sum().item(),
+            "dom_ok": (dom * ok).sum().item(), "dom_pos_ok": (dom * pos * ok).sum().item(),
+            "dom_neg_ok": (dom * neg * ok).sum().item(), "overlap": overlap, "top_k": top_k, "t_thr": t_thr}
+
+
+def thr_metrics(s, world):
+    """THR's diagnostics from the summed thr_sums: which dominant tokens are pushed up (THR > 0) or down, by answer."""
+    div = lambda a, b: a / b if b else 0.0  # noqa: E731
+    wrong, wrong_pos, wrong_neg = s["dom"] - s["dom_ok"], s["dom_pos"] - s["dom_pos_ok"], s["dom_neg"] - s["dom_neg_ok"]
+    return {"thr/dominant_frac": s["dom"] / s["tokens"], "thr/pos_frac": div(s["dom_pos"], s["dom"]),
+            "thr/neg_frac": div(s["dom_neg"], s["dom"]), "thr/pos_frac/correct": div(s["dom_pos_ok"], s["dom_ok"]),
+            "thr/neg_frac/correct": div(s["dom_neg_ok"], s["dom_ok"]), "thr/pos_frac/incorrect": div(wrong_pos, wrong),
+            "thr/neg_frac/incorrect": div(wrong_neg, wrong), "thr/entropy_overlap": div(s["overlap"], s["top_k"]),
+            "thr/time_s": s["t_thr"] / world}
+
+
 def train(args):
     rank, world, device = init_distributed()
-    require(args.prompts_per_step % world == 0, f"--prompts-per-step ({args.prompts_per_step}) must divide by the number of processes ({world})")
     run_dir = start_run(args, "thr", rank)
     model, tokenizer = load_model(args.model, device, rank)
-    ref_model = shard_model(load_model(args.model, device, rank)[0].eval(), world, device, "off") if args.kl_coef > 0 else None
+    ref_model = load_model(args.model, device, rank)[0].eval() if args.kl_coef > 0 else None
+    ref_model = shard_model(ref_model, world, device, "off") if ref_model else None
     model = shard_model(model, world, device, args.gradient_checkpointing).train()  # from_pretrained gives eval mode
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (args.warmup_steps + 1)))
     train_set, eval_sets = load_train_set(args, tokenizer, model), load_eval_sets(args, tokenizer, model)
     engine = rollout_engine(args, model, tokenizer, rank)  # None: HF generate on the training model; else vLLM
     start, history, skipped, streak = 0, [], 0, 0
     if args.resume:
         start, skipped, streak = load_checkpoint(run_dir, model, optimizer)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (args.warmup_steps + 1)), last_epoch=start - 1)
-        truncate_metrics(run_dir, start) if rank == 0 else None
+        truncate_metrics(run_dir, start, rank)
     else:
-        metrics, records = evaluate_all(model, tokenizer, eval_sets, args, device, engine)
-        history.append({"step": 0, **metrics})
-        log_jsonl(run_dir, "metrics.jsonl", history[-1]) if rank == 0 else None
-    G, pad = args.group_size, tokenizer.pad_token_id
-    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="thr", disable=rank != 0, dynamic_ncols=True)
+        metrics = evaluate_all(model, tokenizer, eval_sets, args, device, engine)[0]
+        log_step(run_dir, {"step": 0, **metrics}, history, rank)
+    G, pad, on_policy = args.group_size, tokenizer.pad_token_id, args.ppo_epochs == args.mini_batches == 1
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="thr", disable=rank != 0,
+               dynamic_ncols=True)
     for step in bar:
-        t0 = time.time()
+        t0, lr = time.time(), set_lr(optimizer, args, step)
         # 1. Rollouts: this rank's share of the step's B prompts, G completions each, from pi_old = the current weights.
         n_local = args.prompts_per_step // world
         problems = step_problems(train_set, step, args.prompts_per_step, args.seed)[rank * n_local:(rank + 1) * n_local]
@@ -225,9 +266,10 @@ def train(args):
         # 4. Old log-probs log pi_old(o_t) (and the reference model's) from a no-grad forward of the training model.
         ids, attn, mask, P = rollout_batch(samples, pad, device)  # [N, P+T], [N, P+T], [N, T]
         rollout_logp = rollout_logprobs(samples, mask)  # [N, T]: the engine's log pi(o_t) (vLLM), None with HF
-        #    Whole groups per micro-batch here, so THR's per-group sums see all G responses (a rank's rows are whole groups).
+        #    Whole groups per micro-batch, so THR's per-group sums see all G responses (a rank holds whole groups).
         mbs = max(G, args.micro_batch_size // G * G)
         micro = [slice(i, i + mbs) for i in range(0, len(samples), mbs)]
+        logprobs = lambda m, net=model: token_logprobs(net, ids[m], attn[m], P, args.logprob_chunk)  # noqa: E731
         correct = rewards > 0.5  # [N] the set P of each group
         old_parts, s_parts, t_thr = [], [], 0.0
         with torch.no_grad(), autocast(device):
@@ -240,7 +282,7 @@ def train(args):
                 old_parts.append((lp, ent))
                 t_thr += time.time() - t1
             old_logp, entropy = map(torch.cat, zip(*old_parts))
-            ref_logp = torch.cat([token_logprobs(ref_model, ids[m], attn[m], P, args.logprob_chunk)[0] for m in micro]) if ref_model else None
+            ref_logp = torch.cat([logprobs(m, ref_model)[0] for m in micro]) if ref_model else None
         # 4b. THR (T3), dominant tokens (T4) and the reweighted token advantages A' (T5).
         t1 = time.time()
         thr = token_hidden_reward(torch.cat(s_parts), advantages, args.thr_advantage)  # [N, T]
@@ -248,18 +290,17 @@ def train(args):
         token_adv = reweighted_advantages(advantages, thr, dominant, args.p, args.mask_nondominant)  # [N, T]
         t_thr += time.time() - t1
         # 5. Policy update: ppo_epochs x mini_batches optimizer steps on the clipped surrogate.
-        rows = torch.arange(len(samples), device=device)
-        clip_sum = loss_sum = grad_norm = 0.0
+        rows, sums = torch.arange(len(samples), device=device), {"clipped": 0.0, "loss": 0.0}
         for epoch in range(args.ppo_epochs):
             for mb in rows.chunk(args.mini_batches):
-                n_tokens, n_seqs = all_sum([mask[mb].sum().item(), len(mb)], device)
+                n = all_sum_dict({"tokens": mask[mb].sum().item(), "seqs": len(mb)}, device)
                 optimizer.zero_grad(set_to_none=True)
                 parts = mb.split(args.micro_batch_size)
                 for j, m in enumerate(parts):
                     if world > 1:
                         model.set_requires_gradient_sync(j == len(parts) - 1)  # reduce-scatter once per optimizer step
                     with autocast(device):
-                        logp, ent = token_logprobs(model, ids[m], attn[m], P, args.logprob_chunk)  # [n, T]
+                        logp, ent = logprobs(m)  # [n, T]
                     if args.objective == "gspo-token":
                         logp = gspo_token_logp(logp, old_logp[m], mask[m])
                     token_loss, clipped = policy_loss(logp, old_logp[m], token_adv[m], args.clip_low, args.clip_high)
@@ -268,56 +309,34 @@ def train(args):
                         token_loss = token_loss + args.kl_coef * kl_k3(logp, ref_logp[m])
                     if args.entropy_coef > 0:
                         token_loss = token_loss - args.entropy_coef * ent
-                    loss = aggregate_loss(token_loss, mask[m], args.loss_agg, n_tokens, n_seqs, args.max_new_tokens)
+                    loss = aggregate_loss(token_loss, mask[m], args.loss_agg, n["tokens"], n["seqs"],
+                                          args.max_new_tokens)
                     loss = loss * loss_fault(step + 1)  # test-only: inf on the steps $EXPLORE_RLVR_FAULT names, else 1
                     loss.backward()
-                    loss_sum += loss.item() / (args.ppo_epochs * world)
-                    clip_sum += (clipped * mask[m]).sum().item()
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+                    sums["loss"] += loss.item() / (args.ppo_epochs * world)
+                    sums["clipped"] += (clipped * mask[m]).sum().item()
+                grad_norm = clip_grad_norm(model, args.max_grad_norm)
                 if math.isfinite(grad_norm):
                     optimizer.step()
                 skipped, streak = count_skip(grad_norm, skipped, streak, args.max_skipped_steps)  # non-finite: skipped
-        scheduler.step()
         fault_point("update", step + 1)
         t_train = time.time() - t0 - t_rollout - t_reward
-        # 6. Metrics (summed over ranks), evaluation, checkpoint.
-        lens = mask.sum(-1)
-        r_grouped = rewards.view(-1, G)
-        s = all_sum([rewards.sum().item(), (rewards ** 2).sum().item(), len(rewards), (r_grouped.std(-1) == 0).sum().item(),
-                     len(r_grouped), lens.sum().item(), sum(not x["finished"] for x in samples), (entropy * mask).sum().item(),
-                     mask.sum().item(), clip_sum, loss_sum], device)
-        dom, pos, neg, ok = dominant.float(), (thr > 0).float(), (thr < 0).float(), correct[:, None].float()
-        overlap, top_k = entropy_overlap(thr, entropy, mask)
-        d = all_sum([dom.sum().item(), (dom * pos).sum().item(), (dom * neg).sum().item(), (dom * ok).sum().item(),
-                     (dom * pos * ok).sum().item(), (dom * neg * ok).sum().item(), overlap, top_k, t_thr], device)
-        div = lambda a, b: a / b if b else 0.0
-        mean = s[0] / s[2]
-        record = {"step": step + 1, "reward/mean": mean, "reward/std": math.sqrt(max(s[1] / s[2] - mean ** 2, 0.0)),
-                  "frac_zero_std_groups": s[3] / s[4], "completion/mean_len": s[5] / s[2], "completion/clipped_frac": s[6] / s[2],
-                  "entropy/mean": s[7] / s[8], "clip/frac": s[9] / (s[8] * args.ppo_epochs), "loss": s[10],
-                  "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0], "skipped_steps": skipped,
-                  "time/rollout": t_rollout, "time/reward": t_reward, "time/train": t_train,
-                  "tokens_per_s/rollout": s[5] / t_rollout, "tokens_per_s/train": s[8] * (args.ppo_epochs + 1) / t_train,
-                  "thr/dominant_frac": d[0] / s[8], "thr/pos_frac": div(d[1], d[0]), "thr/neg_frac": div(d[2], d[0]),
-                  "thr/pos_frac/correct": div(d[4], d[3]), "thr/neg_frac/correct": div(d[5], d[3]),
-                  "thr/pos_frac/incorrect": div(d[1] - d[4], d[0] - d[3]), "thr/neg_frac/incorrect": div(d[2] - d[5], d[0] - d[3]),
-                  "thr/entropy_overlap": div(d[6], d[7]), "thr/time_s": d[8] / world}
-        record.update(engine["metrics"] if engine else {})  # vLLM: time/sync (the weight push)
-        record.update(rollout_mismatch(old_logp, rollout_logp, mask, args.tis_cap, args.mismatch_tol, device))
-        record["memory/peak_gib"] = peak_memory_gib(device)  # this rank's peak since the previous step's record
-        if (args.eval_every and (step + 1) % args.eval_every == 0) or step + 1 == args.steps:
-            metrics, records = evaluate_all(model, tokenizer, eval_sets, args, device, engine)
+        # 6. Metrics (sums by name, added over ranks), evaluation, checkpoint.
+        thr_s = thr_sums(thr, dominant, correct, entropy, mask, t_thr)
+        s = all_sum_dict({**rollout_sums(rewards, mask, entropy, samples, G), **sums, **thr_s}, device)
+        record = {"step": step + 1, **rollout_metrics(s, args.ppo_epochs), "grad_norm": grad_norm, "lr": lr,
+                  "skipped_steps": skipped, "time/rollout": t_rollout, "time/reward": t_reward, "time/train": t_train,
+                  "tokens_per_s/rollout": s["completion_tokens"] / t_rollout,
+                  "tokens_per_s/train": s["tokens"] * (args.ppo_epochs + 1) / t_train}
+        record.update(thr_metrics(s, world))
+        record.update(system_metrics(engine, old_logp, rollout_logp, mask, args, device))
+        samples_by_set = None
+        if due(args.eval_every, step + 1, args.steps):
+            metrics, samples_by_set = evaluate_all(model, tokenizer, eval_sets, args, device, engine)
             record.update(metrics)
-            if rank == 0:
-                for name, recs in records.items():
-                    log_jsonl(run_dir, "samples.jsonl", {"step": step + 1, "dataset": name, "problems": recs[:4]})
         record["time/step"] = time.time() - t0
-        history.append(record)
-        if rank == 0:
-            log_jsonl(run_dir, "metrics.jsonl", record)
-            bar.set_postfix(reward=f"{mean:.3f}", pass1=f"{next((h['eval/pass@1'] for h in reversed(history) if 'eval/pass@1' in h), 0):.3f}")
-        if (args.save_every and (step + 1) % args.save_every == 0) or step + 1 == args.steps:  # after the metric line
+        log_step(run_dir, record, history, rank, bar, samples_by_set)
+        if due(args.save_every, step + 1, args.steps):  # after the metric line
             save_checkpoint(run_dir, step + 1, model, optimizer, tokenizer, rank, skipped, streak)
     print_summary(run_dir, rank)
 

@@ -8,7 +8,8 @@ Run it on a CUDA machine (vLLM is optional: without it only the hf rows are meas
     python tests/bench_gpu.py                          # shapes 0.5b and 1.5b x backends hf and vllm, 3 steps each
     python tests/bench_gpu.py --shapes 1.5b --backends vllm --steps 5 --out bench_gpu.json
 Smoke run anywhere (a tiny body with Qwen's 151,936-token vocabulary; fp32 on CPU, hf only):
-    python tests/bench_gpu.py --shapes tiny --backends hf --prompts 4 --group-size 2 --new-tokens 16 --micro-batch-size 4
+    python tests/bench_gpu.py --shapes tiny --backends hf --prompts 4 --group-size 2 --new-tokens 16 \
+        --micro-batch-size 4
 
 How: each (shape, backend) runs grpo.py itself, as a subprocess, on a model directory written here (the Qwen2.5 config
 of that shape, random init, seed 0, saved with a byte-level BPE tokenizer trained on countdown prompts). Random weights
@@ -34,26 +35,33 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-QWEN = dict(vocab_size=151936, max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6, hidden_act="silu")
+QWEN = dict(vocab_size=151936, max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6,
+            hidden_act="silu")
 SHAPES = {  # the published Qwen2.5 configs' shapes; "tiny" keeps Qwen's vocabulary for a CPU smoke run
-    "0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True),
-    "1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True),
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
+    "0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                 num_key_value_heads=2, tie_word_embeddings=True),
+    "1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                 num_key_value_heads=2, tie_word_embeddings=True),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, tie_word_embeddings=True),
 }
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}  # dense, no sparsity
 
 
 def parse():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--shapes", default="0.5b,1.5b", help="comma-separated: " + ", ".join(SHAPES))
-    p.add_argument("--backends", default="hf,vllm", help="comma-separated: hf (padded generate), vllm (colocated engine)")
+    p.add_argument("--backends", default="hf,vllm",
+                   help="comma-separated: hf (padded generate), vllm (colocated engine)")
     p.add_argument("--prompts", type=int, default=64, help="prompts per step")
     p.add_argument("--group-size", type=int, default=8)
     p.add_argument("--new-tokens", type=int, default=1024)
     p.add_argument("--micro-batch-size", type=int, default=8)
     p.add_argument("--steps", type=int, default=3, help="steps per run")
     p.add_argument("--warmup", type=int, default=1, help="leading steps dropped")
-    p.add_argument("--peak-tflops", type=float, default=0.0, help="dense bf16 peak of the GPU (0: from the device name)")
+    p.add_argument("--peak-tflops", type=float, default=0.0,
+                   help="dense bf16 peak of the GPU (0: from the device name)")
     p.add_argument("--model-root", default="", help="where the random-init model directories go (default: a temp dir)")
     p.add_argument("--out", default="", help="also write the results as JSON here")
     a = p.parse_args()
@@ -69,13 +77,14 @@ def model_dir(shape, root):
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from common import countdown_problems, train_tiny_tokenizer
+    from tasks import countdown_problems, train_tiny_tokenizer
     path = os.path.join(root, f"qwen2.5-{shape}-shaped-random")
     if os.path.exists(os.path.join(path, "config.json")):
         return path
     tokenizer = train_tiny_tokenizer([p["prompt"] for p in countdown_problems(2000, 0)], 512)
     torch.manual_seed(0)
-    config = Qwen2Config(**QWEN, **SHAPES[shape], bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+    config = Qwen2Config(**QWEN, **SHAPES[shape], bos_token_id=tokenizer.eos_token_id,
+                         eos_token_id=tokenizer.eos_token_id)
     model = Qwen2ForCausalLM(config)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
@@ -113,7 +122,8 @@ def run(path, backend, a, tmp):
            "--eval-every", 0, "--eval-problems", 1, "--eval-samples", 1, "--save-every", 0]
     p = subprocess.run([str(c) for c in cmd], cwd=ROOT, capture_output=True, text=True)
     if p.returncode != 0:
-        sys.exit(f"grpo.py --rollout-backend {backend} failed (exit {p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+        sys.exit(f"grpo.py --rollout-backend {backend} failed (exit "
+                 f"{p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         rows = [r for r in map(json.loads, f) if r["step"] > 0]
     shutil.rmtree(run_dir)  # its final checkpoint (weights + AdamW state: ~25 GB at 1.5B) is not needed
@@ -124,7 +134,8 @@ def main():
     a = parse()
     import torch
     cuda = torch.cuda.is_available()
-    device = torch.cuda.get_device_name(0) if cuda else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    cpu = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    device = torch.cuda.get_device_name(0) if cuda else cpu
     peak = a.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in device), 0.0)
     if "vllm" in a.backends:
         import importlib.util
@@ -141,7 +152,8 @@ def main():
             n_params = count_parameters(path)
             prompts = prompt_tokens(path, a)
             for backend in a.backends:
-                print(f"[{shape}] grpo.py --rollout-backend {backend}: {a.steps} steps ...", file=sys.stderr, flush=True)
+                print(f"[{shape}] grpo.py --rollout-backend {backend}: {a.steps} steps ...", file=sys.stderr,
+                      flush=True)
                 rows = run(path, backend, a, tmp)[a.warmup:]
                 completion = [r["completion/mean_len"] * a.prompts * a.group_size for r in rows]
                 train_tps = [(prompts[r["step"] - 1] + c) / r["time/train"] for r, c in zip(rows, completion)]
@@ -149,20 +161,25 @@ def main():
                 results.append({
                     "shape": shape, "backend": backend, "params_M": n_params / 1e6, "steps": len(rows),
                     "rollout_tok_s": med(c / r["time/rollout"] for r, c in zip(rows, completion)),
-                    "train_tok_s": med(train_tps), "mfu": med(6 * n_params * t / (peak * 1e12) for t in train_tps) if peak else None,
+                    "train_tok_s": med(train_tps),
+                                "mfu": med(6 * n_params * t / (peak * 1e12) for t in train_tps) if peak else None,
                     "peak_gib": max(r["memory/peak_gib"] for r in rows),
                     "s_per_step": med(r["time/rollout"] + r["time/reward"] + r["time/train"] for r in rows),
                     "mean_completion_len": med(r["completion/mean_len"] for r in rows)})
-    config = (f"{a.prompts} prompts x {a.group_size} completions x {a.new_tokens} new tokens, micro-batch {a.micro_batch_size}, "
-              f"{'bf16' if cuda else 'fp32'}, one optimizer step per step, median of {a.steps - a.warmup} steps after {a.warmup} warm-up")
-    machine = f"{device}, torch {torch.__version__}" + (f", peak {peak:g} TFLOPS bf16" if peak else ", no MFU (unknown peak: --peak-tflops)")
+    config = (f"{a.prompts} prompts x {a.group_size} completions x {a.new_tokens} new tokens, "
+              f"micro-batch {a.micro_batch_size}, {'bf16' if cuda else 'fp32'}, one optimizer step per step, "
+              f"median of {a.steps - a.warmup} steps after {a.warmup} warm-up")
+    machine = f"{device}, torch {torch.__version__}" + (
+        f", peak {peak:g} TFLOPS bf16" if peak else ", no MFU (unknown peak: --peak-tflops)")
     print(f"\nconfig: {config}\nmachine: {machine}\n")
-    print("| shape | params (M) | rollout | rollout tok/s | train tok/s | MFU | peak GiB | s/step | mean completion len |")
+    print("| shape | params (M) | rollout | rollout tok/s | train tok/s | MFU | peak GiB | s/step "
+          "| mean completion len |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "—"
-        print(f"| {r['shape']} | {r['params_M']:.0f} | {r['backend']} | {r['rollout_tok_s']:.0f} | {r['train_tok_s']:.0f} | {mfu} | "
-              f"{r['peak_gib']:.1f} | {r['s_per_step']:.2f} | {r['mean_completion_len']:.0f} |")
+        print(f"| {r['shape']} | {r['params_M']:.0f} | {r['backend']} | {r['rollout_tok_s']:.0f} "
+              f"| {r['train_tok_s']:.0f} | {mfu} | {r['peak_gib']:.1f} | {r['s_per_step']:.2f} "
+              f"| {r['mean_completion_len']:.0f} |")
     if a.out:
         with open(a.out, "w") as f:
             json.dump({"config": config, "machine": machine, "results": results, "args": vars(a)}, f, indent=2)

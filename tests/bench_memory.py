@@ -37,7 +37,8 @@ def build(threads, batch, length):
     from transformers import Qwen2Config, Qwen2ForCausalLM
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=V, hidden_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+    config = Qwen2Config(vocab_size=V, hidden_size=64, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=2,
                          intermediate_size=128, max_position_embeddings=4096, tie_word_embeddings=False)
     model = Qwen2ForCausalLM._from_config(config, attn_implementation="sdpa", dtype=torch.float32).eval()
     ids = torch.randint(0, V, (batch, length))
@@ -58,7 +59,8 @@ def child_check(threads):
     model, ids, attn = build(threads, 1, 256)
     params = [model.lm_head.weight, model.model.embed_tokens.weight]
     out = {}
-    for name, fn in (("ours", lambda: token_logprobs(model, ids, attn, 1, chunk=100)), ("naive", lambda: naive(model, ids, attn, 1))):
+    for name, fn in (("ours", lambda: token_logprobs(model, ids, attn, 1, chunk=100)),
+                     ("naive", lambda: naive(model, ids, attn, 1))):
         model.zero_grad()
         logp, ent = fn()
         (logp.sum() + ent.sum()).backward()
@@ -117,22 +119,25 @@ def main():
         return
 
     check = spawn(args.threads, "check")
-    print(f"check vs naive on [1, 256], chunk 100: max |diff| logp {check['logp']:.2e}, entropy {check['entropy']:.2e}, "
-          f"grads {check['grad']:.2e} (largest grad entry {check['grad_scale']:.2e})", flush=True)
+    print(f"check vs naive on [1, 256], chunk 100: max |diff| logp {check['logp']:.2e}, "
+          f"entropy {check['entropy']:.2e}, grads {check['grad']:.2e} "
+          f"(largest grad entry {check['grad_scale']:.2e})", flush=True)
     if max(check["logp"], check["entropy"]) > 1e-4 or check["grad"] > 1e-4 * max(1.0, check["grad_scale"]):
         sys.exit("token_logprobs disagrees with the naive computation; not reporting memory for wrong math")
     rows = []
     for kind, batch, length, chunk in CASES:
         r = spawn(args.threads, kind, batch, length, chunk)
         rows.append(dict(case=kind, batch=batch, length=length, chunk=chunk, **r))
-        print(f"  done: {kind} [{batch}, {length}] chunk {chunk}: peak {r['peak'] / GIB:.2f} GiB, {r['seconds']:.1f} s", flush=True)
+        print(f"  done: {kind} [{batch}, {length}] chunk {chunk}: peak {r['peak'] / GIB:.2f} GiB, {r['seconds']:.1f} s",
+              flush=True)
 
     # naive, extrapolated: increase over baseline = a + b * tokens, fitted through the two measured naive shapes
     (n1, i1), (n2, i2) = [(r["batch"] * r["length"], r["peak"] - r["baseline"]) for r in rows if r["case"] == "naive"]
     slope = (i2 - i1) / (n2 - n1)
     increase = i2 + slope * (B * T - n2)
     base = rows[-1]["baseline"]
-    rows.append(dict(case="naive (extrapolated)", batch=B, length=T, chunk=None, baseline=base, peak=base + increase, seconds=None))
+    rows.append(dict(case="naive (extrapolated)", batch=B, length=T, chunk=None, baseline=base, peak=base + increase,
+                     seconds=None))
 
     print(f"\nmachine: {platform.platform()}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
           f"torch {rows[0]['torch']} (CPU, {args.threads} thread(s)); Qwen2 random init, vocab {V:,}, tiny body "
@@ -148,7 +153,8 @@ def main():
               f"{(r['peak'] - r['baseline']) / GIB:.2f} | {secs} |")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"check": check, "full_tensor_bytes": FULL_BYTES, "threads": args.threads, "rows": rows}, f, indent=1)
+            json.dump({"check": check, "full_tensor_bytes": FULL_BYTES, "threads": args.threads, "rows": rows}, f,
+                      indent=1)
 
 
 if __name__ == "__main__":

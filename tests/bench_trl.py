@@ -37,7 +37,8 @@ INSTALL = "pip install trl==1.16.0"
 
 
 def parse():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--steps", type=int, default=10, help="measured steps per implementation (median over these)")
     p.add_argument("--warmup", type=int, default=2, help="leading steps discarded")
     p.add_argument("--model", default="tiny", help="'tiny' (the built-in model) or a local HF directory")
@@ -148,8 +149,8 @@ def main():
     theirs = run_trl(a, model_dir)
     med_ours, med_trl = statistics.median(ours), statistics.median(theirs)
     ratio = med_ours / med_trl
-    config = (f"{a.prompts_per_step} prompts x {a.group_size} completions, max new tokens {a.max_new_tokens}, lr {a.lr}, "
-              f"micro-batch {a.micro_batch_size}, 1 optimizer step per step, fp32, seed {a.seed}, "
+    config = (f"{a.prompts_per_step} prompts x {a.group_size} completions, max new tokens {a.max_new_tokens}, "
+              f"lr {a.lr}, micro-batch {a.micro_batch_size}, 1 optimizer step per step, fp32, seed {a.seed}, "
               f"model {os.path.basename(model_dir.rstrip('/'))}")
     machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
                f"({torch.get_num_threads()} threads, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}), "

@@ -1,4 +1,5 @@
-"""arm.py (ProGRPO's Advantage Re-weighting Mechanism) against hand-worked numbers, brute force, grpo.py and autograd."""
+"""arm.py (ProGRPO's Advantage Re-weighting Mechanism) against hand-worked numbers, brute force, grpo.py and
+autograd."""
 import math
 import os
 import random
@@ -28,7 +29,8 @@ def padded_logp(rows):
 # Hand-worked group, G = 4, rewards 1, 1, 0, 0, rho = 0.2, alpha = 0.2.
 #   o1 (correct) L = 3  -> K = 1: T_low = {0.5}                           c = 0.5
 #   o2 (correct) L = 6  -> K = ceil(1.2) = 2: {0.1, 0.4}, 0.4 tied        c = sqrt(0.1 * 0.4) = 0.2
-#   o3 (wrong)   L = 15 -> K = 3 (0.2 * 15 = 3.0000000000000004 in floats): {0.2, 0.2, 0.2} c = 0.2 (K = 4 would add 0.3)
+#   o3 (wrong)   L = 15 -> K = 3 (0.2 * 15 = 3.0000000000000004 in floats): {0.2, 0.2, 0.2} c = 0.2
+#                (K = 4 would add 0.3)
 #   o4 (wrong)   L = 1  -> K = 1                                          c = 0.6
 #   prompt: q_1 not scored (NaN: predicted by padding), then 0.5, 0.25, 0.125: c(q) = exp(mean log) = 0.25
 ANSWERS = [[0.9, 0.5, 0.8], [0.9, 0.1, 0.4, 0.4, 0.8, 0.7], [0.9] * 11 + [0.3, 0.2, 0.2, 0.2], [0.6]]
@@ -124,7 +126,8 @@ def test_scope_correct_leaves_wrong_responses():
 
 def tiny_model(seed=0, dtype=torch.float64):
     torch.manual_seed(seed)
-    config = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+    config = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4,
                          num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, tie_word_embeddings=True)
     return Qwen2ForCausalLM(config).to(dtype)
 
@@ -136,7 +139,8 @@ def tiny_samples(seed=0, G=4):
     for plen in (5, 8):
         prompt = torch.randint(1, 64, (plen,), generator=g).tolist()
         for j in range(G):
-            samples.append({"prompt_ids": prompt, "completion_ids": torch.randint(1, 64, (3 + 2 * j,), generator=g).tolist(),
+            samples.append({"prompt_ids": prompt,
+                            "completion_ids": torch.randint(1, 64, (3 + 2 * j,), generator=g).tolist(),
                             "finished": True})
     return samples
 
@@ -199,7 +203,8 @@ def per_response(model, ids, attn, mask, P, adv):
     n_tokens = mask.sum().item()
     logp = token_logprobs(model, ids, attn, P)[0]
     logp_leaf = logp.detach().requires_grad_()
-    aggregate_loss(policy_loss(logp_leaf, logp.detach(), adv[:, None], 0.2, 0.28)[0], mask, "token-mean", n_tokens, 4, 20).backward()
+    loss = policy_loss(logp_leaf, logp.detach(), adv[:, None], 0.2, 0.28)[0]
+    aggregate_loss(loss, mask, "token-mean", n_tokens, 4, 20).backward()
     weight = -(logp_leaf.grad * mask).sum(-1) * n_tokens / mask.sum(-1)  # [N]
     norms = []
     for i in range(len(adv)):
@@ -216,12 +221,14 @@ def test_overconfident_correct_response_gets_the_smaller_update():
     g = torch.Generator().manual_seed(3)
     prompt = torch.randint(1, 64, (6,), generator=g).tolist()
     with torch.no_grad():  # over-confident: the greedy continuation; under-confident: uniformly random tokens
-        greedy = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, 6, dtype=torch.long), do_sample=False,
+        greedy = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, 6, dtype=torch.long),
+                                do_sample=False,
                                 max_new_tokens=8, min_new_tokens=8, eos_token_id=None, pad_token_id=0)[0, 6:].tolist()
     completions = [greedy] + [torch.randint(1, 64, (8,), generator=g).tolist() for _ in range(3)]
     samples = [{"prompt_ids": prompt, "completion_ids": c, "finished": True} for c in completions]
     ids, attn, mask, P = rollout_batch(samples, 0, "cpu")
-    for rewards in (torch.tensor([1.0, 1, 0, 0], dtype=torch.float64), torch.ones(4, dtype=torch.float64)):  # mixed, all-correct
+    # mixed, all-correct
+    for rewards in (torch.tensor([1.0, 1, 0, 0], dtype=torch.float64), torch.ones(4, dtype=torch.float64)):
         with torch.no_grad():
             logp, ent = token_logprobs(model, ids, attn, 1)
             prompt_logp, prompt_mask, old_logp, _ = split_prompt_positions(logp, ent, attn, P, 1)
@@ -261,7 +268,8 @@ def test_end_to_end(tiny_dir, tmp_path):
 
 
 def test_script_alpha_zero_matches_grpo_script(tiny_dir, tmp_path):
-    flags = SMALL + ["--prompts-per-step", "8", "--group-size", "8"]  # enough samples for a correct answer at ~3% success
+    # enough samples for a correct answer at ~3% success
+    flags = SMALL + ["--prompts-per-step", "8", "--group-size", "8"]
     run(["--model", tiny_dir, "--run-dir", tmp_path / "g", "--clip-high", "0.28"] + flags)
     run(["--model", tiny_dir, "--run-dir", tmp_path / "a", "--alpha", "0"] + flags, script="arm.py")
     mg, ma = metrics(tmp_path / "g"), metrics(tmp_path / "a")
@@ -273,7 +281,8 @@ def test_script_alpha_zero_matches_grpo_script(tiny_dir, tmp_path):
     # Weights: equal up to float rounding. ARM's old-log-prob pass projects a different set of rows through the LM head
     # (prompt positions too), so pi_old differs in the last bits; Adam divides by sqrt(v), which blows up that noise on
     # entries whose gradient is ~0. Bound: 2% of how far the weights moved (an ARM shift of alpha 0.2 moves far more).
-    wg, wa, w0 = weights(tmp_path / "g"), weights(tmp_path / "a"), load_file(os.path.join(tiny_dir, "model.safetensors"))
+    wg, wa, w0 = weights(tmp_path / "g"), weights(tmp_path / "a"), load_file(os.path.join(tiny_dir,
+                                                                                          "model.safetensors"))
     moved = max((wg[k] - w0[k]).abs().max().item() for k in wg)
     assert moved > 1e-4 and max((wg[k] - wa[k]).abs().max().item() for k in wg) < 0.02 * moved
 

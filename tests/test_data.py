@@ -253,7 +253,8 @@ def test_dataset_names():
         dataset_name("a/b=/x.jsonl")
 
 
-PRESET_ANSWERS = {"####": ("work <<2*3=6>>\n#### 1,234", "1234"), "boxed": ("so $\\boxed{\\frac{1}{2}}$.", "\\frac{1}{2}"),
+PRESET_ANSWERS = {"####": ("work <<2*3=6>>\n#### 1,234", "1234"),
+                  "boxed": ("so $\\boxed{\\frac{1}{2}}$.", "\\frac{1}{2}"),
                   "field": (204, "204")}
 
 

@@ -24,19 +24,22 @@ def fake_run(path, final, steps=4, finished=True, solved=((), (), ())):
         if s == 2:
             row.update(base, **{"eval/countdown/problems": 10, "eval/countdown/solved": list(solved[1])})
         if s == steps:
-            row.update({**base, "eval/pass@2": final["pass@1"], "eval/pass@4": final["pass@8"], "eval/avg@16": final["pass@1"],
+            row.update({**base, "eval/pass@2": final["pass@1"], "eval/pass@4": final["pass@8"],
+                        "eval/avg@16": final["pass@1"],
                         **{f"eval/{k}": v for k, v in final.items()}, "eval/countdown/problems": 10,
                         "eval/countdown/solved": list(solved[2])})
         rows.append(row)
     with open(path / "metrics.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
-    json.dump({"script": "grpo", "steps": steps, "seed": int(str(path).rsplit("-s", 1)[1])}, open(path / "config.json", "w"))
+    json.dump({"script": "grpo", "steps": steps, "seed": int(str(path).rsplit("-s", 1)[1])},
+              open(path / "config.json", "w"))
     if finished:
         json.dump({"step": steps}, open(path / "checkpoint" / "trainer_state.json", "w"))
 
 
 def final(p1, p8, p16, greedy, entropy, distinct):
-    return {"pass@1": p1, "pass@8": p8, "pass@16": p16, "greedy": greedy, "entropy": entropy, "distinct_correct": distinct}
+    return {"pass@1": p1, "pass@8": p8, "pass@16": p16, "greedy": greedy, "entropy": entropy,
+            "distinct_correct": distinct}
 
 
 def test_compare_writes_figures_and_mean_std_table(tmp_path):
@@ -44,9 +47,11 @@ def test_compare_writes_figures_and_mean_std_table(tmp_path):
     fake_run(tmp_path / "a-s1", final(0.4, 0.7, 0.9, 0.5, 0.7, 3.0), solved=([0], [0, 4], [4]))
     fake_run(tmp_path / "b-s0", final(0.3, 0.6, 0.7, 0.2, 0.2, 2.0), solved=([0, 1], [], [3, 1]))
     fake_run(tmp_path / "b-s1", final(0.3, 0.6, 0.7, 0.4, 0.4, 2.0), solved=([0], [], []))
-    fake_run(tmp_path / "b-s2", final(0.9, 0.9, 0.9, 0.9, 0.9, 9.0), finished=False, solved=([5, 6, 7, 8, 9], [], []))  # running: skipped
+    # running: skipped
+    fake_run(tmp_path / "b-s2", final(0.9, 0.9, 0.9, 0.9, 0.9, 9.0), finished=False, solved=([5, 6, 7, 8, 9], [], []))
     out = tmp_path / "figs"
-    p = run(["compare"] + [tmp_path / n for n in ("a-s0", "a-s1", "b-s0", "b-s1", "b-s2")] + ["--out", out, "--labels", "A,B"],
+    p = run(["compare"] + [tmp_path / n for n in ("a-s0", "a-s1", "b-s0", "b-s1", "b-s2")] + ["--out", out, "--labels",
+                                                                                              "A,B"],
             script="eval.py")
     assert "skipping" in p.stderr and "b-s2" in p.stderr
     import matplotlib.image
@@ -56,11 +61,14 @@ def test_compare_writes_figures_and_mean_std_table(tmp_path):
         assert (w, h) == (500, 350), (name, w, h)
     table = open(out / "compare.md").read()
     assert table in p.stdout
-    # sample std of two seeds x, y is |x - y| / sqrt(2): A's pass@1 0.2, 0.4 -> 0.3 +- 0.141; B's greedy 0.2, 0.4 likewise
+    # sample std of two seeds x, y is |x - y| / sqrt(2): A's pass@1 0.2, 0.4 -> 0.3 +- 0.141; B's greedy 0.2, 0.4
+    # likewise
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in table.splitlines()
             if line.startswith("| A ") or line.startswith("| B ")}
-    assert rows["A"] == ["2", "4", "0.300 ± 0.141", "0.600 ± 0.141", "0.750 ± 0.212", "0.400 ± 0.141", "0.600 ± 0.141", "2.000 ± 1.414"]
-    assert rows["B"] == ["2", "4", "0.300 ± 0.000", "0.600 ± 0.000", "0.700 ± 0.000", "0.300 ± 0.141", "0.300 ± 0.141", "2.000 ± 0.000"]
+    assert rows["A"] == ["2", "4", "0.300 ± 0.141", "0.600 ± 0.141", "0.750 ± 0.212", "0.400 ± 0.141", "0.600 ± 0.141",
+                         "2.000 ± 1.414"]
+    assert rows["B"] == ["2", "4", "0.300 ± 0.000", "0.600 ± 0.000", "0.700 ± 0.000", "0.300 ± 0.141", "0.300 ± 0.141",
+                         "2.000 ± 0.000"]
     assert "pass@8" in table and "pass@16" in table
     # U2 per seed: seed 0 solved {0, 1, 2, 3} of 10, seed 1 {0, 4} -> mean 0.3 (the unfinished b-s2 is excluded)
     assert "U1 (base pass@16) = 0.800" in table and "averaged over seeds) = 0.300" in table
@@ -68,12 +76,15 @@ def test_compare_writes_figures_and_mean_std_table(tmp_path):
 
 def test_evaluating_a_run_reproduces_its_final_eval(tiny_dir, tmp_path):
     run_dir, out = tmp_path / "r-s0", tmp_path / "out"
-    run(["--model", tiny_dir, "--run-dir", run_dir, "--steps", "2"] + SMALL[2:] + ["--eval-problems", "20", "--lr", "1e-4"])
+    run(["--model", tiny_dir, "--run-dir", run_dir, "--steps", "2"] + SMALL[2:] + ["--eval-problems", "20", "--lr",
+                                                                                   "1e-4"])
     logged = metrics(run_dir)[-1]
-    assert logged["step"] == 2 and logged["eval/countdown/pass@4"] > 0  # some correct samples: the equality is not vacuous
+    # some correct samples: the equality is not vacuous
+    assert logged["step"] == 2 and logged["eval/countdown/pass@4"] > 0
     p = run([run_dir, "--n", "4", "--problems", "20", "--datasets", "countdown", "--out", out], script="eval.py")
     result = json.load(open(out / "eval.json"))["results"]
-    assert len(result) == 1 and result[0]["dataset"] == "countdown" and result[0]["max_new_tokens"] == 20  # from config.json
+    # from config.json
+    assert len(result) == 1 and result[0]["dataset"] == "countdown" and result[0]["max_new_tokens"] == 20
     m = result[0]
     for k in ("pass@1", "pass@2", "pass@4", "avg@4", "greedy", "distinct_correct"):
         assert m[k] == logged[f"eval/countdown/{k}"], k  # same code, same sampling keys: equal, not just close
@@ -85,7 +96,8 @@ def test_evaluating_a_run_reproduces_its_final_eval(tiny_dir, tmp_path):
 
 def test_golds_table_and_dataset_names_in_the_eval_table(tmp_path):
     (tmp_path / "gsm8k").mkdir()
-    rows = [{"question": "q1", "answer": "3 * 6 = <<3*6=18>>18\n#### 18"}, {"question": "q2", "answer": "x\n#### 1,000"}]
+    rows = [{"question": "q1", "answer": "3 * 6 = <<3*6=18>>18\n#### 18"},
+            {"question": "q2", "answer": "x\n#### 1,000"}]
     (tmp_path / "gsm8k" / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     p = run(["golds", f"gsm8k={tmp_path / 'gsm8k'}"], script="eval.py")
     assert "| gsm8k | eval | 2 | 2 of 2 | 1.0000 | 1.0000 (0 below 1) | 0.0000 |" in p.stdout, p.stdout
@@ -103,6 +115,7 @@ def test_golds_table_and_dataset_names_in_the_eval_table(tmp_path):
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, argv, message):
     os.makedirs(tmp_path / "empty")
-    p = run([a.replace("{tmp}", str(tmp_path)) for a in argv], script="eval.py", check=False, env={"HF_HUB_OFFLINE": "1"})
+    p = run([a.replace("{tmp}", str(tmp_path)) for a in argv], script="eval.py", check=False,
+            env={"HF_HUB_OFFLINE": "1"})
     assert p.returncode == 2, p.stderr[-2000:]
     assert p.stderr.startswith("error: ") and message in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr

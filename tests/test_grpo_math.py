@@ -158,7 +158,8 @@ def test_shared_prompt_forward_matches_rows_run_in_full(monkeypatch):
               [{"prompt_ids": b, "completion_ids": c} for c in ([13, 14], [17, 18, 19, 20])]
     ids, attn, mask, P = rollout_batch(samples, 0, "cpu")
     rows_seen = []
-    hook = model.model.register_forward_pre_hook(lambda m, args, kw: rows_seen.append(tuple(kw["input_ids"].shape)), with_kwargs=True)
+    hook = model.model.register_forward_pre_hook(lambda m, args, kw: rows_seen.append(tuple(kw["input_ids"].shape)),
+                                                 with_kwargs=True)
     logp, ent = token_logprobs(model, ids, attn, P, chunk=3)
     hook.remove()
     assert rows_seen == [(2, P), (5, ids.shape[1] - P)]  # 2 distinct prompts once, then 5 completions on top

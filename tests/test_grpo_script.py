@@ -9,13 +9,16 @@ import torch
 from safetensors.torch import load_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMALL = ["--steps", "3", "--prompts-per-step", "4", "--group-size", "4", "--max-new-tokens", "20", "--eval-problems", "6",
+SMALL = ["--steps", "3", "--prompts-per-step", "4", "--group-size", "4", "--max-new-tokens", "20", "--eval-problems",
+         "6",
          "--eval-samples", "4", "--lr", "1e-3"]
 
 
 def run(args, script="grpo.py", torchrun=0, check=True, env=None):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(torchrun)] if torchrun else [sys.executable]
-    p = subprocess.run(cmd + [os.path.join(ROOT, script)] + [str(a) for a in args], cwd=ROOT, capture_output=True, text=True,
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+           str(torchrun)] if torchrun else [sys.executable]
+    p = subprocess.run(cmd + [os.path.join(ROOT, script)] + [str(a) for a in args], cwd=ROOT, capture_output=True,
+                       text=True,
                        timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
     if check:
         assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
@@ -37,14 +40,17 @@ def test_end_to_end_writes_the_run_directory(tiny_dir, tmp_path):
     assert [r["step"] for r in rows] == [0, 1, 2, 3]
     for key in ("reward/mean", "entropy/mean", "time/step", "grad_norm", "clip/frac", "frac_zero_std_groups"):
         assert all(key in r for r in rows[1:]), key
-    assert all(0.1 < r["memory/peak_gib"] < 24 for r in rows[1:])  # the process's peak RSS on CPU (torch alone is > 0.1)
-    for key in ("eval/pass@1", "eval/pass@2", "eval/pass@4", "eval/avg@4", "eval/greedy", "eval/distinct_correct", "eval/entropy"):
+    # the process's peak RSS on CPU (torch alone is > 0.1)
+    assert all(0.1 < r["memory/peak_gib"] < 24 for r in rows[1:])
+    for key in ("eval/pass@1", "eval/pass@2", "eval/pass@4", "eval/avg@4", "eval/greedy", "eval/distinct_correct",
+                "eval/entropy"):
         assert key in rows[0] and key in rows[-1], key
     config = json.load(open(tmp_path / "r" / "config.json"))
     assert config["script"] == "grpo" and config["group_size"] == 4
     assert (tmp_path / "r" / "samples.jsonl").exists()
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    AutoModelForCausalLM.from_pretrained(tmp_path / "r" / "checkpoint"), AutoTokenizer.from_pretrained(tmp_path / "r" / "checkpoint")
+    AutoModelForCausalLM.from_pretrained(tmp_path / "r" / "checkpoint")
+    AutoTokenizer.from_pretrained(tmp_path / "r" / "checkpoint")
     assert "pass@1" in p.stdout and str(tmp_path / "r") in p.stdout  # the summary
 
 
@@ -57,7 +63,8 @@ def test_torchrun_two_processes_match_one(tiny_dir, tmp_path):
         assert a["reward/mean"] == b["reward/mean"] and a["completion/mean_len"] == b["completion/mean_len"]
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-6)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
-    w1, w2, w0 = weights(tmp_path / "one"), weights(tmp_path / "two"), load_file(os.path.join(tiny_dir, "model.safetensors"))
+    w1, w2, w0 = weights(tmp_path / "one"), weights(tmp_path / "two"), load_file(os.path.join(tiny_dir,
+                                                                                              "model.safetensors"))
     assert w1.keys() == w2.keys()
     # Adam divides by sqrt(v): where a gradient is ~0, fp32 rounding differences of the 1- and 2-process reductions
     # are amplified, so compare the whole update: the two runs' updates agree to a small fraction of their size.
@@ -85,7 +92,8 @@ def test_on_policy_update_needs_no_old_log_prob_pass(tiny_dir, tmp_path):
     --rho 0 with GRPO's clip is the same update computed with the separate no-grad pi_old pass: same weights."""
     common = ["--model", tiny_dir, "--lr", "1e-2"] + SMALL[:8]
     run(common + ["--run-dir", tmp_path / "grpo"])
-    run(common + ["--run-dir", tmp_path / "pass", "--rho", "0", "--clip-low", "0.2", "--clip-high", "0.2"], script="lp_reg.py")
+    run(common + ["--run-dir", tmp_path / "pass", "--rho", "0", "--clip-low", "0.2", "--clip-high", "0.2"],
+        script="lp_reg.py")
     wa, wb = weights(tmp_path / "grpo"), weights(tmp_path / "pass")
     for k in wa:
         assert torch.allclose(wa[k], wb[k], atol=1e-6), k
@@ -106,7 +114,8 @@ def test_update_runs_in_training_mode_so_checkpointing_acts(tiny_dir, tmp_path, 
         seen.append((torch.is_grad_enabled(), model.training, model.model.layers[0].gradient_checkpointing))
         return final_hidden(model, *args, **kw)
     monkeypatch.setattr(common, "final_hidden", spy)
-    grpo.train(common.parse_args(grpo.Args, [str(a) for a in ["--model", tiny_dir, "--run-dir", tmp_path / "r", "--steps", "1",
+    grpo.train(common.parse_args(grpo.Args,
+                                 [str(a) for a in ["--model", tiny_dir, "--run-dir", tmp_path / "r", "--steps", "1",
                                                              "--gradient-checkpointing", "on"] + SMALL[2:]]))
     update = [s for s in seen if s[0]]
     assert update and all(training and checkpointing for _, training, checkpointing in update)
@@ -123,7 +132,8 @@ def test_tied_embeddings_save_once_reload_tied_and_resume(tiny_dir, tmp_path):
     model.save_pretrained(tmp_path / "tied")
     AutoTokenizer.from_pretrained(tiny_dir).save_pretrained(tmp_path / "tied")
     common = ["--model", tmp_path / "tied", "--run-dir", tmp_path / "r", "--save-every", "1",
-              "--entropy-coef", "0.1"] + SMALL[2:]  # the re-tied model solves nothing: the entropy term gives a gradient
+              # the re-tied model solves nothing: the entropy term gives a gradient
+              "--entropy-coef", "0.1"] + SMALL[2:]
     run(common + ["--steps", "2"])
     run(common + ["--steps", "3", "--resume"])
     assert "lm_head.weight" not in weights(tmp_path / "r")

@@ -1,4 +1,5 @@
-"""lp_reg.py: the min-p proxy, the token selection, the penalty's gradient, equality with GRPO at rho = 0, end to end."""
+"""lp_reg.py: the min-p proxy, the token selection, the penalty's gradient, equality with GRPO at rho = 0, end to
+end."""
 import math
 import os
 
@@ -23,7 +24,8 @@ def brute_force_proxy(logits, kappa, proxy):
 @pytest.mark.parametrize("proxy, kappa", [("minp", 0.02), ("minp", 0.3), ("fixed", 0.02), ("fixed", 0.1)])
 def test_proxy_logprob_equals_brute_force_min_p(proxy, kappa):
     g = torch.Generator().manual_seed(0)
-    logits = torch.randn(64, 40, generator=g, dtype=torch.float64) * torch.linspace(0.5, 6, 64, dtype=torch.float64)[:, None]
+    scale = torch.linspace(0.5, 6, 64, dtype=torch.float64)[:, None]
+    logits = torch.randn(64, 40, generator=g, dtype=torch.float64) * scale
     targets = torch.randint(0, 40, (64,), generator=g)
     want = brute_force_proxy(logits, kappa, proxy).gather(-1, targets[:, None]).squeeze(-1)
     got = proxy_logprob(logits, targets, kappa, proxy)
@@ -104,7 +106,8 @@ def test_penalty_gradient_raises_the_selected_tokens_probability():
     assert proxy.item() > FILTERED
     logp = torch.log_softmax(z, -1)[o][None]  # [1, 1]
     # A = 0 isolates the pull (beta = 1); bottom = the token itself
-    loss, _, selected, _ = lp_reg_loss(logp, logp.detach(), torch.zeros(1, 1), proxy[None], torch.ones(1, 1, dtype=torch.bool), 1.0, 9.0, 1.0)
+    loss, _, selected, _ = lp_reg_loss(logp, logp.detach(), torch.zeros(1, 1), proxy[None],
+                                       torch.ones(1, 1, dtype=torch.bool), 1.0, 9.0, 1.0)
     assert selected.item()
     loss.sum().backward()
     assert z.grad[3] < 0  # gradient descent raises its logit ...
@@ -152,7 +155,8 @@ def test_rho_zero_equals_grpo_loss_bit_for_bit():
     assert torch.equal(ga, gb)
     # and with rho > 0 the same inputs do differ: the comparison can fail
     bottom, selected = select(logp, advantages, mask, proxy, rho=0.5)
-    assert selected.any() and not torch.equal(lp_reg_loss(logp, old_logp, advantages, proxy, bottom, 1.0, 9.0, 1.0)[0], theirs)
+    assert selected.any() and not torch.equal(lp_reg_loss(logp, old_logp, advantages, proxy, bottom, 1.0, 9.0, 1.0)[0],
+                                              theirs)
 
 
 def test_end_to_end_rho_zero_trains_exactly_like_grpo(tiny_dir, tmp_path):
@@ -163,25 +167,29 @@ def test_end_to_end_rho_zero_trains_exactly_like_grpo(tiny_dir, tmp_path):
     for a, b in zip(m1[1:], m2[1:]):
         assert (a["loss"], a["grad_norm"], a["reward/mean"]) == (b["loss"], b["grad_norm"], b["reward/mean"])
         assert a["lp_reg/frac_regularized"] == 0
-    w1, w2, w0 = weights(tmp_path / "lp"), weights(tmp_path / "grpo"), load_file(os.path.join(tiny_dir, "model.safetensors"))
+    w1, w2, w0 = weights(tmp_path / "lp"), weights(tmp_path / "grpo"), load_file(os.path.join(tiny_dir,
+                                                                                              "model.safetensors"))
     assert any(not torch.equal(w1[k], w0[k]) for k in w1)
     assert all(torch.equal(w1[k], w2[k]) for k in w1)
 
 
 def test_end_to_end_regularises_and_logs(tiny_dir, tmp_path):
-    run(["--model", tiny_dir, "--run-dir", tmp_path / "r", "--rho", "0.2", "--rho-pos", "0.1"] + SMALL, script="lp_reg.py")
+    run(["--model", tiny_dir, "--run-dir", tmp_path / "r", "--rho", "0.2", "--rho-pos", "0.1"] + SMALL,
+        script="lp_reg.py")
     rows = metrics(tmp_path / "r")
     assert [r["step"] for r in rows] == [0, 1, 2, 3]
     assert all("lp_reg/frac_regularized" in r and "lp_reg/frac_fired" in r for r in rows[1:])
     fired = [r for r in rows[1:] if r["lp_reg/frac_regularized"] > 0]
     assert fired, "the regularisation never fired: the run checks nothing"
     for r in fired:
-        assert 0 < r["lp_reg/threshold_prob"] <= 1 and 0 < r["lp_reg/frac_pass_filter"] <= 1 and r["lp_reg/kl_mean"] >= 0
+        assert 0 < r["lp_reg/threshold_prob"] <= 1 and 0 < r["lp_reg/frac_pass_filter"] <= 1
+        assert r["lp_reg/kl_mean"] >= 0
     assert "eval/pass@1" in rows[-1]
 
 
 @pytest.mark.parametrize("flags, message", [(["--rho", "2"], "--rho"), (["--proxy", "topk"], "--proxy"),
-                                            (["--percentile-scope", "step"], "--percentile-scope"), (["--kappa", "0"], "--kappa")])
+                                            (["--percentile-scope", "step"], "--percentile-scope"),
+                                            (["--kappa", "0"], "--kappa")])
 def test_bad_flags_name_the_flag(flags, message, capsys):
     from common import parse_args
     from lp_reg import Args

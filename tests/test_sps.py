@@ -8,11 +8,13 @@ import torch
 from safetensors.torch import load_file
 from test_grpo_script import SMALL, metrics, run, weights
 
-from sps import (first_copy, group_advantages, irl_loss, irl_target, preconditioned_step, saturation, squeezing, upper_bounds)
+from sps import (first_copy, group_advantages, irl_loss, irl_target, preconditioned_step, saturation, squeezing,
+                 upper_bounds)
 
 
 def test_irl_loss_falls_as_p_moves_toward_q_and_the_literal_sign_rises():
-    """Sign test: for a fixed target q, -sum q log softmax(s) decreases along a path of scores whose softmax goes to q."""
+    """Sign test: for a fixed target q, -sum q log softmax(s) decreases along a path of scores whose softmax goes to
+    q."""
     q = torch.tensor([[0.5, 0.5, 0.0, 0.0]])
     start, goal = torch.tensor([[3.0, -1.0, 2.0, 0.5]]), torch.log(torch.tensor([[0.5, 0.5, 1e-4, 1e-4]]))
     path = [(1 - t) * start + t * goal for t in torch.linspace(0, 1, 11)]
@@ -27,7 +29,8 @@ def test_irl_loss_falls_as_p_moves_toward_q_and_the_literal_sign_rises():
 
 
 def test_preconditioned_step_is_lr_times_g_over_the_rl_adam_scale_and_leaves_its_state_alone():
-    """After one AdamW step on g1, v_hat = g1^2 exactly, so the IRL step on g2 moves theta by -lr clamp(g2 / (|g1| + eps), -1, 1)."""
+    """After one AdamW step on g1, v_hat = g1^2 exactly, so the IRL step on g2 moves theta by
+    -lr clamp(g2 / (|g1| + eps), -1, 1)."""
     p, q = torch.nn.Parameter(torch.tensor([1.0, 2.0, 3.0, 4.0])), torch.nn.Parameter(torch.tensor([5.0]))
     opt = torch.optim.AdamW([p, q], lr=0.1, weight_decay=0.0)
     p.grad, q.grad = torch.tensor([0.5, -2.0, 1e-3, 0.0]), torch.tensor([1.0])
@@ -37,7 +40,8 @@ def test_preconditioned_step_is_lr_times_g_over_the_rl_adam_scale_and_leaves_its
     q_before = q.detach().clone()
     preconditioned_step(opt, lr=0.01)
     eps = opt.param_groups[0]["eps"]
-    expected = after_rl - 0.01 * torch.tensor([0.25 / (0.5 + eps), 1.0 / (2.0 + eps), 1.0, 1.0])  # last two: clamped to 1
+    # last two: clamped to 1
+    expected = after_rl - 0.01 * torch.tensor([0.25 / (0.5 + eps), 1.0 / (2.0 + eps), 1.0, 1.0])
     assert torch.allclose(p.detach(), expected, rtol=0, atol=1e-7)
     assert all(torch.equal(state[k], opt.state[p][k]) for k in state) and torch.equal(q.detach(), q_before)
 
@@ -67,7 +71,8 @@ def test_squeezing_top_share_and_effective_number_over_distinct_rollouts():
     s = torch.log(torch.tensor([[0.5, 0.25, 0.25, 0.5]]))  # rollout 3 repeats rollout 0
     first = torch.tensor([[0, 1, 2, 0]])
     top, n_eff = squeezing(s, first, torch.ones(1, 4, dtype=torch.bool))
-    assert top.item() == pytest.approx(0.5) and n_eff.item() == pytest.approx(math.exp(-(0.5 * math.log(0.5) + 0.5 * math.log(0.25))))
+    assert top.item() == pytest.approx(0.5)
+    assert n_eff.item() == pytest.approx(math.exp(-(0.5 * math.log(0.5) + 0.5 * math.log(0.25))))
     top, n_eff = squeezing(s, first, torch.tensor([[False, True, True, False]]))  # correct-only: two equal shares
     assert top.item() == pytest.approx(0.5) and n_eff.item() == pytest.approx(2.0)
     assert squeezing(s, first, torch.zeros(1, 4, dtype=torch.bool))[1].isnan().all()
@@ -79,9 +84,11 @@ def test_upper_bounds_u1_u2_u3():
     assert saturation([0.5, 0.6, 0.7]) == 1.0 and saturation([0.5, 0.6, 0.6]) == 0.6 and saturation([0.3, 0.4]) == 0.4
     bounds = {}
     m0 = {"eval/pass@1": 0.2, "eval/pass@2": 0.3, "eval/pass@4": 0.35}
-    r0 = {"a": [{"index": 0, "correct": 1}, {"index": 1, "correct": 0}, {"index": 2, "correct": 0}, {"index": 3, "correct": 0}]}
+    r0 = {"a": [{"index": 0, "correct": 1}, {"index": 1, "correct": 0}, {"index": 2, "correct": 0},
+                {"index": 3, "correct": 0}]}
     assert upper_bounds(m0, r0, bounds, 4) == {"sps/U1": 0.35, "sps/U2": 0.25, "sps/U3": pytest.approx(0.4)}
-    r1 = {"a": [{"index": 0, "correct": 0}, {"index": 1, "correct": 2}, {"index": 2, "correct": 0}, {"index": 3, "correct": 0}]}
+    r1 = {"a": [{"index": 0, "correct": 0}, {"index": 1, "correct": 2}, {"index": 2, "correct": 0},
+                {"index": 3, "correct": 0}]}
     out = upper_bounds({**m0, "eval/pass@4": 0.5}, r1, bounds, 4)
     assert out["sps/U1"] == 0.35 and out["sps/U2"] == 0.5  # U1 stays the first eval's; U2 is the union {0, 1}
 
@@ -93,7 +100,8 @@ def bandit(irl, steps=300, lr=1.0, prompts=4, G=8, seed=0, support="demos"):
     Returns P(correct) and the effective number of correct trajectories exp(H(pi restricted to the correct ones))."""
     g = torch.Generator().manual_seed(seed)
     correct = torch.arange(50) < 5
-    z = torch.cat([torch.tensor([1.5, 0.75, 0.0, -0.75, -1.5]), 0.5 * torch.randn(45, generator=g)]).requires_grad_(True)
+    z = torch.cat([torch.tensor([1.5, 0.75, 0.0, -0.75, -1.5]),
+                   0.5 * torch.randn(45, generator=g)]).requires_grad_(True)
     for _ in range(steps):
         tau = torch.multinomial(torch.softmax(z.detach(), -1), prompts * G, replacement=True, generator=g)  # [B * G]
         advantages = group_advantages(correct[tau].float(), G)  # [B * G]
@@ -129,7 +137,8 @@ def test_tabular_bandit_grpo_squeezes_and_irl_keeps_several_correct_trajectories
 
 
 def test_irl_loss_over_the_demonstrations_has_its_minimum_at_equal_scores_and_ignores_wrong_rollouts():
-    """Two correct rollouts (q = 1/2 each) and a wrong one. Over the demonstrations: loss = log 2 exactly when the correct
+    """Two correct rollouts (q = 1/2 each) and a wrong one. Over the demonstrations: loss = log 2 exactly when the
+    correct
     scores are equal, whatever the wrong score, and zero gradient there. Over the group: the gradient on the wrong
     rollout's score is p_wrong > 0 at any finite score, so it is pushed down forever."""
     q, sup = torch.tensor([[0.5, 0.5, 0.0]]), torch.tensor([[True, True, False]])
@@ -137,7 +146,8 @@ def test_irl_loss_over_the_demonstrations_has_its_minimum_at_equal_scores_and_ig
         s = torch.tensor([[-0.4, -0.4, wrong]], requires_grad=True)
         loss = irl_loss(s, q, support=sup)
         loss.sum().backward()
-        assert loss.item() == pytest.approx(math.log(2), abs=1e-6) and torch.allclose(s.grad, torch.zeros(1, 3), atol=1e-7)
+        assert loss.item() == pytest.approx(math.log(2), abs=1e-6) and torch.allclose(s.grad, torch.zeros(1, 3),
+                                                                                      atol=1e-7)
         s = torch.tensor([[-0.4, -0.4, wrong]], requires_grad=True)
         irl_loss(s, q).sum().backward()
         p_wrong = math.exp(wrong) / (2 * math.exp(-0.4) + math.exp(wrong))
@@ -166,21 +176,26 @@ def test_end_to_end_logs_the_sps_diagnostics(tiny_dir, tmp_path):
     for key in ("sps/U1", "sps/U2", "sps/U3", "sps/probe/top_share", "sps/probe/n_eff", "sps/probe/distinct_correct",
                 "sps/probe/top1_token_prob", "eval/pass@1"):
         assert key in rows[0] and key in rows[-1], key
-    assert rows[-1]["sps/U1"] == rows[0]["eval/pass@4"] and rows[-1]["sps/U2"] >= max(r["eval/pass@4"] for r in rows if "eval/pass@4" in r) - 1e-9
+    assert rows[-1]["sps/U1"] == rows[0]["eval/pass@4"]
+    assert rows[-1]["sps/U2"] >= max(r["eval/pass@4"] for r in rows if "eval/pass@4" in r) - 1e-9
     irl_steps = [r for r in rows[1:] if "sps/irl_loss" in r]
     assert irl_steps, "no group had two distinct correct rollouts: the run tested nothing"
     assert all(math.isfinite(r["sps/irl_loss"]) and r["sps/irl_grad_norm"] > 0 for r in irl_steps)
 
 
-@pytest.mark.parametrize("flags, message", [(["--irl-every", "-1"], "--irl-every"), (["--irl-temperature", "0"], "--irl-temperature"),
-                                            (["--irl-variant", "nll", "--irl-schedule", "summed"], "--irl-variant nll")])
+@pytest.mark.parametrize("flags, message",
+                         [(["--irl-every", "-1"], "--irl-every"), (["--irl-temperature", "0"], "--irl-temperature"),
+                                            (["--irl-variant", "nll", "--irl-schedule", "summed"],
+                                             "--irl-variant nll")])
 def test_bad_sps_flags_are_one_line_errors(tmp_path, flags, message):
     p = run(flags + ["--run-dir", tmp_path / "r"], script="sps.py", check=False)
     assert p.returncode == 2 and message in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
 
 
-@pytest.mark.parametrize("flags", [["--irl-schedule", "summed"], ["--irl-variant", "nll"], ["--irl-score", "ratio", "--irl-optimizer", "shared"], ["--irl-optimizer", "separate", "--irl-support", "group"],
-                                   ["--irl-demos", "all", "--irl-target", "counts", "--irl-sign", "literal", "--irl-score", "sum"]])
+@pytest.mark.parametrize("flags", [
+    ["--irl-schedule", "summed"], ["--irl-variant", "nll"], ["--irl-score", "ratio", "--irl-optimizer", "shared"],
+    ["--irl-optimizer", "separate", "--irl-support", "group"],
+    ["--irl-demos", "all", "--irl-target", "counts", "--irl-sign", "literal", "--irl-score", "sum"]])
 def test_every_irl_choice_runs_and_changes_the_update(tiny_dir, tmp_path, flags):
     short = ["--steps", "2"] + SMALL[2:]
     run(["--model", tiny_dir, "--run-dir", tmp_path / "r"] + flags + short, script="sps.py")
@@ -213,7 +228,8 @@ def test_resume_reaches_the_same_weights(tiny_dir, tmp_path):
     small = SMALL[2:] + ["--prompts-per-step", "16", "--group-size", "8", "--lr", "2e-4"]  # IRL steps at steps 3 and 4
     common = ["--model", tiny_dir, "--steps", "4", "--save-every", "2"] + small
     run(common + ["--run-dir", tmp_path / "full"], script="sps.py")
-    run(["--model", tiny_dir, "--steps", "2", "--save-every", "2", "--run-dir", tmp_path / "cut"] + small, script="sps.py")
+    run(["--model", tiny_dir, "--steps", "2", "--save-every", "2", "--run-dir", tmp_path / "cut"] + small,
+        script="sps.py")
     run(common + ["--run-dir", tmp_path / "cut", "--resume"], script="sps.py")
     assert any("sps/irl_loss" in r for r in metrics(tmp_path / "full")[3:]), "no IRL step after the cut: nothing tested"
     wa, wb = weights(tmp_path / "full"), weights(tmp_path / "cut")

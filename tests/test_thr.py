@@ -1,4 +1,5 @@
-"""thr.py: the THR score against brute force and autograd, the reweighting by hand, p = 0 against grpo.py, end to end."""
+"""thr.py: the THR score against brute force and autograd, the reweighting by hand, p = 0 against grpo.py, end to
+end."""
 import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -15,7 +16,8 @@ LSE = lambda logits, t: logits.logsumexp(-1)  # noqa: E731  the row_fn the scrip
 def tiny_lm(vocab=48, seed=0):
     """A random Qwen2 with an UNTIED LM head, in fp64 (token_logprobs keeps fp64)."""
     torch.manual_seed(seed)
-    cfg = Qwen2Config(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+    cfg = Qwen2Config(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                      num_attention_heads=2,
                       num_key_value_heads=1, max_position_embeddings=64, tie_word_embeddings=False)
     return Qwen2ForCausalLM(cfg).double().eval()
 
@@ -81,7 +83,7 @@ def test_group_scores_equal_double_sum_with_group_vocabulary_and_full_denominato
     assert (s[G:] == 0).all() and (s[:G][mask[:G] == 0] == 0).all() and (s[:G][mask[:G] == 1] != 0).all()
 
 
-# ------------------------------------------------------------------ (2) alpha <h, h'> == <grad_W log pi, grad_W log pi'>
+# ---------------------------------------------------------------- (2) alpha <h, h'> == <grad_W log pi, grad_W log pi'>
 def test_alpha_times_hidden_product_equals_lm_head_gradient_inner_product():
     model = tiny_lm()
     ids, attn, mask, P = group_batch(48)
@@ -98,7 +100,7 @@ def test_alpha_times_hidden_product_equals_lm_head_gradient_inner_product():
         assert (alpha * (h[i, k] @ h[j, kp])).item() == pytest.approx((gi_w * gj_w).sum().item(), rel=1e-10, abs=1e-14)
 
 
-# ------------------------------------------------------------------ (3) sign(THR) predicts the change of the correct log-likelihood
+# ---------------------------------------------------- (3) sign(THR) predicts the change of the correct log-likelihood
 def test_thr_sign_predicts_first_order_change_of_correct_likelihood():
     model = tiny_lm(vocab=24)
     ids, attn, mask, P = group_batch(24, T=5)
@@ -156,7 +158,7 @@ def test_p_zero_without_masking_reproduces_grpo_loss_exactly():
     assert not torch.equal(ref[1], moved[1])  # the comparison above can fail
 
 
-# ------------------------------------------------------------------ reweighting, threshold, GSPO-token, diagnostics by hand
+# ------------------------------------------------------------------ reweighting, threshold, GSPO-token, diagnostics
 def test_dominant_tokens_and_reweighting_hand_worked():
     thr = torch.tensor([[2.0, 1.0, 0.0], [4.0, -3.0, 0.5], [-0.2, 5.0, 1.0], [9.0, 9.0, 9.0]])
     mask = torch.tensor([[1.0, 1, 0], [1, 1, 1], [1, 1, 1], [1, 1, 1]])
@@ -204,7 +206,8 @@ def test_script_p_zero_matches_grpo_and_thr_runs_end_to_end(tiny_dir, tmp_path):
     assert any(r["loss"] != 0 for r in g[1:]), "no learning signal: the comparison would be vacuous"
     for a, b in zip(g[1:], t[1:]):
         assert a["reward/mean"] == b["reward/mean"] and a["loss"] == b["loss"] and a["grad_norm"] == b["grad_norm"]
-    run(["--model", tiny_dir, "--run-dir", tmp_path / "x", "--p", "0.5", "--mask-nondominant", "--thr-advantage", "value",
+    run(["--model", tiny_dir, "--run-dir", tmp_path / "x", "--p", "0.5", "--mask-nondominant", "--thr-advantage",
+         "value",
          "--objective", "gspo-token", "--clip-low", "3e-4", "--clip-high", "4e-4"] + GROUPS, script="thr.py")
     rows = metrics(tmp_path / "x")
     for key in ("thr/dominant_frac", "thr/pos_frac", "thr/neg_frac", "thr/pos_frac/correct", "thr/neg_frac/incorrect",
@@ -212,11 +215,13 @@ def test_script_p_zero_matches_grpo_and_thr_runs_end_to_end(tiny_dir, tmp_path):
         assert all(key in r for r in rows[1:]), key
     assert all(0 <= r["thr/dominant_frac"] <= 1 and r["thr/pos_frac"] + r["thr/neg_frac"] <= 1 + 1e-9 for r in rows[1:])
     assert "eval/pass@1" in rows[-1]
-    assert any(r["thr/dominant_frac"] > 0 for r in rows[1:]) and any(r["loss"] != b["loss"] for r, b in zip(rows[1:], g[1:]))
+    assert any(r["thr/dominant_frac"] > 0 for r in rows[1:]) and any(r["loss"] != b["loss"] for r,
+                                                                     b in zip(rows[1:], g[1:]))
 
 
 @pytest.mark.parametrize("flags, message", [(["--p", "1.5"], "--p must be in (-1, 1)"),
-                                            (["--tau-beta", "-1"], "--tau-beta"), (["--objective", "ppo"], "--objective")])
+                                            (["--tau-beta", "-1"], "--tau-beta"),
+                                            (["--objective", "ppo"], "--objective")])
 def test_bad_flags_are_one_line_errors(tmp_path, flags, message):
     p = run(flags + ["--run-dir", tmp_path / "r"], script="thr.py", check=False)
     assert p.returncode == 2 and message in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]

@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2ForCausalLM
 
 from common import countdown_problems
-from common import (TINY_CONFIGS, build_tiny_model, tiny_completion_loss, tiny_model_dir, tiny_sft_batch,
+from tasks import (TINY_CONFIGS, build_tiny_model, tiny_completion_loss, tiny_model_dir, tiny_sft_batch,
                         tiny_sft_examples, train_tiny_tokenizer)
 
 

@@ -11,7 +11,8 @@ import pytest
 import common
 from test_grpo_script import metrics, run
 
-TINY = ["--steps", "2", "--prompts-per-step", "4", "--group-size", "4", "--max-new-tokens", "16", "--eval-problems", "4",
+TINY = ["--steps", "2", "--prompts-per-step", "4", "--group-size", "4", "--max-new-tokens", "16", "--eval-problems",
+        "4",
         "--eval-samples", "2", "--eval-every", "1"]
 
 
@@ -24,7 +25,8 @@ def has(module):
 
 
 needs_tb = pytest.mark.skipif(not has("tensorboard"), reason="tensorboard not installed (pip install tensorboard)")
-needs_wandb = pytest.mark.skipif(not has("wandb"), reason="wandb not installed (pip install -r tests/requirements-extra.txt)")
+needs_wandb = pytest.mark.skipif(not has("wandb"),
+                                 reason="wandb not installed (pip install -r tests/requirements-extra.txt)")
 
 
 def tensorboard_scalars(run_dir):
