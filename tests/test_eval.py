@@ -65,10 +65,10 @@ def test_compare_writes_figures_and_mean_std_table(tmp_path):
     # likewise
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in table.splitlines()
             if line.startswith("| A ") or line.startswith("| B ")}
-    assert rows["A"] == ["2", "4", "0.300 ± 0.141", "0.600 ± 0.141", "0.750 ± 0.212", "0.400 ± 0.141", "0.600 ± 0.141",
-                         "2.000 ± 1.414"]
-    assert rows["B"] == ["2", "4", "0.300 ± 0.000", "0.600 ± 0.000", "0.700 ± 0.000", "0.300 ± 0.141", "0.300 ± 0.141",
-                         "2.000 ± 0.000"]
+    assert rows["A"] == ["2", "4", "0.300 ± 0.141", "0.600 ± 0.141", "0.750 ± 0.212",
+                         "0.400 ± 0.141", "0.600 ± 0.141", "2.000 ± 1.414"]
+    assert rows["B"] == ["2", "4", "0.300 ± 0.000", "0.600 ± 0.000", "0.700 ± 0.000",
+                         "0.300 ± 0.141", "0.300 ± 0.141", "2.000 ± 0.000"]
     assert "pass@8" in table and "pass@16" in table
     # U2 per seed: seed 0 solved {0, 1, 2, 3} of 10, seed 1 {0, 4} -> mean 0.3 (the unfinished b-s2 is excluded)
     assert "U1 (base pass@16) = 0.800" in table and "averaged over seeds) = 0.300" in table

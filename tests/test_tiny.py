@@ -34,7 +34,8 @@ def test_tokenizer_roundtrip_through_save_and_autotokenizer(tmp_path):
     assert tok.padding_side == "left"
     assert tok.eos_token == tok.pad_token == "<|endoftext|>" and tok.eos_token_id == tok.pad_token_id
     texts = [problems[0]["prompt"] + "\\boxed{" + problems[0]["solution"] + "}",
-             "Ünïcødé → 数学 🙂🚀 tabs\tand\r\nnewlines  ", "  leading spaces, 'quotes' and \\frac{1}{2}\n\n"]
+             "Ünïcødé → 数学 🙂🚀 tabs\tand\r\nnewlines  ",
+             "  leading spaces, 'quotes' and \\frac{1}{2}\n\n"]
     for s in texts:
         ids = tok(s)["input_ids"]
         assert tok.decode(ids) == s
