@@ -32,8 +32,9 @@ rho ~ 20%. Reconstructed, UNCONFIRMED, each with its flag:
   - the answer-confidence form: --answer-confidence tlow-mean (A2) | sum-over-k exp(sum_{all t} l_t / K);
   - the prompt-confidence form A3: --prompt-confidence ppl (A3) | tlow (A2's rule on the prompt tokens) |
     group-mean (c(q) = mean_g c(o|q); no prompt scoring needed, the old-log-prob pass then starts at P as in GRPO);
-  - the scope: --arm-scope all (A1) | correct (shift correct responses only) | mixed (off for all-correct groups, one
-    summary's variant); "correct" means reward > 0.5.
+  - the scope: --arm-scope all (A1, the LaTeX: every response of a group with a correct one, all-correct groups
+    included) | correct (shift correct responses only) | mixed (an ablation: also off in all-correct groups, as one
+    secondary note describes ARM, which contradicts the LaTeX's gating); "correct" means reward > 0.5.
 With --alpha 0 the update is exactly GRPO's with the same clip (tests/test_arm.py checks it against grpo.py); the fair
 GRPO baseline is `grpo.py --clip-high 0.28`.
 

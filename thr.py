@@ -17,27 +17,31 @@ answers more confident (exploitation), negative ones keep mass on alternatives (
     THR_{j,k'} = a_j s_{j,k'},  a_j = sign(A_j) (--thr-advantage sign) or A_j (value)                      (T3)
     tau = beta_tau min_{i in P} mean_k THR_{i,k};  dominant <=> |THR_{j,k'}| > tau                          (T4)
     A'_{j,k'} = A_j (1 + p sign(THR_{j,k'})) on dominant tokens; A_j elsewhere (0 with --mask-nondominant)   (T5)
+    --selection nthr (NTHR, arXiv:2505.18830 §5.2, Algorithm 1; the confirmed special case):
+    tau = beta min_{i in P} mean_k s_{i,k};  selected <=> j incorrect and s_{j,k'} > tau;  A'_{j,k'} = eta A_j   (N1)
     GSPO-token: s_{i,t} = sg[(pi_theta/pi_old)(y_i)^{1/|y_i|}] pi_theta(y_it) / sg[pi_theta(y_it)]  (arXiv:2507.18071,
     --objective)
-The equation labels T1-T5 are ours (the paper's numbering was not available). h is the LM-head input (after the final
-norm) and P the correct responses (r > 0.5) of the group, all from the old policy and detached, computed once per
-rollout batch from the no-grad old-log-prob forward (grpo.py runs it only off-policy; THR needs it before the update,
-the scores use the whole group). Groups with no correct response keep
-plain GRPO advantages; all-correct/all-wrong groups have A = 0 anyway.
+The equation labels T1-T5 and N1 are ours (the paper's numbering was not available). h is the LM-head input (after
+the final norm) and P the correct responses (r > 0.5) of the group, all from the old policy and detached, computed
+once per rollout batch from the no-grad old-log-prob forward (grpo.py runs it only off-policy; THR needs it before the
+update, the scores use the whole group). Groups with no correct response keep plain GRPO advantages;
+all-correct/all-wrong groups have A = 0 anyway.
 
 Confirmed (abstract): THR measures a token's influence on the correct responses' likelihood; positive THR =
-exploitation,
-negative = exploration; amplifying positive / weakening negative (p > 0) helps greedy, the reverse (p < 0) helps pass@k;
-works with GSPO. Reconstructed from NTHR, UNCONFIRMED for THR, each with its flag:
+exploitation, negative = exploration; amplifying positive / weakening negative (p > 0) helps greedy, the reverse
+(p < 0) helps pass@k; works with GSPO. Reconstructed from NTHR, UNCONFIRMED for THR, each with its flag:
   - the V* restriction with the full-vocabulary denominator and the sum-first M = G+^T H+ (NTHR's tricks; exact math
     otherwise); self-terms included (a correct token's own response is in the sum of T2);
-  - the advantage factor in T3: --thr-advantage sign (default) makes T4 exactly NTHR's
-    |s| > beta min_i mean_k s_ik rule;
+  - the advantage factor in T3: --thr-advantage sign (default) makes T4's tau exactly NTHR's beta min_i mean_k s_ik;
     value uses a_j = A_j, so the threshold sees the influence magnitude |A_j s|. sign(THR) is the same either way;
-  - the dominant-token threshold T4 (NTHR's rule): --tau-beta (beta_tau = 1);
-  - the functional form T5: --p (|p| < 1) and --mask-nondominant (the "THR-only" mode, reported ~GRPO);
+  - the dominant-token rule T4-T5 is OUR two-sided extension of NTHR's (every response, |THR| > tau, A(1 + p sign));
+    a THR reviewer only says THR's tau "follows a prior influence-based heuristic": --tau-beta (beta_tau = 1), --p
+    (|p| < 1), --mask-nondominant (the "THR-only" mode, reported ~GRPO);
+  - --selection nthr is NTHR's rule exactly (N1, confirmed in that paper: one-sided, tokens of incorrect responses
+    only, their advantage scaled by --eta; its §5.3 runs use beta = 1, eta = 0, the defaults here);
   - the objective: --objective grpo | gspo-token (for GSPO pass GSPO's clip range: --clip-low 3e-4 --clip-high 4e-4).
-With --p 0 and no masking the update is exactly GRPO's (tests/test_thr.py checks it against grpo.py).
+With --p 0 and no masking, or --selection nthr --eta 1, the update is exactly GRPO's (tests/test_thr.py checks it
+against grpo.py).
 
 Run it:
     python thr.py --p -0.2                                             # CPU demo: tiny model, countdown, a few minutes
@@ -85,6 +89,12 @@ class Args(BaseArgs):
     tau_beta: float = field(default=1.0, metadata={
         "help": ("beta_tau of the dominant-token threshold tau = beta_tau * min over correct responses of their "
                  "mean THR (NTHR: 1)")})
+    selection: str = field(default="thr", metadata={
+        "choices": ["thr", "nthr"],
+        "help": ("thr: |THR| > tau on every response, A (1 + p sign THR) (our two-sided extension) | nthr: NTHR's "
+                 "rule, tokens of incorrect responses with s > tau get eta A (--p unused)")})
+    eta: float = field(default=0.0, metadata={
+        "help": "NTHR's advantage scale on its selected tokens, 0 <= eta <= 1 (--selection nthr; NTHR: 0)"})
     thr_advantage: str = field(default="sign", metadata={
         "choices": ["sign", "value"],
         "help": "advantage factor of THR = a_j * s: sign(A_j) (NTHR's |s| threshold) | value A_j"})
@@ -101,6 +111,7 @@ class Args(BaseArgs):
         require(-1 < self.p < 1, f"--p must be in (-1, 1) so that no advantage changes sign (got {self.p})")
         require(self.tau_beta >= 0 and math.isfinite(self.tau_beta),
                 f"--tau-beta must be a finite number >= 0 (got {self.tau_beta})")
+        require(0 <= self.eta <= 1, f"--eta must be in [0, 1] (got {self.eta})")
 
 
 def group_advantages(rewards, group_size, scale="group", eps=1e-6):
@@ -166,14 +177,26 @@ def token_hidden_reward(s, advantages, factor="sign"):
     return a[:, None] * s
 
 
-def dominant_tokens(thr, mask, correct, group_size, tau_beta):
-    """NTHR's rule (T4): per group tau = beta_tau * min over correct responses of their mean THR; dominant <=> |THR| >
-    tau.
-    thr, mask: [N, T]; correct: [N] bool -> [N, T] bool (False at padding and in groups without a correct response)."""
-    mean = (thr * mask).sum(-1) / mask.sum(-1).clamp(min=1)  # [N] anchor score of each response
+def group_threshold(score, mask, correct, group_size, beta):
+    """tau = beta * min over the group's correct responses of their mean score (T4, N1), one value per response.
+    score, mask: [N, T]; correct: [N] bool -> [N] (inf, or nan if beta = 0, where the group has no correct response)."""
+    mean = (score * mask).sum(-1) / mask.sum(-1).clamp(min=1)  # [N] anchor score of each response
     anchor = torch.where(correct, mean, torch.full_like(mean, math.inf)).view(-1, group_size).min(-1).values  # [N/G]
-    tau = (tau_beta * anchor).repeat_interleave(group_size)  # [N]; inf where no correct response -> nothing dominant
+    return (beta * anchor).repeat_interleave(group_size)  # [N]
+
+
+def dominant_tokens(thr, mask, correct, group_size, tau_beta):
+    """Our two-sided rule (T4): dominant <=> |THR| > tau, on every response of a group with a correct response.
+    thr, mask: [N, T]; correct: [N] bool -> [N, T] bool (False at padding and in groups without a correct response)."""
+    tau = group_threshold(thr, mask, correct, group_size, tau_beta)  # [N]
     return (thr.abs() > tau[:, None]) & mask.bool() & torch.isfinite(tau)[:, None]
+
+
+def nthr_tokens(s, mask, correct, group_size, beta):
+    """NTHR's one-sided rule (N1): tokens of INCORRECT responses whose score s (T2, not THR) exceeds tau.
+    s, mask: [N, T]; correct: [N] bool -> [N, T] bool (never a correct response's token, never padding)."""
+    tau = group_threshold(s, mask, correct, group_size, beta)  # [N]; inf/nan without a correct response: s > tau False
+    return (s > tau[:, None]) & mask.bool() & ~correct[:, None]
 
 
 def reweighted_advantages(advantages, thr, dominant, p, mask_nondominant):
@@ -184,6 +207,12 @@ def reweighted_advantages(advantages, thr, dominant, p, mask_nondominant):
     other = torch.zeros_like(A) if mask_nondominant else A
     return torch.where(dominant, A * (1 + p * thr.sign()), other)
     # --- SOLUTION END
+
+
+def nthr_advantages(advantages, selected, eta):
+    """A' = eta A on NTHR's selected tokens, A elsewhere (N1). advantages: [N]; selected: [N, T] bool -> [N, T]."""
+    A = advantages[:, None].expand(selected.shape)  # [N, T]
+    return torch.where(selected, eta * A, A)
 
 
 def entropy_overlap(thr, entropy, mask, frac=0.2):
@@ -285,9 +314,14 @@ def train(args):
             ref_logp = torch.cat([logprobs(m, ref_model)[0] for m in micro]) if ref_model else None
         # 4b. THR (T3), dominant tokens (T4) and the reweighted token advantages A' (T5).
         t1 = time.time()
-        thr = token_hidden_reward(torch.cat(s_parts), advantages, args.thr_advantage)  # [N, T]
-        dominant = dominant_tokens(thr, mask, correct, G, args.tau_beta)  # [N, T] bool
-        token_adv = reweighted_advantages(advantages, thr, dominant, args.p, args.mask_nondominant)  # [N, T]
+        scores = torch.cat(s_parts)  # [N, T] s (T2)
+        thr = token_hidden_reward(scores, advantages, args.thr_advantage)  # [N, T]
+        if args.selection == "nthr":  # NTHR's rule (N1): incorrect responses' tokens with s > tau get eta A
+            dominant = nthr_tokens(scores, mask, correct, G, args.tau_beta)  # [N, T] bool
+            token_adv = nthr_advantages(advantages, dominant, args.eta)  # [N, T]
+        else:  # our two-sided rule (T4, T5)
+            dominant = dominant_tokens(thr, mask, correct, G, args.tau_beta)  # [N, T] bool
+            token_adv = reweighted_advantages(advantages, thr, dominant, args.p, args.mask_nondominant)  # [N, T]
         t_thr += time.time() - t1
         # 5. Policy update: ppo_epochs x mini_batches optimizer steps on the clipped surrogate.
         rows, sums = torch.arange(len(samples), device=device), {"clipped": 0.0, "loss": 0.0}

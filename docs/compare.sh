@@ -12,3 +12,7 @@ run thr+0.2   thr.py --p 0.2
 run thr-0.2   thr.py --p -0.2
 run arm       arm.py
 run sps       sps.py
+run grpo+ent  grpo.py --entropy-coef 0.05    # the baseline Lp-Reg compares with; 0.05: entropy visibly higher (README)
+run grpo+ch2  grpo.py --clip-high 0.28 --ppo-epochs 2  # clip-higher (ARM's baseline), off-policy so the clip acts
+run thr-nthr  thr.py --selection nthr        # NTHR's confirmed rule: beta = 1, eta = 0
+run arm-mixed arm.py --arm-scope mixed       # the ablation: ARM also off in all-correct groups

@@ -6,7 +6,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from common import aggregate_loss, token_logprobs
 from test_grpo_script import SMALL, metrics, run
-from thr import (dominant_tokens, entropy_overlap, gspo_token_logp, hidden_reward_scores, policy_loss,
+from thr import (dominant_tokens, nthr_advantages, nthr_tokens, entropy_overlap, gspo_token_logp, hidden_reward_scores, policy_loss,
                  prediction_errors, reweighted_advantages, token_hidden_reward, token_hidden_scores)
 
 GROUPS = SMALL + ["--prompts-per-step", "8", "--group-size", "8"]  # enough mixed groups for a learning signal
@@ -177,6 +177,27 @@ def test_dominant_tokens_and_reweighting_hand_worked():
     assert token_hidden_reward(s, torch.tensor([-0.5]), "sign").tolist() == [[-1.0, 2.0]]
 
 
+def test_nthr_selection_hand_worked():
+    # Two groups of 4: rows 0-3, and rows 4-7 with no correct response; s is T2's score.
+    s = torch.tensor([[2.0, 4.0, 9.0], [1.0, 3.0, 0.0], [2.5, 1.0, -5.0], [2.0, 7.0, 0.0]] + [[9.0, 9.0, 9.0]] * 4)
+    mask = torch.tensor([[1.0, 1, 0], [1, 1, 0], [1, 1, 1], [1, 1, 0]] + [[1.0, 1, 1]] * 4)
+    correct = torch.tensor([True, True, False, False] + [False] * 4)
+    # mean s over valid tokens: row 0 (2 + 4) / 2 = 3, row 1 (1 + 3) / 2 = 2 -> tau = 1 * min(3, 2) = 2.
+    # Row 2 (incorrect): 2.5 > 2 selected; 1 not; -5 not (one-sided, although |-5| > 2). Row 3: 2 is not > 2; 7 is.
+    # The correct rows' 4 and 3 exceed tau but are never selected; the padded 9 and 0 neither; rows 4-7 have no tau.
+    sel = nthr_tokens(s, mask, correct, 4, 1.0)
+    assert sel.tolist() == [[False] * 3, [False] * 3, [True, False, False], [False, True, False]] + [[False] * 3] * 4
+    # beta = 0.5 -> tau = 1: row 2's 1.0 is still not > 1, row 3's 2.0 now is
+    assert nthr_tokens(s, mask, correct, 4, 0.5)[2:4].tolist() == [[True, False, False], [True, True, False]]
+    adv = torch.tensor([1.0, 1.0, -1.0, -1.0, 0.0, 0.0, 0.0, 0.0])
+    assert nthr_advantages(adv, sel, 0.0)[2:4].tolist() == [[0.0, -1.0, -1.0], [-1.0, 0.0, -1.0]]  # eta = 0 (NTHR)
+    assert nthr_advantages(adv, sel, 0.5)[3].tolist() == [-1.0, -0.5, -1.0]
+    assert torch.equal(nthr_advantages(adv, sel, 1.0), adv[:, None].expand(8, 3))  # eta = 1: GRPO's advantages
+    # our two-sided rule on the same numbers (THR = sign(A) s) also takes row 2's -5 and the correct rows' tokens
+    dom = dominant_tokens(token_hidden_reward(s, adv, "sign"), mask, correct, 4, 1.0)
+    assert dom[:4].tolist() == [[False, True, False], [False, True, False], [True, False, True], [False, True, False]]
+
+
 def test_gspo_token_ratio_is_the_sequence_ratio_with_token_gradients():
     logp = torch.tensor([[-1.0, -2.0, -3.0]], requires_grad=True)
     old = torch.tensor([[-1.2, -1.9, -9.0]])
@@ -206,6 +227,16 @@ def test_script_p_zero_matches_grpo_and_thr_runs_end_to_end(tiny_dir, tmp_path):
     assert any(r["loss"] != 0 for r in g[1:]), "no learning signal: the comparison would be vacuous"
     for a, b in zip(g[1:], t[1:]):
         assert a["reward/mean"] == b["reward/mean"] and a["loss"] == b["loss"] and a["grad_norm"] == b["grad_norm"]
+    run(["--model", tiny_dir, "--run-dir", tmp_path / "n1", "--selection", "nthr", "--eta", "1"] + GROUPS,
+        script="thr.py")
+    for a, b in zip(g[1:], metrics(tmp_path / "n1")[1:]):  # NTHR with eta = 1 changes nothing either
+        assert a["loss"] == b["loss"] and a["grad_norm"] == b["grad_norm"]
+    run(["--model", tiny_dir, "--run-dir", tmp_path / "n0", "--selection", "nthr"] + GROUPS, script="thr.py")
+    n0 = metrics(tmp_path / "n0")
+    assert any(r["thr/dominant_frac"] > 0 for r in n0[1:]), "NTHR selected nothing: the next check would be vacuous"
+    assert all(r["thr/dominant_frac"] == 0 or r["thr/pos_frac/correct"] == r["thr/neg_frac/correct"] == 0
+               for r in n0[1:])  # only incorrect responses' tokens
+    assert any(r["grad_norm"] != b["grad_norm"] for r, b in zip(n0[1:], g[1:]))
     run(["--model", tiny_dir, "--run-dir", tmp_path / "x", "--p", "0.5", "--mask-nondominant", "--thr-advantage",
          "value",
          "--objective", "gspo-token", "--clip-low", "3e-4", "--clip-high", "4e-4"] + GROUPS, script="thr.py")
@@ -221,6 +252,7 @@ def test_script_p_zero_matches_grpo_and_thr_runs_end_to_end(tiny_dir, tmp_path):
 
 @pytest.mark.parametrize("flags, message", [(["--p", "1.5"], "--p must be in (-1, 1)"),
                                             (["--tau-beta", "-1"], "--tau-beta"),
+                                            (["--selection", "nthr", "--eta", "2"], "--eta must be in [0, 1]"),
                                             (["--objective", "ppo"], "--objective")])
 def test_bad_flags_are_one_line_errors(tmp_path, flags, message):
     p = run(flags + ["--run-dir", tmp_path / "r"], script="thr.py", check=False)
