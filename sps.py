@@ -74,15 +74,15 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from tqdm import tqdm
 
-from common import (BaseArgs, aggregate_loss, all_sum_dict, autocast, clip_grad_norm, compute_rewards, count_skip,
-                    due, evaluate_all, fault_point, format_prompt, generate, init_distributed, load_checkpoint,
-                    load_eval_sets, load_model, load_train_set, log_step, loss_fault, main, print_summary, require,
-                    rollout_batch, rollout_engine, rollout_logprobs, rollout_metrics, rollout_sums, sample_keys,
-                    save_checkpoint, set_lr, shard_model, start_run, step_problems, system_metrics, token_logprobs,
-                    truncate_metrics, truncated_is_weight)
-from common import all_sum, answer_key, gather_objects  # SPS
+from common import (BaseArgs, aggregate_loss, all_sum_dict, autocast, compute_rewards, due, evaluate_all, fault_point,
+                    format_prompt, generate, init_distributed, load_eval_sets, load_model, load_reference,
+                    load_train_set, log_step, loss_fault, main, micro_batches, optimizer_step, print_summary, progress,
+                    require, resume_or_evaluate, rollout_batch, rollout_engine, rollout_logprobs, rollout_metrics,
+                    rollout_sums, save_checkpoint, set_lr, shard_model, start_run, step_groups, system_metrics,
+                    time_metrics, token_logprobs, truncated_is_weight)
+from common import (all_sum, answer_key, clip_grad_norm, count_skip, gather_objects, load_checkpoint,  # SPS
+                    sample_keys, truncate_metrics)
 
 
 @dataclass
@@ -226,12 +226,10 @@ def irl_loss(scores, q, temperature=1.0, sign="kl", support=None):
     demonstrations, the minimum H(q) is reached when their scores are equal; over the whole group it is only approached
     as the other rollouts' scores go to -inf, so its gradient never stops pushing them down. sign 'literal' minimises
     -KL instead, as printed in the paper (ablation)."""
-    # --- SOLUTION START: sps-irl-loss
     z = scores / temperature if support is None else (scores / temperature).masked_fill(~support, float("-inf"))
     log_p = torch.log_softmax(z, -1)  # [B, G]: the Boltzmann distribution over the group (or its demonstrations)
     loss = -torch.where(q > 0, q * log_p, 0.0).sum(-1)  # [B]; q = 0 outside the support
     return loss if sign == "kl" else -loss
-    # --- SOLUTION END
 
 
 def squeezing(scores, first, keep, temperature=1.0):
@@ -441,11 +439,10 @@ def d_top_rl(irl, old_logp, rewards, mask, ref_logp, first, args, device):
 
 def train(args):
     rank, world, device = init_distributed()
-    run_dir = start_run(args, "sps", rank)
+    run_dir = start_run(args, __file__, rank)
     model, tokenizer = load_model(args.model, device, rank)
     need_ref = args.kl_coef > 0 or args.irl_score == "ratio"  # SPS: --irl-score ratio also needs the initial model
-    ref_model = load_model(args.model, device, rank)[0].eval() if need_ref else None
-    ref_model = shard_model(ref_model, world, device, "off") if ref_model else None
+    ref_model = load_reference(args.model, device, rank, world) if need_ref else None  # pi_ref for the KL
     model = shard_model(model, world, device, args.gradient_checkpointing).train()  # from_pretrained gives eval mode
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
     irl_optimizer = optimizer  # SPS: the IRL step's optimizer (precond: the RL AdamW's moments)
@@ -473,15 +470,11 @@ def train(args):
             record.update(probe_record(p0, s0, None, s0, token_stats, args))
         log_step(run_dir, record, history, rank)
     G, pad, on_policy = args.group_size, tokenizer.pad_token_id, args.ppo_epochs == args.mini_batches == 1
-    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="sps", disable=rank != 0,
-               dynamic_ncols=True)
+    bar = progress(start, args.steps, __file__, rank)
     for step in bar:
         t0, lr = time.time(), set_lr(optimizer, args, step)
         # 1. Rollouts: this rank's share of the step's B prompts, G completions each, from pi_old = the current weights.
-        n_local = args.prompts_per_step // world
-        problems = step_problems(train_set, step, args.prompts_per_step, args.seed)[rank * n_local:(rank + 1) * n_local]
-        group = [p for p in problems for _ in range(G)]  # [N = n_local * G], groups contiguous and whole on this rank
-        keys = torch.stack([sample_keys(args.seed, step, rank * n_local * G + i) for i in range(len(group))])
+        group, keys = step_groups(train_set, args, step, rank, world)  # [N = B / world * G] problems, groups contiguous
         samples = generate(model, tokenizer, [format_prompt(tokenizer, p) for p in group], keys,
                            args.max_new_tokens, args.temperature, args.top_p, engine=engine)
         t_rollout = time.time() - t0
@@ -514,10 +507,7 @@ def train(args):
             for mb in rows.chunk(args.mini_batches):
                 n = all_sum_dict({"tokens": mask[mb].sum().item(), "seqs": len(mb)}, device)
                 optimizer.zero_grad(set_to_none=True)
-                parts = mb.split(args.micro_batch_size)
-                for j, m in enumerate(parts):
-                    if world > 1:
-                        model.set_requires_gradient_sync(j == len(parts) - 1)  # reduce-scatter once per optimizer step
+                for m in micro_batches(model, mb, args.micro_batch_size, world):  # gradients reduced after the last
                     with autocast(device):
                         logp, ent = logprobs(m)  # [n, T]
                     token_loss, clipped = policy_loss(logp, old_logp[m], advantages[m, None], args.clip_low,
@@ -537,10 +527,7 @@ def train(args):
                 if irl_pending:
                     irl, irl_pending = irl_gradients(model, samples, rewards, first, (ids, attn, mask, P), ref_logp,
                                                      buffer, args, world, device, pad), False
-                grad_norm = clip_grad_norm(model, args.max_grad_norm)
-                if math.isfinite(grad_norm):
-                    optimizer.step()
-                skipped, streak = count_skip(grad_norm, skipped, streak, args.max_skipped_steps)  # non-finite: skipped
+                grad_norm, skipped, streak = optimizer_step(model, optimizer, args, skipped, streak)  # non-finite: skip
         if evaluating and probe:
             s1 = probe_scores(model, p0, args, device)[0]
         # 5b. SPS: the IRL step on the same rollouts, scores recomputed with the weights after the RL step.
@@ -567,9 +554,8 @@ def train(args):
         # 6. Metrics (sums by name, added over ranks), evaluation, checkpoint.
         s = all_sum_dict({**rollout_sums(rewards, mask, entropy, samples, G), **sums}, device)
         record = {"step": step + 1, **rollout_metrics(s, args.ppo_epochs), "grad_norm": grad_norm, "lr": lr,
-                  "skipped_steps": skipped, "time/rollout": t_rollout, "time/reward": t_reward, "time/train": t_train,
-                  "tokens_per_s/rollout": s["completion_tokens"] / t_rollout,
-                  "tokens_per_s/train": s["tokens"] * (args.ppo_epochs + 1) / t_train}
+                  "skipped_steps": skipped,
+                  **time_metrics(t_rollout, t_reward, t_train, s, args.ppo_epochs + 1)}
         if irl is not None:  # SPS: IRL loss before its step; change of the correct-only top share caused by the RL step
             record.update({k: v for k, v in irl.items() if k.startswith("sps/")})
             if "scores" in irl and args.irl_schedule == "separate":

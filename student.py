@@ -1,13 +1,13 @@
-"""Write a student copy of this repository for a course: the bodies of the exercise functions (the regions between
-`# --- SOLUTION START: <name>` and `# --- SOLUTION END` in the code) are replaced by a NotImplementedError with a
-one-line hint; everything else is copied as is. Each exercise is graded by existing tests, named in EXERCISES.
+"""Write a student copy of this repository for a course: the body of each exercise function (EXERCISES: its file and
+function; everything after the docstring) is replaced by a NotImplementedError with a one-line hint; everything else is
+copied as is. Each exercise is graded by existing tests, named in EXERCISES.
 
     python student.py OUT_DIR                      # writes the copy (OUT_DIR must not exist)
     cd OUT_DIR && python -m pytest -q tests/test_grpo_math.py::test_group_advantages_hand_worked   # grade one
 
 tests/test_student.py builds a copy and checks that exactly the mapped tests fail on it and pass on the original."""
+import ast
 import os
-import re
 import shutil
 import sys
 
@@ -57,19 +57,20 @@ EXERCISES = {  # name -> the file and function holding its solution region, the 
                "tests/test_sps.py::test_irl_loss_over_the_demonstrations_has_its_minimum_at_equal_scores_"
                "and_ignores_wrong_rollouts"]),
 }
-REGION = re.compile(r"^( *)# --- SOLUTION START: ([\w-]+)\n.*?^ *# --- SOLUTION END\n", re.S | re.M)
 SKIP = {".git", "__pycache__", "runs", ".pytest_cache"}
 
 
-def stub(text):
-    """text with every solution region replaced by its NotImplementedError; returns (text, names of the regions)."""
-    names = []
-
-    def replace(m):
-        indent, name = m.group(1), m.group(2)
-        names.append(name)
-        return f'{indent}raise NotImplementedError("exercise {name}: {EXERCISES[name]["hint"]}")\n'
-    return REGION.sub(replace, text), names
+def stub(text, functions):
+    """text with the body (after its docstring) of each top-level function {name: exercise} replaced by the exercise's
+    NotImplementedError; returns (text, the exercises stubbed)."""
+    lines, done = text.split("\n"), []
+    defs = [n for n in ast.parse(text).body if isinstance(n, ast.FunctionDef) and n.name in functions]
+    for fn in sorted(defs, key=lambda n: -n.lineno):  # bottom up, so earlier line numbers stay valid
+        name, first = functions[fn.name], fn.body[1]  # body[0] is the docstring
+        stub_line = f'raise NotImplementedError("exercise {name}: {EXERCISES[name]["hint"]}")'
+        lines[first.lineno - 1:fn.end_lineno] = [" " * first.col_offset + stub_line]
+        done.append(name)
+    return "\n".join(lines), done
 
 
 def student_copy(out_dir):
@@ -83,11 +84,10 @@ def student_copy(out_dir):
         os.makedirs(os.path.join(out_dir, rel), exist_ok=True)
         for f in files:
             src, dst = os.path.join(top, f), os.path.join(out_dir, rel, f)
-            if f.endswith(".py"):
-                text, names = stub(open(src, encoding="utf-8").read())
-                for name in names:
-                    if name not in EXERCISES or os.path.normpath(os.path.join(rel, f)) != EXERCISES[name]["file"]:
-                        sys.exit(f"error: solution region {name} in {os.path.join(rel, f)} is not in EXERCISES")
+            path = os.path.normpath(os.path.join(rel, f))
+            functions = {e["function"]: name for name, e in EXERCISES.items() if e["file"] == path}
+            if functions:
+                text, names = stub(open(src, encoding="utf-8").read(), functions)
                 done += names
                 with open(dst, "w", encoding="utf-8") as out:
                     out.write(text)

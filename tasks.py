@@ -1,9 +1,10 @@
 """The tasks a run trains on, and the built-in demo world a method reader never needs to open.
 
-- answer extraction (`last_boxed`) and `UserError`, the one-line error every loader raises;
+- answer extraction (`last_boxed`, `answer_key`) and `UserError`, the one-line error every loader raises;
 - the built-in countdown task (TinyZero): a seeded problem generator and an exact checker that never runs model text;
 - dataset presets (hub ids and fields), loading from the hub or local files, prompt formatting;
-- the built-in `tiny` model: a Qwen2 of ~1M parameters with its own tokenizer, SFT-warmed on countdown, cached.
+- the built-in `tiny` model: a Qwen2 of ~1M parameters with its own tokenizer, SFT-warmed on countdown, cached;
+- the training and held-out sets of a run (prompts that fit the model) and the training order (`step_problems`).
 
 The method scripts import all of this through common.py."""
 import ast
@@ -16,6 +17,7 @@ import re
 import shutil
 from fractions import Fraction
 
+import numpy as np
 import torch
 from datasets import load_dataset
 from datasets.exceptions import DatasetGenerationError
@@ -61,6 +63,12 @@ def last_boxed(text, max_len=2000):
                 return text[i:j]
         j += 1
     return None
+
+
+def answer_key(problem, completion):
+    """Normalised answer string, to count distinct correct answers per problem."""
+    boxed = last_boxed(completion) or ""
+    return re.sub(r"\s+", "", boxed)
 
 
 # ============================================================================ built-in task: countdown
@@ -548,3 +556,46 @@ def tiny_model_dir(size="default", reward_fn=None):
         finally:
             torch.set_num_threads(threads)
     return path
+
+
+# ============================================================================ training and held-out sets
+def step_problems(problems, step, n, seed):
+    """The n training problems of a step: consecutive slices of a seeded permutation, reshuffled every epoch.
+    A pure function of (step, seed), so a resumed run sees exactly the same prompts."""
+    per_epoch = max(1, len(problems) // n)
+    epoch, i = divmod(step, per_epoch)
+    order = np.random.default_rng([seed, epoch]).permutation(len(problems))
+    return [problems[j] for j in order[i * n:(i + 1) * n]]
+
+
+def fit_prompts(problems, tokenizer, model, args, name):
+    """Drop problems whose prompt exceeds --max-prompt-tokens (and say how many); fail if prompt + completion cannot fit
+    the model's context."""
+    lengths = [len(x) for x in tokenizer([format_prompt(tokenizer, p) for p in problems],
+                                         add_special_tokens=False).input_ids]
+    keep = [p for p, n in zip(problems, lengths) if n <= args.max_prompt_tokens]
+    if len(keep) < len(problems):
+        print(f"{name}: dropped {len(problems) - len(keep)} of {len(problems)} problems longer than "
+              f"--max-prompt-tokens {args.max_prompt_tokens}")
+    require(keep, f"{name}: every prompt is longer than --max-prompt-tokens {args.max_prompt_tokens}: raise it")
+    context = getattr(model.config, "max_position_embeddings", None)
+    longest = max(n for n in lengths if n <= args.max_prompt_tokens)
+    require(context is None or longest + args.max_new_tokens <= context,
+            f"{name}: a prompt of {longest} tokens + --max-new-tokens {args.max_new_tokens} exceeds the model's "
+            f"context of {context} tokens: lower --max-new-tokens or --max-prompt-tokens")
+    return keep
+
+
+def load_train_set(args, tokenizer, model):
+    problems = load_problems(args.dataset, split="train", prompt_field=args.prompt_field,
+                             answer_field=args.answer_field,
+                             n=args.train_size if args.dataset == "countdown" else None, seed=args.seed)
+    return fit_prompts(problems, tokenizer, model, args, dataset_name(args.dataset)[0])
+
+
+def load_eval_sets(args, tokenizer, model):
+    """{name: held-out problems} for --eval-datasets (the first --eval-problems of each, in a seeded order)."""
+    return {name: fit_prompts(load_problems(spec, split="eval", prompt_field=args.prompt_field,
+                                            answer_field=args.answer_field,
+                                            n=args.eval_problems or None, seed=args.seed), tokenizer, model, args, name)
+            for name, spec in dataset_names(args.eval_datasets).items()}

@@ -93,7 +93,7 @@ def fake_checkpoint(path, step, complete=True):
 def test_recovery_keeps_the_newest_complete_checkpoint(tmp_path, capsys, present, expect):
     for name, step in present.items():
         fake_checkpoint(tmp_path / name, step or 9, complete=step is not None)
-    assert recover_checkpoint(str(tmp_path), 0) == expect
+    assert recover_checkpoint(str(tmp_path)) == expect
     assert sorted(os.listdir(tmp_path)) == (["checkpoint"] if expect else [])
     if expect:
         assert (tmp_path / "checkpoint" / "model.safetensors").read_text() == str(expect)

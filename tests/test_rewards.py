@@ -7,8 +7,9 @@ from concurrent.futures import ProcessPoolExecutor
 
 import pytest
 
-from common import (UserError, _collect, _get_pool, compute_rewards, countdown_reward, last_boxed, math_reward,
-                           math_rewards, reward_fn, shutdown_reward_pool)
+from common import (UserError, compute_rewards, countdown_reward, last_boxed, math_reward, math_rewards,
+                    shutdown_reward_pool)
+from infra import _collect, _get_pool
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -208,6 +209,10 @@ def test_pool_restarts_after_shutdown():
 
 
 # ---------------------------------------------------------------- dispatch
+
+def reward_fn(problem, completion):
+    return compute_rewards([problem], [completion])[0]
+
 
 def test_reward_fn_gold_list():
     problem = {"task": "math", "gold": ["0.5", r"\frac{1}{3}"]}

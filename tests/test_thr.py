@@ -6,8 +6,8 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from common import aggregate_loss, token_logprobs
 from test_grpo_script import SMALL, metrics, run
-from thr import (dominant_tokens, nthr_advantages, nthr_tokens, entropy_overlap, gspo_token_logp, hidden_reward_scores, policy_loss,
-                 prediction_errors, reweighted_advantages, token_hidden_reward, token_hidden_scores)
+from thr import (dominant_tokens, entropy_overlap, gspo_token_logp, hidden_reward_scores, nthr_advantages, nthr_tokens,
+                 policy_loss, prediction_errors, reweighted_advantages, token_hidden_reward, token_hidden_scores)
 
 GROUPS = SMALL + ["--prompts-per-step", "8", "--group-size", "8"]  # enough mixed groups for a learning signal
 LSE = lambda logits, t: logits.logsumexp(-1)  # noqa: E731  the row_fn the script passes

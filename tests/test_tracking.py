@@ -9,6 +9,7 @@ import datasets
 import pytest
 
 import common
+import infra
 from test_grpo_script import metrics, run
 
 TINY = ["--steps", "2", "--prompts-per-step", "4", "--group-size", "4", "--max-new-tokens", "16", "--eval-problems",
@@ -137,5 +138,5 @@ def test_trackers_are_closed_when_a_run_fails(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["x", "--run-dir", str(tmp_path / "r"), "--report-to", "tensorboard"])
     with pytest.raises(SystemExit) as e:
         common.main(train, common.BaseArgs)
-    assert e.value.code == 2 and capsys.readouterr().err == "error: boom\n" and not common._TRACKING
+    assert e.value.code == 2 and capsys.readouterr().err == "error: boom\n" and not infra._TRACKING
     assert tensorboard_scalars(tmp_path / "r")[0] == {"reward/mean": {0: 0.5}}  # flushed by the close

@@ -1,0 +1,494 @@
+"""Machinery under common.py that keeps a run correct and safe but is no part of an RL step: a method reader never
+needs to open this file, and the scripts reach all of it through common.py.
+
+- math-verify in worker processes: `math_rewards` gives each answer a time budget and kills a worker stuck in C code;
+- crash-safe files: atomic JSON, fsync, the newest complete checkpoint after a kill, metric lines cut back on resume,
+  and the flags a resumed run may change;
+- test-only fault injection ($EXPLORE_RLVR_FAULT), which tests/test_crash.py uses to kill runs at every stage;
+- metric lines (metrics.jsonl, samples.jsonl), the --report-to trackers they feed, peak memory, the final summary."""
+import atexit
+import functools
+import json
+import logging
+import math
+import multiprocessing
+import os
+import shutil
+import signal
+import threading
+import time
+from concurrent.futures import ProcessPoolExecutor, TimeoutError as FutureTimeout
+
+import torch
+
+from tasks import UserError, last_boxed, parse_dataset_list, require
+
+
+# ============================================================================ math-verify in worker processes
+
+
+_POOL, _POOL_LOCK = None, threading.Lock()
+
+
+_WORKERS = min(4, os.cpu_count() or 1)
+
+
+_MAX_ANSWER = 1000
+
+
+class _Timeout(BaseException):
+    """Raised by the worker's own timer; BaseException so no library `except Exception` swallows it."""
+
+
+def _on_alarm(signum, frame):
+    raise _Timeout()
+
+
+@functools.lru_cache(maxsize=4096)
+def _mv_parse(latex):
+    """math-verify parse of one boxed answer (cached: golds and popular answers repeat within a batch)."""
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse
+    return parse("\\boxed{" + latex + "}", [LatexExtractionConfig(), ExprExtractionConfig()], parsing_timeout=None)
+
+
+def _verify_one(gold, answer, budget):
+    """Runs in a worker process: 1.0 iff math-verify says `answer` equals `gold`. Gives up (0.0) after `budget`
+    seconds; math-verify's own alarms are off (we arm one timer for the whole item)."""
+    from math_verify import verify
+    logging.getLogger("math_verify").setLevel(logging.ERROR)  # "timeout disabled" / parse-failure chatter
+    try:
+        signal.signal(signal.SIGALRM, _on_alarm)
+        signal.setitimer(signal.ITIMER_REAL, budget)
+        try:
+            return 1.0 if verify(_mv_parse(gold), _mv_parse(answer), timeout_seconds=None) else 0.0  # gold first
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+    except BaseException:
+        return 0.0
+
+
+def _kill(pool):
+    """Kill `pool`'s workers (one may be stuck in C code, out of reach of any timer) and shut it down."""
+    for proc in list((getattr(pool, "_processes", None) or {}).values()):
+        proc.kill()
+    pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _get_pool():
+    """The shared worker pool, started on first use. Workers fork from a server that has imported the main
+    script (which needs an `if __name__ == "__main__":` guard), this module and math_verify: restarts are cheap."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            ctx = multiprocessing.get_context("forkserver")
+            ctx.set_forkserver_preload(["__main__", __name__, "math_verify"])  # workers re-import nothing
+            pool = ProcessPoolExecutor(_WORKERS, mp_context=ctx)
+            try:  # pay the start-up cost here, and fail loudly rather than score every answer 0
+                works = pool.submit(_verify_one, "1", "1", 60.0).result(timeout=120) == 1.0
+            except Exception:
+                works = False
+            if not works:
+                _kill(pool)
+                raise RuntimeError("math-verify worker pool did not start (is math_verify installed? does the "
+                                   "main script have an `if __name__ == '__main__':` guard?)")
+            _POOL = pool
+        return _POOL
+
+
+def _discard_pool(pool):
+    """Kill `pool` and forget it; the next call starts a new pool."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is pool:
+            _POOL = None
+    _kill(pool)
+
+
+def shutdown_reward_pool():
+    """Stop the math-verify worker processes (also registered with atexit)."""
+    if _POOL is not None:
+        _discard_pool(_POOL)
+
+
+atexit.register(shutdown_reward_pool)
+
+
+def _collect(pool, futures, timeout, out):
+    """Fill out[i] from (i, future) pairs, item k having until start + timeout * (k // workers + 1).
+    A late item scores 0.0 and kills the pool; returns the items to retry (unfinished when the pool died)."""
+    start, retry, dead = time.monotonic(), [], False
+    for k, (i, fut) in enumerate(futures):
+        if dead:
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                out[i] = fut.result()
+            else:
+                retry.append(i)
+            continue
+        try:
+            out[i] = fut.result(timeout=max(0.0, start + timeout * (k // _WORKERS + 1) - time.monotonic()))
+        except FutureTimeout:
+            _discard_pool(pool)
+            dead = True
+        except Exception:  # BrokenProcessPool: a worker died (out of memory, ...)
+            _discard_pool(pool)
+            dead, retry = True, retry + [i]
+    return retry
+
+
+def math_rewards(completions, golds, timeout=5.0):
+    r"""Batch of math_reward: 1.0 where the last \boxed{} of completions[i] is equivalent to golds[i].
+    Bounded time (about timeout * ceil(n / workers)); safe from any thread; never raises on bad input
+    (only RuntimeError if the worker pool cannot start at all)."""
+    out = [0.0] * len(completions)
+    answers = [last_boxed(c) for c in completions]
+    todo = [i for i, (a, g) in enumerate(zip(answers, golds))
+            if a and a.strip() and len(a) <= _MAX_ANSWER and isinstance(g, str) and g.strip()]
+    for _attempt in range(2):  # one retry for items whose pool died under them
+        if not todo:
+            break
+        pool = _get_pool()  # raises if no pool can start: a setup problem, not a bad answer
+        try:
+            futures = [(i, pool.submit(_verify_one, golds[i], answers[i], 0.8 * timeout)) for i in todo]
+        except Exception:  # the pool broke while idle (a worker was killed): start a new one
+            _discard_pool(pool)
+            continue
+        todo = _collect(pool, futures, timeout, out)
+    return out
+
+
+def math_reward(completion, gold, timeout=5.0):
+    r"""1.0 iff the last \boxed{} of `completion` is equivalent to `gold` according to math-verify."""
+    return math_rewards([completion], [gold], timeout)[0]
+
+
+# ============================================================================ crash-safe files
+
+
+def read_json(path):
+    """The JSON object in `path`, {} if there is no such file."""
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def _fsync(path):
+    """Flush a file or directory to disk (a file written by another rank too: fsync acts on the file, not the fd)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path, obj):
+    """Write a JSON file so that a kill at any moment leaves the old file or the new one, never half of one."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+    _fsync(os.path.dirname(os.path.abspath(path)))
+
+
+# ============================================================================ test-only fault injection
+
+
+FAULT_ENV = "EXPLORE_RLVR_FAULT"  # "STAGE:STEP" (rank 0), "STAGE:STEP@RANK", or "inf-loss:STEP[,STEP...]"
+
+
+def fault_point(stage, step):
+    """Test-only: SIGKILL this process here when $EXPLORE_RLVR_FAULT names this stage and step (1-based: the step
+    whose metric line this is); does nothing otherwise. Stages: rollout, update, metrics (mid-line, in log_jsonl),
+    and save_checkpoint's checkpoint-partial, tmp-written, before-rename-old, between-renames, after-rename.
+    tests/test_crash.py kills runs at each of them and checks that --resume loses nothing."""
+    spec, rank = os.environ.get(FAULT_ENV, ""), os.environ.get("RANK", "0")
+    if spec in (f"{stage}:{step}@{rank}", f"{stage}:{step}" if rank == "0" else None):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def loss_fault(step):
+    """Test-only: inf on the steps $EXPLORE_RLVR_FAULT="inf-loss:STEP[,STEP...]" names, else 1 (the scripts multiply
+    the loss by it, which makes the gradient non-finite)."""
+    kind, _, steps = os.environ.get(FAULT_ENV, "").partition(":")
+    return math.inf if kind == "inf-loss" and str(step) in steps.split(",") else 1.0
+
+
+# ============================================================================ metric lines, trackers (--report-to)
+
+
+def log_jsonl(run_dir, name, record, rank=0):
+    """Append `record` to run_dir/name (rank 0 only). A metrics.jsonl record also goes to the --report-to trackers."""
+    if rank != 0:
+        return
+    line = json.dumps(record) + "\n"
+    with open(os.path.join(run_dir, name), "a") as f:
+        if name == "metrics.jsonl" and os.environ.get(FAULT_ENV):  # test-only: a kill mid-line leaves half a line
+            f.write(line[:len(line) // 2])
+            f.flush()
+            fault_point("metrics", record.get("step"))
+            line = line[len(line) // 2:]
+        f.write(line)
+    if name == "metrics.jsonl" and _TRACKING.get("run_dir") == run_dir:
+        track(record)
+
+
+REPORT_TO = ("none", "tensorboard", "wandb")
+
+
+INSTALL = {"tensorboard": "pip install tensorboard", "wandb": "pip install wandb"}
+
+
+_TRACKING = {}  # rank 0: run_dir, config, the chosen trackers; their open writers once the first record arrives
+
+
+def start_tracking(report_to, run_dir, config):
+    """Check that the --report-to packages import (else a one-line error naming the install); the trackers open on
+    the first metrics record, so a resumed run's TensorBoard events past its checkpoint are purged."""
+    chosen = [t for t in parse_dataset_list(report_to) if t != "none"]
+    for name in chosen:
+        try:
+            __import__("torch.utils.tensorboard" if name == "tensorboard" else name)
+        except ImportError as e:
+            raise UserError(f"--report-to {name} needs the {name} package: {INSTALL[name]}") from e
+    _TRACKING.clear()
+    _TRACKING.update(run_dir=run_dir, config=config, chosen=chosen, open={})
+
+
+def track(record):
+    """Send the numbers of one metrics.jsonl record (not lists such as eval/<name>/solved) to the trackers, at its
+    step; the first record opens them."""
+    step, scalars = record["step"], {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
+    writers, run_dir, config = _TRACKING["open"], _TRACKING["run_dir"], _TRACKING["config"]
+    if "tensorboard" in _TRACKING["chosen"] and "tensorboard" not in writers:
+        from torch.utils.tensorboard import SummaryWriter
+        writers["tensorboard"] = SummaryWriter(run_dir, purge_step=step)  # events in run_dir: --logdir runs/
+        writers["tensorboard"].add_text("config", "| flag | value |\n|---|---|\n" + "\n".join(
+            f"| {k} | {v} |" for k, v in config.items()), step)
+    if "wandb" in _TRACKING["chosen"] and "wandb" not in writers:
+        import wandb
+        id_file = os.path.join(run_dir, "wandb-run-id")  # a resumed run continues its wandb run
+        run_id = open(id_file).read().strip() if os.path.exists(id_file) else os.urandom(4).hex()
+        with open(id_file, "w") as f:
+            f.write(run_id)
+        writers["wandb"] = wandb.init(project=os.environ.get("WANDB_PROJECT", "explore-rlvr"), dir=run_dir,
+                                      name=os.path.basename(os.path.normpath(run_dir)), id=run_id, resume="allow",
+                                      config=config)
+    if "tensorboard" in writers:
+        for k, v in scalars.items():
+            writers["tensorboard"].add_scalar(k, v, step)
+    if "wandb" in writers:
+        writers["wandb"].log(scalars, step=step)
+
+
+def close_tracking(failed=False):
+    """Flush and close the trackers (main() calls it on exit and on error; atexit too, for scripts run otherwise)."""
+    writers = _TRACKING.pop("open", {})
+    _TRACKING.clear()
+    if "tensorboard" in writers:
+        writers["tensorboard"].close()
+    if "wandb" in writers:
+        writers["wandb"].finish(exit_code=1 if failed else 0)
+
+
+atexit.register(close_tracking)
+
+
+def peak_memory_gib(device):
+    """Peak memory in GiB since the previous call: what torch allocated on this CUDA device (the counter is then
+    reset), or this process's peak resident set size on CPU (which only grows)."""
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return peak / 2 ** 30
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB on Linux
+
+
+def print_summary(run_dir, rank, t_start=None):
+    """Before -> after of the main eval metrics, from metrics.jsonl."""
+    if rank != 0:
+        return
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        evals = [r for r in map(json.loads, f) if "eval/pass@1" in r]
+    if not evals:
+        return
+    first, last = evals[0], evals[-1]
+    keys = [k for k in first if k.startswith("eval/") and k.count("/") == 1]
+    keys = sorted(keys, key=lambda k: (not k.startswith("eval/pass@"), int(k.split("@")[1]) if "pass@" in k else 0, k))
+    print(f"\nheld-out evaluation, step {first['step']} -> step {last['step']}:")
+    for k in keys:
+        print(f"  {k[5:]:<18} {first[k]:8.3f} -> {last.get(k, float('nan')):8.3f}")
+    print(f"run directory: {run_dir}  (metrics.jsonl, samples.jsonl, checkpoint/)")
+
+
+# ============================================================================ checkpoint recovery and resume
+
+
+def remove_checkpoint(path):
+    """Delete a checkpoint directory, its completion marker first: a kill midway leaves a partial one, never one that
+    looks complete with files missing."""
+    if os.path.exists(os.path.join(path, "trainer_state.json")):
+        os.remove(os.path.join(path, "trainer_state.json"))
+        _fsync(path)
+    shutil.rmtree(path)
+
+
+def save_hf_model(path, state_dict, model, tokenizer):
+    """Rank 0: the full weights as model.safetensors + config, generation config and tokenizer: a Hugging Face model
+    directory that transformers and vLLM load."""
+    from safetensors.torch import save_file
+    seen, tied = set(), set()  # tied weights (Qwen2.5 <= 3B ties lm_head to the embeddings) are stored once, as
+    for name, p in model.named_parameters(remove_duplicate=False):  # save_pretrained does: the config re-ties them
+        tied.update([name] if id(p) in seen else [])
+        seen.add(id(p))
+    weights = {k: v.contiguous() for k, v in state_dict.items() if k not in tied}
+    save_file(weights, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    model.config.save_pretrained(path)
+    model.generation_config.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+
+
+def commit_checkpoint(run_dir, trainer):
+    """Rank 0, once checkpoint.tmp holds every file: fsync them (and the metric files, so the lines of the steps this
+    checkpoint holds survive a reboot), write trainer_state.json LAST (a checkpoint is complete iff it has one), then
+    checkpoint -> checkpoint.old, checkpoint.tmp -> checkpoint, checkpoint.old deleted. A kill at any moment leaves at
+    least one complete checkpoint with the newest step, which recover_checkpoint finds."""
+    final, tmp, old = (os.path.join(run_dir, name) for name in ("checkpoint", "checkpoint.tmp", "checkpoint.old"))
+    step = trainer["step"]
+    for name in ("metrics.jsonl", "samples.jsonl"):  # the lines of the steps this checkpoint holds survive a reboot
+        _fsync(os.path.join(run_dir, name)) if os.path.exists(os.path.join(run_dir, name)) else None
+    for root, _, files in os.walk(tmp):
+        for name in files:
+            _fsync(os.path.join(root, name))
+        _fsync(root)
+    write_json_atomic(os.path.join(tmp, "trainer_state.json"), trainer)  # the completion marker, last
+    fault_point("tmp-written", step)
+    if os.path.exists(old):
+        remove_checkpoint(old)  # left by an earlier kill, older than checkpoint.tmp
+    fault_point("before-rename-old", step)
+    if os.path.exists(final):
+        os.replace(final, old)
+        _fsync(run_dir)
+    fault_point("between-renames", step)
+    os.replace(tmp, final)
+    _fsync(run_dir)
+    fault_point("after-rename", step)
+    if os.path.exists(old):
+        remove_checkpoint(old)
+
+
+def _checkpoint_step(path):
+    """The step of the checkpoint in `path` if it is complete (has its trainer_state.json, written last), else None."""
+    try:
+        with open(os.path.join(path, "trainer_state.json")) as f:
+            return int(json.load(f)["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def recover_checkpoint(run_dir):
+    """Rank 0: step of the newest complete checkpoint among checkpoint/, checkpoint.tmp and checkpoint.old (a kill
+    inside save_checkpoint can leave any of them), or None. It is renamed to checkpoint/ and the others deleted, a
+    partial one with a one-line notice, so the next save_checkpoint starts from one checkpoint."""
+    paths = [os.path.join(run_dir, name) for name in ("checkpoint", "checkpoint.tmp", "checkpoint.old")]
+    steps = {p: _checkpoint_step(p) for p in paths if os.path.isdir(p)}
+    best = max((p for p in steps if steps[p] is not None), key=steps.get, default=None)  # ties: checkpoint/
+    for p in steps:
+        if steps[p] is None:
+            print(f"ignoring the partial checkpoint {p} (the run was killed while writing it)")
+    if best is not None and best != paths[0]:
+        print(f"resuming from {best} (step {steps[best]}): the run was killed while renaming it")
+        if os.path.exists(paths[0]):
+            remove_checkpoint(paths[0])  # partial, or older than best
+        os.replace(best, paths[0])
+        _fsync(run_dir)
+    for p in paths[1:]:
+        if os.path.exists(p):
+            remove_checkpoint(p)
+    return steps[best] if best is not None else None
+
+
+def truncate_metrics(run_dir, after_step, rank=0):
+    """On resume, keep the lines of steps <= after_step of metrics.jsonl and samples.jsonl (the later ones are
+    recomputed identically) and drop a partial last line (a kill while appending it). Atomic: a new file, fsynced,
+    then renamed over the old one, so a kill here loses nothing. Rank 0 only."""
+    if rank != 0:
+        return
+    for name in ("metrics.jsonl", "samples.jsonl"):
+        path = os.path.join(run_dir, name)
+        if not os.path.exists(path):
+            continue
+        with open(path) as f:
+            lines = f.readlines()
+        try:
+            if lines:
+                json.loads(lines[-1])
+            partial = bool(lines) and not lines[-1].endswith("\n")
+        except ValueError:
+            partial = True
+        if partial:
+            print(f"{path}: dropping its partial last line (the run was killed while writing it)")
+            lines = lines[:-1]
+        with open(path + ".tmp", "w") as f:
+            f.writelines(line for line in lines if json.loads(line).get("step", 0) <= after_step)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(path + ".tmp", path)
+        _fsync(run_dir)
+
+
+# flags that change speed, memory, evaluation or logging, not what is trained: --resume accepts new values for them
+RESUME_MAY_CHANGE = {"steps", "run_dir", "resume", "save_every", "eval_every", "eval_samples", "eval_problems",
+                     "eval_datasets", "eval_temperature", "eval_top_p", "micro_batch_size", "logprob_chunk",
+                     "gradient_checkpointing", "rollout_backend", "vllm_gpu_memory", "vllm_cpu_kv_gib", "mismatch_tol",
+                     "max_skipped_steps", "report_to"}
+
+
+def resume_changes(config, old, config_path):
+    """{flag: (old, new)} between a resumed run's config and its config.json `old` ({} for a new run). Stops with one
+    line listing them if any is not in RESUME_MAY_CHANGE; fields added to the code since are ignored."""
+    changes = {k: (old[k], v) for k, v in config.items() if k in old and old[k] != v}
+    bad = [f"{k if k == 'script' else '--' + k.replace('_', '-')}: {json.dumps(a)} -> {json.dumps(b)}"
+           for k, (a, b) in changes.items() if k not in RESUME_MAY_CHANGE]
+    require(not bad, f"--resume: these flags differ from {config_path} and change the experiment: {', '.join(bad)}: "
+                     f"pass the original values, or start a new --run-dir")
+    return changes
+
+
+def resolve_resume(resume, run_dir, step, rank):
+    """--resume (yes | auto | None) and the step of run_dir's newest complete checkpoint (None: there is none) ->
+    "yes" (continue from it) or None (start fresh). Stops on --resume without a checkpoint and on a new run in a used
+    directory; --resume auto without a checkpoint drops the metric lines of a run that never checkpointed."""
+    if not resume:
+        require(not os.path.exists(os.path.join(run_dir, "metrics.jsonl")),
+                f"{run_dir} already holds a run: pass --resume to continue it, or another --run-dir")
+        return None
+    require(step is not None or resume == "auto", f"--resume: {run_dir} holds no complete checkpoint: pass "
+            f"--resume auto to start it from step 0, or check --run-dir")
+    if step is None and rank == 0:
+        print(f"--resume auto: no complete checkpoint in {run_dir}: starting from step 0")
+        truncate_metrics(run_dir, -1)
+    return "yes" if step is not None else None
+
+
+def write_config(config_path, config, old, changes, step):
+    """Rank 0: config.json, atomically; a resumed run appends {step, time, changed flags} to the "resumes" list."""
+    os.makedirs(os.path.dirname(config_path) or ".", exist_ok=True)
+    if old:
+        record = {"step": step or 0, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+                  "changed": {k: list(v) for k, v in changes.items() if k != "resume"}}
+        config["resumes"] = old.get("resumes", []) + [record]
+    write_json_atomic(config_path, config)
+
+
+# ============================================================================ non-finite updates
+def count_skip(grad_norm, skipped, streak, limit):
+    """(skipped, streak) after one update: a non-finite grad_norm (which a non-finite loss gives) adds one to both, the
+    caller does not apply that update; a finite one resets the streak. Stops the run when `limit`
+    (--max-skipped-steps; 0 = never) updates in a row were skipped."""
+    if math.isfinite(grad_norm):
+        return skipped, 0
+    require(not limit or streak + 1 < limit, f"{streak + 1} updates in a row had a non-finite loss or gradient (none "
+            f"was applied): lower --lr or --max-grad-norm, check the data, or raise --max-skipped-steps")
+    return skipped + 1, streak + 1
