@@ -38,26 +38,6 @@ from tasks import (DATASET_PRESETS, UserError, answer_key, countdown_problems, c
 warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # DCP at world size 1 is intended
 
 
-# ============================================================================ rewards
-def compute_rewards(problems, completions):
-    """Reward of each completion for its problem: countdown (numbers, target) or math (gold: str or list of
-    acceptable golds, any match counts). Math items go through the worker pool in one batch."""
-    out = [0.0] * len(problems)
-    math_items = []  # (index, completion, gold)
-    for i, (p, c) in enumerate(zip(problems, completions)):
-        if p.get("task") == "countdown":
-            out[i] = countdown_reward(c, p["numbers"], p["target"])
-        elif p.get("task") == "math":
-            golds = p["gold"] if isinstance(p["gold"], (list, tuple)) else [p["gold"]]
-            math_items += [(i, c, g) for g in golds]
-        else:
-            raise UserError(f"unknown task {p.get('task')!r}: expected 'countdown' or 'math'")
-    scores = math_rewards([c for _, c, _ in math_items], [g for _, _, g in math_items])
-    for (i, _, _), s in zip(math_items, scores):
-        out[i] = max(out[i], s)
-    return out
-
-
 # ============================================================================ arguments
 @dataclass
 class BaseArgs:
@@ -201,7 +181,7 @@ def main(train, args_cls):
             dist.destroy_process_group()
 
 
-# ============================================================================ distributed (torchrun) and models
+# ============================================================================ distributed (torchrun, FSDP2) and models
 def init_distributed():
     """(rank, world_size, device). Under torchrun: nccl on CUDA, gloo on CPU; a plain `python x.py` is rank 0 of 1."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -269,6 +249,12 @@ def load_model(name, device, rank=0, dtype=torch.float32):
     return model.to(device), tokenizer
 
 
+def load_reference(name, device, rank, world):
+    """The frozen initial model pi_ref (for the k3 KL term), sharded like the policy; it never runs backward, so no
+    gradient checkpointing."""
+    return shard_model(load_model(name, device, rank)[0].eval(), world, device, "off")
+
+
 def shard_model(model, world, device, gradient_checkpointing="auto"):
     """FSDP2 under torchrun: `fully_shard` each decoder layer, then the root (embeddings, final norm, LM head).
     bf16 compute / fp32 gradient reduction on CUDA. A single process keeps the plain module."""
@@ -296,7 +282,61 @@ def autocast(device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if on else contextlib.nullcontext()
 
 
-# ============================================================================ rollouts
+# ============================================================================ the run: its directory, resume, progress
+def start_run(args, script, rank):
+    """Create the run directory of `script` (a name or the script's __file__), or reopen it with --resume: the flags
+    that define the experiment must match its config.json, its newest complete checkpoint becomes checkpoint/, and
+    --resume auto resolves to "yes" (there is one) or None (start fresh). Writes config.json; on rank 0, gets the
+    --report-to trackers ready. Returns the run directory."""
+    script = os.path.splitext(os.path.basename(script))[0]  # grpo.py's __file__ -> "grpo"
+    require(args.prompts_per_step % world_size() == 0, f"--prompts-per-step ({args.prompts_per_step}) must divide by "
+                                                      f"the number of processes ({world_size()})")
+    if not args.run_dir:
+        require(not args.resume, "--resume needs --run-dir: the run directory to continue")
+        stamp = time.strftime("%Y%m%d-%H%M%S") if rank == 0 else None
+        stamp = gather_objects(stamp)[0]
+        args.run_dir = os.path.join("runs", f"{script}-{dataset_name(args.dataset)[0]}-s{args.seed}-{stamp}")
+    run_dir, config_path = args.run_dir, os.path.join(args.run_dir, "config.json")
+    config = json.loads(json.dumps({"script": script, **asdict(args)}))  # what config.json will hold (JSON types)
+    old = read_json(config_path) if args.resume else {}
+    changes = resume_changes(config, old, config_path)  # stops if a flag that defines the experiment differs
+    step = gather_objects(recover_checkpoint(run_dir) if args.resume and rank == 0 else None)[0]
+    args.resume = resolve_resume(args.resume, run_dir, step, rank)  # "yes": the scripts load checkpoint/; None: fresh
+    if rank == 0:
+        config["resume"] = args.resume
+        write_config(config_path, config, old, changes, step)
+        start_tracking(args.report_to, run_dir, config)
+    barrier()
+    return run_dir
+
+
+def resume_or_evaluate(run_dir, model, optimizer, tokenizer, eval_sets, args, device, engine, rank):
+    """(first step, skipped, streak, history): with --resume, the checkpoint's (its later metric lines are dropped:
+    they are recomputed identically); else step 0, after evaluating the initial model (the step-0 metric line)."""
+    history = []
+    if args.resume:
+        start, skipped, streak = load_checkpoint(run_dir, model, optimizer)
+        truncate_metrics(run_dir, start, rank)
+        return start, skipped, streak, history
+    metrics = evaluate_all(model, tokenizer, eval_sets, args, device, engine)[0]
+    log_step(run_dir, {"step": 0, **metrics}, history, rank)
+    return 0, 0, 0, history
+
+
+def progress(start, steps, script, rank):
+    """The steps from `start` with a tqdm bar on rank 0, named after the script (its __file__)."""
+    return tqdm(range(start, steps), initial=start, total=steps, desc=os.path.splitext(os.path.basename(script))[0],
+                disable=rank != 0, dynamic_ncols=True)
+
+
+# ============================================================================ 1. rollouts
+def step_groups(problems, args, step, rank, world):
+    """This rank's share of the step's --prompts-per-step problems, each repeated G times ([N = B / world * G], groups
+    contiguous and whole on this rank), and one sampling key per completion from (seed, step, global index)."""
+    n_local, G = args.prompts_per_step // world, args.group_size
+    mine = step_problems(problems, step, args.prompts_per_step, args.seed)[rank * n_local:(rank + 1) * n_local]
+    group = [p for p in mine for _ in range(G)]
+    return group, torch.stack([sample_keys(args.seed, step, rank * n_local * G + i) for i in range(len(group))])
 
 
 @torch.no_grad()
@@ -331,47 +371,6 @@ def generate(model, tokenizer, prompts, keys, max_new_tokens, temperature=1.0, t
     return out
 
 
-# ---------------------------------------------------------------------------- the colocated vLLM engine
-
-
-def rollout_logprobs(samples, mask):
-    """The engine's log-probs of the sampled tokens as [N, T] (like the completion mask), or None for HF rollouts."""
-    if "logprobs" not in samples[0]:
-        return None
-    out = torch.zeros_like(mask)
-    for i, s in enumerate(samples):
-        out[i, :len(s["logprobs"])] = torch.tensor(s["logprobs"], dtype=out.dtype)
-    return out
-
-
-def truncated_is_weight(old_logp, rollout_logp, rows, cap):
-    """Rollout/trainer mismatch correction: token-level truncated importance sampling (Yao et al., 2025, "Your efficient
-    RL framework secretly brings you off-policy RL training"): w_t = min(pi_old(o_t) / pi_rollout(o_t), C), detached,
-    multiplying each token's policy-gradient loss. pi_old is the trainer's log-prob at the rollout weights, pi_rollout
-    the engine's. Token-level rather than a sequence-level mask: it matches the token-level PPO loss, needs no
-    threshold on a product over thousands of tokens, and keeps every token's gradient (a mask drops whole responses).
-    HF rollouts (rollout_logp None) or cap 0: w = 1. old_logp [n, T], rollout_logp [N, T] of which `rows` -> [n, T]."""
-    if rollout_logp is None or cap == 0:
-        return torch.ones_like(old_logp)
-    return torch.exp(old_logp - rollout_logp[rows]).clamp(max=cap).detach()
-
-
-def rollout_mismatch(old_logp, rollout_logp, mask, cap, tol, device):
-    """Metrics of the engine/trainer mismatch over every sampled token of the step (summed over ranks):
-    rollout/logprob_diff = mean |log pi_old - log pi_rollout| and rollout/is_capped_frac (tokens whose weight hit the
-    cap). Stops with an error above --mismatch-tol: the engine is not running the training weights. {} for HF."""
-    if rollout_logp is None:
-        return {}
-    d = (old_logp - rollout_logp) * mask  # [N, T]
-    diff_sum, capped, n = all_sum([d.abs().sum().item(), ((d.exp() > cap) * mask).sum().item() if cap else 0.0,
-                                   mask.sum().item()], device)
-    diff = diff_sum / max(n, 1)
-    if diff > tol:
-        raise RuntimeError(f"vLLM log-probs differ from the trainer's by {diff:.3f} nats/token on average (tolerance "
-                           f"--mismatch-tol {tol}): the engine is not running the training weights")
-    return {"rollout/logprob_diff": diff, "rollout/is_capped_frac": capped / max(n, 1)}
-
-
 def rollout_batch(samples, pad_id, device):
     """Stack rollouts into one batch: prompts left-padded to P, completions right-padded to T.
     Returns input_ids [N, P+T], attention_mask [N, P+T], completion_mask [N, T] and P."""
@@ -387,7 +386,37 @@ def rollout_batch(samples, pad_id, device):
     return ids.to(device), attn.to(device), attn[:, P:].to(device).float(), P
 
 
-# ============================================================================ per-token log-probs and entropy
+def rollout_logprobs(samples, mask):
+    """The engine's log-probs of the sampled tokens as [N, T] (like the completion mask), or None for HF rollouts."""
+    if "logprobs" not in samples[0]:
+        return None
+    out = torch.zeros_like(mask)
+    for i, s in enumerate(samples):
+        out[i, :len(s["logprobs"])] = torch.tensor(s["logprobs"], dtype=out.dtype)
+    return out
+
+
+# ============================================================================ 2. rewards
+def compute_rewards(problems, completions):
+    """Reward of each completion for its problem: countdown (numbers, target) or math (gold: str or list of
+    acceptable golds, any match counts). Math items go through the worker pool in one batch."""
+    out = [0.0] * len(problems)
+    math_items = []  # (index, completion, gold)
+    for i, (p, c) in enumerate(zip(problems, completions)):
+        if p.get("task") == "countdown":
+            out[i] = countdown_reward(c, p["numbers"], p["target"])
+        elif p.get("task") == "math":
+            golds = p["gold"] if isinstance(p["gold"], (list, tuple)) else [p["gold"]]
+            math_items += [(i, c, g) for g in golds]
+        else:
+            raise UserError(f"unknown task {p.get('task')!r}: expected 'countdown' or 'math'")
+    scores = math_rewards([c for _, c, _ in math_items], [g for _, _, g in math_items])
+    for (i, _, _), s in zip(math_items, scores):
+        out[i] = max(out[i], s)
+    return out
+
+
+# ============================================================================ 4. per-token log-probs and entropy
 def final_hidden(model, input_ids, attention_mask, cache=None):
     """The final-norm outputs h (the LM head's inputs) [N, L', d] for input_ids [N, L'] whose attention_mask [N, L]
     also covers the L - L' tokens already in `cache` (None: L' = L). Logits are left to the caller (only one per row
@@ -488,7 +517,19 @@ def token_logprobs(model, input_ids, attention_mask, start, chunk=1024, return_h
     return (logp, entropy) + extra
 
 
-# ============================================================================ loss aggregation
+# ============================================================================ 5. the update
+def truncated_is_weight(old_logp, rollout_logp, rows, cap):
+    """Rollout/trainer mismatch correction: token-level truncated importance sampling (Yao et al., 2025, "Your efficient
+    RL framework secretly brings you off-policy RL training"): w_t = min(pi_old(o_t) / pi_rollout(o_t), C), detached,
+    multiplying each token's policy-gradient loss. pi_old is the trainer's log-prob at the rollout weights, pi_rollout
+    the engine's. Token-level rather than a sequence-level mask: it matches the token-level PPO loss, needs no
+    threshold on a product over thousands of tokens, and keeps every token's gradient (a mask drops whole responses).
+    HF rollouts (rollout_logp None) or cap 0: w = 1. old_logp [n, T], rollout_logp [N, T] of which `rows` -> [n, T]."""
+    if rollout_logp is None or cap == 0:
+        return torch.ones_like(old_logp)
+    return torch.exp(old_logp - rollout_logp[rows]).clamp(max=cap).detach()
+
+
 def aggregate_loss(token_loss, mask, mode, n_tokens, n_seqs, max_new_tokens):
     """Reduce a per-token loss [N, T] over one micro-batch so that summing micro-batches and averaging gradients
     over ranks (as FSDP does) gives the same result as one big batch. n_tokens / n_seqs: valid tokens and sequences
@@ -506,7 +547,107 @@ def aggregate_loss(token_loss, mask, mode, n_tokens, n_seqs, max_new_tokens):
     raise UserError(f"unknown --loss-agg {mode}: use token-mean, seq-mean-token-mean or seq-mean-token-sum-norm")
 
 
-# ============================================================================ evaluation
+def micro_batches(model, rows, size, world):
+    """The rows of one optimizer step in micro-batches of `size`; under FSDP2 the gradients are reduce-scattered only
+    after the last one (gradient accumulation)."""
+    parts = rows.split(size)
+    for j, m in enumerate(parts):
+        if world > 1:
+            model.set_requires_gradient_sync(j == len(parts) - 1)
+        yield m
+
+
+def set_lr(optimizer, args, step):
+    """Linear warm-up over --warmup-steps, then constant --lr; set on the optimizer directly (nanoGPT's get_lr)."""
+    lr = args.lr * min(1.0, (step + 1) / (args.warmup_steps + 1))
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+def clip_grad_norm(model, max_norm):
+    """Clip the gradient to `max_norm`; its norm before clipping as a float (FSDP2 returns a sharded DTensor)."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+
+def optimizer_step(model, optimizer, args, skipped, streak):
+    """Clip the accumulated gradient to --max-grad-norm and apply it. A non-finite one (a non-finite loss gives one) is
+    skipped and counted; --max-skipped-steps of them in a row stop the run. Returns (grad norm, skipped, streak)."""
+    grad_norm = clip_grad_norm(model, args.max_grad_norm)
+    if math.isfinite(grad_norm):
+        optimizer.step()
+    return (grad_norm, *count_skip(grad_norm, skipped, streak, args.max_skipped_steps))
+
+
+# ============================================================================ 6. metrics, evaluation, checkpoints
+def due(every, step, steps):
+    """Is it time to evaluate or save after `step` (1-based) of `steps`? Every `every` steps (0: never) and at the
+    end."""
+    return bool(every and step % every == 0) or step == steps
+
+
+def rollout_sums(rewards, mask, entropy, samples, group_size):
+    """This rank's sums behind the metrics every method logs, by name; all_sum_dict adds them over ranks.
+    rewards: [N]; mask, entropy: [N, T]."""
+    groups = rewards.view(-1, group_size)
+    return {"reward": rewards.sum().item(), "reward_sq": (rewards ** 2).sum().item(), "completions": len(rewards),
+            "zero_std_groups": (groups.std(-1) == 0).sum().item(), "groups": len(groups),
+            "completion_tokens": mask.sum(-1).sum().item(), "truncated": sum(not x["finished"] for x in samples),
+            "entropy": (entropy * mask).sum().item(), "tokens": mask.sum().item()}
+
+
+def rollout_metrics(s, ppo_epochs):
+    """The metrics every method logs, from rollout_sums + the update's "clipped" and "loss" sums, added over ranks."""
+    mean = s["reward"] / s["completions"]
+    return {"reward/mean": mean, "reward/std": math.sqrt(max(s["reward_sq"] / s["completions"] - mean ** 2, 0.0)),
+            "frac_zero_std_groups": s["zero_std_groups"] / s["groups"],
+            "completion/mean_len": s["completion_tokens"] / s["completions"],
+            "completion/clipped_frac": s["truncated"] / s["completions"], "entropy/mean": s["entropy"] / s["tokens"],
+            "clip/frac": s["clipped"] / (s["tokens"] * ppo_epochs), "loss": s["loss"]}
+
+
+def time_metrics(t_rollout, t_reward, t_train, s, passes):
+    """Seconds per phase and tokens/s; passes: forward passes over the batch in the update (old log-probs included)."""
+    return {"time/rollout": t_rollout, "time/reward": t_reward, "time/train": t_train,
+            "tokens_per_s/rollout": s["completion_tokens"] / t_rollout,
+            "tokens_per_s/train": s["tokens"] * passes / t_train}
+
+
+def rollout_mismatch(old_logp, rollout_logp, mask, cap, tol, device):
+    """Metrics of the engine/trainer mismatch over every sampled token of the step (summed over ranks):
+    rollout/logprob_diff = mean |log pi_old - log pi_rollout| and rollout/is_capped_frac (tokens whose weight hit the
+    cap). Stops with an error above --mismatch-tol: the engine is not running the training weights. {} for HF."""
+    if rollout_logp is None:
+        return {}
+    d = (old_logp - rollout_logp) * mask  # [N, T]
+    diff_sum, capped, n = all_sum([d.abs().sum().item(), ((d.exp() > cap) * mask).sum().item() if cap else 0.0,
+                                   mask.sum().item()], device)
+    diff = diff_sum / max(n, 1)
+    if diff > tol:
+        raise RuntimeError(f"vLLM log-probs differ from the trainer's by {diff:.3f} nats/token on average (tolerance "
+                           f"--mismatch-tol {tol}): the engine is not running the training weights")
+    return {"rollout/logprob_diff": diff, "rollout/is_capped_frac": capped / max(n, 1)}
+
+
+def system_metrics(engine, old_logp, rollout_logp, mask, args, device):
+    """time/sync (vLLM's weight push), the engine/trainer mismatch (rollout/*, vLLM only), this rank's peak memory."""
+    return {**(engine["metrics"] if engine else {}),
+            **rollout_mismatch(old_logp, rollout_logp, mask, args.tis_cap, args.mismatch_tol, device),
+            "memory/peak_gib": peak_memory_gib(device)}  # since the previous step's record
+
+
+def log_step(run_dir, record, history, rank, bar=None, samples=None):
+    """Rank 0: one metrics.jsonl line (and the trackers), a few completions per eval set, the progress bar."""
+    for name, recs in (samples or {}).items():
+        log_jsonl(run_dir, "samples.jsonl", {"step": record["step"], "dataset": name, "problems": recs[:4]}, rank)
+    history.append(record)
+    log_jsonl(run_dir, "metrics.jsonl", record, rank)
+    if bar is not None and rank == 0:
+        pass1 = next((h["eval/pass@1"] for h in reversed(history) if "eval/pass@1" in h), 0)
+        bar.set_postfix(reward=f"{record['reward/mean']:.3f}", pass1=f"{pass1:.3f}")
+
+
 def pass_at_k(n, c, k):
     """Unbiased pass@k (Chen et al. 2021): 1 - C(n-c, k) / C(n, k), in the stable product form."""
     if n - c < k:
@@ -580,153 +721,6 @@ def evaluate_all(model, tokenizer, eval_sets, args, device, engine=None):
     return out, records
 
 
-# ============================================================================ data order, logging and checkpoints
-# ---------------------------------------------------------------- the loop's shared lines (the same in every script)
-def load_reference(name, device, rank, world):
-    """The frozen initial model pi_ref (for the k3 KL term), sharded like the policy; it never runs backward, so no
-    gradient checkpointing."""
-    return shard_model(load_model(name, device, rank)[0].eval(), world, device, "off")
-
-
-def resume_or_evaluate(run_dir, model, optimizer, tokenizer, eval_sets, args, device, engine, rank):
-    """(first step, skipped, streak, history): with --resume, the checkpoint's (its later metric lines are dropped:
-    they are recomputed identically); else step 0, after evaluating the initial model (the step-0 metric line)."""
-    history = []
-    if args.resume:
-        start, skipped, streak = load_checkpoint(run_dir, model, optimizer)
-        truncate_metrics(run_dir, start, rank)
-        return start, skipped, streak, history
-    metrics = evaluate_all(model, tokenizer, eval_sets, args, device, engine)[0]
-    log_step(run_dir, {"step": 0, **metrics}, history, rank)
-    return 0, 0, 0, history
-
-
-def progress(start, steps, script, rank):
-    """The steps from `start` with a tqdm bar on rank 0, named after the script (its __file__)."""
-    return tqdm(range(start, steps), initial=start, total=steps, desc=os.path.splitext(os.path.basename(script))[0],
-                disable=rank != 0, dynamic_ncols=True)
-
-
-def step_groups(problems, args, step, rank, world):
-    """This rank's share of the step's --prompts-per-step problems, each repeated G times ([N = B / world * G], groups
-    contiguous and whole on this rank), and one sampling key per completion from (seed, step, global index)."""
-    n_local, G = args.prompts_per_step // world, args.group_size
-    mine = step_problems(problems, step, args.prompts_per_step, args.seed)[rank * n_local:(rank + 1) * n_local]
-    group = [p for p in mine for _ in range(G)]
-    return group, torch.stack([sample_keys(args.seed, step, rank * n_local * G + i) for i in range(len(group))])
-
-
-def micro_batches(model, rows, size, world):
-    """The rows of one optimizer step in micro-batches of `size`; under FSDP2 the gradients are reduce-scattered only
-    after the last one (gradient accumulation)."""
-    parts = rows.split(size)
-    for j, m in enumerate(parts):
-        if world > 1:
-            model.set_requires_gradient_sync(j == len(parts) - 1)
-        yield m
-
-
-def optimizer_step(model, optimizer, args, skipped, streak):
-    """Clip the accumulated gradient to --max-grad-norm and apply it. A non-finite one (a non-finite loss gives one) is
-    skipped and counted; --max-skipped-steps of them in a row stop the run. Returns (grad norm, skipped, streak)."""
-    grad_norm = clip_grad_norm(model, args.max_grad_norm)
-    if math.isfinite(grad_norm):
-        optimizer.step()
-    return (grad_norm, *count_skip(grad_norm, skipped, streak, args.max_skipped_steps))
-
-
-def time_metrics(t_rollout, t_reward, t_train, s, passes):
-    """Seconds per phase and tokens/s; passes: forward passes over the batch in the update (old log-probs included)."""
-    return {"time/rollout": t_rollout, "time/reward": t_reward, "time/train": t_train,
-            "tokens_per_s/rollout": s["completion_tokens"] / t_rollout,
-            "tokens_per_s/train": s["tokens"] * passes / t_train}
-
-
-def set_lr(optimizer, args, step):
-    """Linear warm-up over --warmup-steps, then constant --lr; set on the optimizer directly (nanoGPT's get_lr)."""
-    lr = args.lr * min(1.0, (step + 1) / (args.warmup_steps + 1))
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    return lr
-
-
-def clip_grad_norm(model, max_norm):
-    """Clip the gradient to `max_norm`; its norm before clipping as a float (FSDP2 returns a sharded DTensor)."""
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-
-
-def due(every, step, steps):
-    """Is it time to evaluate or save after `step` (1-based) of `steps`? Every `every` steps (0: never) and at the
-    end."""
-    return bool(every and step % every == 0) or step == steps
-
-
-def rollout_sums(rewards, mask, entropy, samples, group_size):
-    """This rank's sums behind the metrics every method logs, by name; all_sum_dict adds them over ranks.
-    rewards: [N]; mask, entropy: [N, T]."""
-    groups = rewards.view(-1, group_size)
-    return {"reward": rewards.sum().item(), "reward_sq": (rewards ** 2).sum().item(), "completions": len(rewards),
-            "zero_std_groups": (groups.std(-1) == 0).sum().item(), "groups": len(groups),
-            "completion_tokens": mask.sum(-1).sum().item(), "truncated": sum(not x["finished"] for x in samples),
-            "entropy": (entropy * mask).sum().item(), "tokens": mask.sum().item()}
-
-
-def rollout_metrics(s, ppo_epochs):
-    """The metrics every method logs, from rollout_sums + the update's "clipped" and "loss" sums, added over ranks."""
-    mean = s["reward"] / s["completions"]
-    return {"reward/mean": mean, "reward/std": math.sqrt(max(s["reward_sq"] / s["completions"] - mean ** 2, 0.0)),
-            "frac_zero_std_groups": s["zero_std_groups"] / s["groups"],
-            "completion/mean_len": s["completion_tokens"] / s["completions"],
-            "completion/clipped_frac": s["truncated"] / s["completions"], "entropy/mean": s["entropy"] / s["tokens"],
-            "clip/frac": s["clipped"] / (s["tokens"] * ppo_epochs), "loss": s["loss"]}
-
-
-def system_metrics(engine, old_logp, rollout_logp, mask, args, device):
-    """time/sync (vLLM's weight push), the engine/trainer mismatch (rollout/*, vLLM only), this rank's peak memory."""
-    return {**(engine["metrics"] if engine else {}),
-            **rollout_mismatch(old_logp, rollout_logp, mask, args.tis_cap, args.mismatch_tol, device),
-            "memory/peak_gib": peak_memory_gib(device)}  # since the previous step's record
-
-
-def log_step(run_dir, record, history, rank, bar=None, samples=None):
-    """Rank 0: one metrics.jsonl line (and the trackers), a few completions per eval set, the progress bar."""
-    for name, recs in (samples or {}).items():
-        log_jsonl(run_dir, "samples.jsonl", {"step": record["step"], "dataset": name, "problems": recs[:4]}, rank)
-    history.append(record)
-    log_jsonl(run_dir, "metrics.jsonl", record, rank)
-    if bar is not None and rank == 0:
-        pass1 = next((h["eval/pass@1"] for h in reversed(history) if "eval/pass@1" in h), 0)
-        bar.set_postfix(reward=f"{record['reward/mean']:.3f}", pass1=f"{pass1:.3f}")
-
-
-def start_run(args, script, rank):
-    """Create the run directory of `script` (a name or the script's __file__), or reopen it with --resume: the flags
-    that define the experiment must match its config.json, its newest complete checkpoint becomes checkpoint/, and
-    --resume auto resolves to "yes" (there is one) or None (start fresh). Writes config.json; on rank 0, gets the
-    --report-to trackers ready. Returns the run directory."""
-    script = os.path.splitext(os.path.basename(script))[0]  # grpo.py's __file__ -> "grpo"
-    require(args.prompts_per_step % world_size() == 0, f"--prompts-per-step ({args.prompts_per_step}) must divide by "
-                                                      f"the number of processes ({world_size()})")
-    if not args.run_dir:
-        require(not args.resume, "--resume needs --run-dir: the run directory to continue")
-        stamp = time.strftime("%Y%m%d-%H%M%S") if rank == 0 else None
-        stamp = gather_objects(stamp)[0]
-        args.run_dir = os.path.join("runs", f"{script}-{dataset_name(args.dataset)[0]}-s{args.seed}-{stamp}")
-    run_dir, config_path = args.run_dir, os.path.join(args.run_dir, "config.json")
-    config = json.loads(json.dumps({"script": script, **asdict(args)}))  # what config.json will hold (JSON types)
-    old = read_json(config_path) if args.resume else {}
-    changes = resume_changes(config, old, config_path)  # stops if a flag that defines the experiment differs
-    step = gather_objects(recover_checkpoint(run_dir) if args.resume and rank == 0 else None)[0]
-    args.resume = resolve_resume(args.resume, run_dir, step, rank)  # "yes": the scripts load checkpoint/; None: fresh
-    if rank == 0:
-        config["resume"] = args.resume
-        write_config(config_path, config, old, changes, step)
-        start_tracking(args.report_to, run_dir, config)
-    barrier()
-    return run_dir
-
-
 def save_checkpoint(run_dir, step, model, optimizer, tokenizer, rank, skipped=0, streak=0):
     """checkpoint/: Hugging Face weights (loadable by transformers and vLLM) + sharded optimizer state (torch DCP) +
     trainer_state.json (step, skipped_steps, skip_streak, ...), written to checkpoint.tmp and then swapped in by
@@ -769,5 +763,3 @@ def load_checkpoint(run_dir, model, optimizer):
         dcp.load(state, checkpoint_id=os.path.join(ckpt, "train_state"))
         set_model_state_dict(model, state["model"])
     return trainer["step"], trainer.get("skipped_steps", 0), trainer.get("skip_streak", 0)
-
-
