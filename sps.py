@@ -14,7 +14,7 @@ to the demonstrations with a forward KL: dz_i ~ q_i - p_i, the dominant correct 
     s_i   = (1/|o_i|) sum_t log pi_theta(o_{i,t} | .)                                 implicit reward            (S1)
     p     = softmax(s / T_s) over the group's demonstrations (its correct rollouts)   Boltzmann distribution     (S2)
     q_i   = 1/D split over the copies of each of the group's D distinct demonstrations, 0 elsewhere              (S3)
-    L_IRL = (1/#groups) sum_{groups with D >= 2} -sum_i q_i log p_i = KL(q || p) + H(q), minimised       (Eq. 4, S4)
+    L_IRL = (1/#groups) sum_{groups with D >= 2} -sum_i q_i log p_i = KL(q || p) + H(q), minimised   (S4; cf. Eq. 4)
     theta <- theta - eta_irl clamp(grad(lambda_irl L_IRL) / (sqrt(v_hat) + eps), -1, 1), v_hat: the RL AdamW's   (S5)
 
 The paper's, as far as known: Eq. 4 is a forward KL printed with a minus sign, and Algorithm 1 minimises it: that is
@@ -27,7 +27,7 @@ the sign as a slip. This repository's choices (default, then the flags), none of
     #groups: all the step's groups, as the token-mean RL loss | --irl-norm eligible (those with D >= 2)
     an IRL step after every RL step | --irl-every K (0: grpo.py exactly) | --irl-schedule summed: one step on
         -J_RL + lambda_irl L_IRL; lambda_irl = --irl-coef 1; eta_irl = lr x --irl-lr-scale 1
-    S5: no optimizer state of its own, so --resume is exact and lambda_irl sets the step's size relative to the RL step
+    the step S5: no optimizer state of its own, so --resume is exact and lambda_irl sets its size relative to the RL's
     p over a group | --irl-variant nll: token-mean NLL on a buffer (--irl-buffer) of EARLIER steps' correct rollouts
 Diagnostics (sps/..., the block after irl_gradients): the IRL loss every IRL step, squeezing on a fixed probe set
 (--probe-prompts) at every eval. The pass@k upper bounds U1-U3 are eval.py compare's.
@@ -183,7 +183,7 @@ def irl_target(demos, first, target="uniform"):
 
 
 def irl_loss(scores, q, temperature=1.0, sign="kl", support=None):
-    """Per-group IRL loss -sum_i q_i log p_i with p = softmax(s / T_s) (= KL(q || p) + H(q); S2, S4).
+    """Per-group IRL loss -sum_i q_i log p_i with p = softmax(s / T_s) (= KL(q || p) + H(q); S2, S4; cf. Eq. 4).
     scores, q: [B, G] -> [B]. support: [B, G] bool, the rollouts p is normalised over (None: the whole group). Over the
     demonstrations, the minimum H(q) is reached when their scores are equal; over the whole group it is only approached
     as the other rollouts' scores go to -inf, so its gradient never stops pushing them down. sign 'literal' minimises
@@ -354,8 +354,8 @@ def train(args):
     start, skipped, streak, history = resume_or_evaluate(run_dir, model, optimizer, tokenizer, eval_sets, args, device,
                                                          engine, rank) if args.resume else (0, 0, 0, [])
     if not args.resume:  # SPS: step 0 as resume_or_evaluate logs it, plus the probe's diagnostics
-        probe = probe_scores(model, sample_probe(model, tokenizer, train_set, args, device, ref_model), args, device)
-        log_step(run_dir, {"step": 0, **evaluate_all(model, tokenizer, eval_sets, args, device, engine)[0], **probe},
+        probed = probe_scores(model, sample_probe(model, tokenizer, train_set, args, device, ref_model), args, device)
+        log_step(run_dir, {"step": 0, **evaluate_all(model, tokenizer, eval_sets, args, device, engine)[0], **probed},
                  history, rank)
     buffer = []  # SPS --irl-variant nll: correct rollouts of earlier steps (not checkpointed)
     G, pad, on_policy = args.group_size, tokenizer.pad_token_id, args.ppo_epochs == args.mini_batches == 1
