@@ -18,8 +18,8 @@ writes reward.png, entropy.png, pass1.png, passk.png, distinct.png (mean +- std 
 Upper bounds on passk.png: U1 = the base model's pass@n (the step-0 eval's largest k, averaged over runs).
 U2 = union coverage: per seed (each seed has its own held-out problems), the fraction of held-out problems that any
 evaluation of any of the given runs solved at least once (from `eval/<dataset>/solved`, logged at every evaluation),
-averaged over seeds and datasets. U3 (drawn when sps.py runs are given) = the
-mean of their final `sps/U3`, the level where pass@k saturates as a function of log k.
+averaged over seeds and datasets. U3 (drawn when sps.py runs are given) = where their final pass@k curve
+saturates as a function of log k (the gains per doubling of k extrapolated geometrically), mean over those runs.
 """
 import argparse
 import json
@@ -184,6 +184,45 @@ def plot(methods, labels, key, ylabel, path, smooth=1, xlabel="step", bounds=())
     plt.close(fig)
 
 
+def upper_bounds(runs, k):
+    """(U1, U2, U3), the lines on passk.png, from finished runs [(config.json dict, metric rows)]; NaN where no run has
+    what a bound needs. The definitions are UNCONFIRMED readings of the SPS paper's "empirical upper bound on pass@k".
+    U1 = the base model's pass@k (k: the largest every run logged) from each run's step-0 evaluation, mean over runs.
+    U2 = union coverage: per seed (each seed holds its own held-out problems), the fraction of held-out problems that
+    any evaluation of any run solved (`eval/<dataset>/solved`, logged at every evaluation), averaged over seeds and
+    datasets. U3 = where the final pass@k curve of each sps.py run saturates as k doubles (saturation), mean."""
+    u1 = [rows[0][f"eval/pass@{k}"] for _, rows in runs if rows[0]["step"] == 0 and f"eval/pass@{k}" in rows[0]]
+    union, sizes = {}, {}  # (seed, "eval/<dataset>/solved") -> problems solved by any evaluation; how many there are
+    for config, rows in runs:
+        for r in rows:
+            for key in [name for name in r if name.endswith("/solved")]:
+                union.setdefault((config.get("seed", 0), key), set()).update(r[key])
+                sizes[config.get("seed", 0), key] = r[key[:-len("solved")] + "problems"]
+    u3 = []
+    for config, rows in runs:
+        if config.get("script") == "sps":
+            f = final_eval(rows)  # its pass@1, pass@2, pass@4, ..., pass@n
+            n = max(int(key[10:]) for key in f if key.startswith("eval/pass@"))
+            u3.append(saturation([f[f"eval/pass@{i}"] for i in ks_up_to(n)]))
+    u2 = [len(union[x]) / sizes[x] for x in union]
+    return tuple(float(np.mean(x)) if x else float("nan") for x in (u1, u2, u3))
+
+
+def saturation(pass_at):
+    """U3 of one run: the level pass@k saturates at as k grows, from pass@k at k = 1, 2, 4, ..., n (a list): the gains
+    per doubling of k are extrapolated geometrically (ratio of the last two gains); 1.0 if they do not shrink (no
+    saturation seen), the last value if the curve is flat."""
+    if len(pass_at) < 3:
+        return pass_at[-1]
+    prev, last = pass_at[-2] - pass_at[-3], pass_at[-1] - pass_at[-2]
+    if last <= 0:
+        return pass_at[-1]
+    if prev <= last:
+        return 1.0
+    r = last / prev
+    return min(1.0, pass_at[-1] + last * r / (1 - r))
+
+
 def compare(args):
     """Figures (one PNG each) and compare.md: final held-out metrics, mean +- std over seeds per method."""
     methods = group_runs(args.runs)
@@ -193,26 +232,17 @@ def compare(args):
     all_runs = [rows for runs in methods.values() for rows in runs]
     kmax = min(max(int(k[10:]) for k in final_eval(rows) if k.startswith("eval/pass@")) for rows in all_runs)
     k8 = max(k for k in ks_up_to(kmax) if k <= 8)
-    u1 = float(np.mean([rows[0][f"eval/pass@{kmax}"] for rows in all_runs
-                        if rows[0]["step"] == 0 and f"eval/pass@{kmax}" in rows[0]] or [np.nan]))
-    # (seed, dataset) -> indices of eval problems solved by any evaluation of any run; their number
-    union, sizes = {}, {}
-    for path in args.runs:
-        seed = read_json(os.path.join(path, "config.json")).get("seed", 0)  # seeds hold different held-out problems
-        for r in load_run(path) or []:
-            for key in [k for k in r if k.endswith("/solved")]:  # eval/<dataset>/solved, logged at every evaluation
-                union.setdefault((seed, key), set()).update(r[key])
-                sizes[seed, key] = r[key[:-len("solved")] + "problems"]
-    u2 = float(np.mean([len(union[x]) / sizes[x] for x in union])) if union else float("nan")
+    finished = [(read_json(os.path.join(p, "config.json")), rows) for p in args.runs if (rows := load_run(p))]
+    u1, u2, u3 = upper_bounds(finished, kmax)
     os.makedirs(args.out, exist_ok=True)
     out = lambda name: os.path.join(args.out, name)
     plot(methods, labels, "reward/mean", "training reward (moving avg, 10 steps)", out("reward.png"), smooth=10)
     plot(methods, labels, "entropy/mean", "training entropy (nats/token)", out("entropy.png"))
     plot(methods, labels, "eval/pass@1", "held-out pass@1", out("pass1.png"))
     plot(methods, labels, "eval/distinct_correct", "distinct correct answers / problem", out("distinct.png"))
-    u3 = [final_eval(rows)["sps/U3"] for rows in all_runs if "sps/U3" in final_eval(rows)]  # sps.py's saturation level
-    bounds = [(u1, f"U1: base pass@{kmax}", "--")] + ([(u2, "U2: solved by any run at any eval", ":")] if union else [])
-    bounds += [(float(np.mean(u3)), "U3: sps.py's pass@k saturation", "-.")] if u3 else []
+    bounds = [(u1, f"U1: base pass@{kmax}", "--")] + [b for b in [(u2, "U2: solved by any run at any eval", ":"),
+                                                                  (u3, "U3: sps.py's pass@k saturation", "-.")]
+                                                        if not np.isnan(b[0])]
     plot(methods, labels, "passk", "final held-out pass@k", out("passk.png"), xlabel="k", bounds=bounds)
     keys = ["pass@1", f"pass@{k8}", f"pass@{kmax}", "greedy", "entropy", "distinct_correct"]
     lines = [f"Final held-out evaluation per method: mean ± std (sample std) over seeds; pass@{kmax} is the largest k "

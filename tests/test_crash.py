@@ -168,18 +168,3 @@ def test_count_skip():
     assert count_skip(float("inf"), 0, 9, 0) == (1, 10)  # 0: never stop
     with pytest.raises(UserError, match="5 updates in a row"):
         count_skip(float("nan"), 7, 4, 5)
-
-
-def test_sps_bounds_are_rebuilt_from_the_metric_lines_a_resume_keeps(tmp_path):
-    """sps.py's U1/U2 state after the evaluations up to the checkpoint, not after later ones a killed run made."""
-    import copy
-
-    from sps import bounds_from_metrics, upper_bounds
-    bounds, states, lines = {}, [], []
-    for step, solved in enumerate([[1], [2, 3], [1, 4]]):
-        m = {"eval/pass@1": 0.1 * step, "eval/pass@2": 0.2 * step, "eval/countdown/solved": solved}
-        records = {"countdown": [{"index": i, "correct": int(i in solved)} for i in range(5)]}
-        lines.append({"step": step, **m, **upper_bounds(m, records, bounds, 2)})
-        states.append(copy.deepcopy(bounds))
-    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines[:2]))  # resumed at step 1
-    assert bounds_from_metrics(str(tmp_path), 2) == states[1] != states[2]

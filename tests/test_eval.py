@@ -74,6 +74,30 @@ def test_compare_writes_figures_and_mean_std_table(tmp_path):
     assert "U1 (base pass@16) = 0.800" in table and "averaged over seeds) = 0.300" in table
 
 
+def test_upper_bounds_u1_u2_u3_hand_worked():
+    from eval import saturation, upper_bounds
+    # U3: gains per doubling 0.2, 0.1, 0.05, ... (a geometric approach) -> the curve saturates at 0.9
+    assert saturation([0.5, 0.7, 0.8]) == pytest.approx(0.9)
+    assert saturation([0.5, 0.6, 0.7]) == 1.0 and saturation([0.5, 0.6, 0.6]) == 0.6 and saturation([0.3, 0.4]) == 0.4
+    # one sps.py run, 4 held-out problems: the step-0 eval solves problem 0, the step-2 eval problem 1
+    rows = [{"step": 0, "eval/pass@1": 0.2, "eval/pass@2": 0.3, "eval/pass@4": 0.35, "eval/countdown/problems": 4,
+             "eval/countdown/solved": [0]}, {"step": 1, "reward/mean": 0.5},
+            {"step": 2, "eval/pass@1": 0.5, "eval/pass@2": 0.7, "eval/pass@4": 0.8, "eval/countdown/problems": 4,
+             "eval/countdown/solved": [1]}]
+    sps = {"script": "sps", "seed": 0}
+    # after the step-0 eval: U1 = its pass@4; U2 = 1 of 4 solved; U3 = 0.35 + 0.05 * 0.5 / (1 - 0.5) = 0.4
+    assert upper_bounds([(sps, rows[:1])], 4) == pytest.approx((0.35, 0.25, 0.4))
+    # at the end: U1 stays the step-0 eval's; U2 is the union {0, 1} of 4; U3 from the final pass@k 0.5, 0.7, 0.8
+    assert upper_bounds([(sps, rows)], 4) == pytest.approx((0.35, 0.5, 0.9))
+    # a GRPO run on the same seed (same problems) adds problem 3 to the union and its base pass@4 0.25 to U1, not U3;
+    # a seed-1 run has its own problems: U2 averages the seeds' coverages (3/4 and 2/4)
+    grpo = [{"step": 0, "eval/pass@4": 0.25, "eval/countdown/problems": 4, "eval/countdown/solved": [3]}]
+    other = [{"step": 0, "eval/pass@4": 0.6, "eval/countdown/problems": 4, "eval/countdown/solved": [0, 1]}]
+    assert upper_bounds([(sps, rows), ({"script": "grpo", "seed": 0}, grpo), ({"script": "grpo", "seed": 1}, other)],
+                        4) == pytest.approx(((0.35 + 0.25 + 0.6) / 3, (0.75 + 0.5) / 2, 0.9))
+    assert all(np.isnan(u) for u in upper_bounds([({"script": "grpo"}, [{"step": 1}])], 4))  # nothing to bound with
+
+
 def test_evaluating_a_run_reproduces_its_final_eval(tiny_dir, tmp_path):
     run_dir, out = tmp_path / "r-s0", tmp_path / "out"
     run(["--model", tiny_dir, "--run-dir", run_dir, "--steps", "2"] + SMALL[2:] + ["--eval-problems", "20", "--lr",
