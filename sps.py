@@ -71,8 +71,7 @@ class Args(BaseArgs):
     irl_every: int = field(default=1, metadata={
         "help": "SPS: an IRL step after every K-th RL step (K_irl; 0 = never, exactly grpo.py)"})
     irl_coef: float = field(default=1.0, metadata={
-        "help": ("SPS: lambda_irl, weight of the IRL loss (with a separate Adam step it mainly matters for "
-                 "--irl-schedule summed)")})
+        "help": "SPS: lambda_irl, weight of the IRL loss: the IRL step's size relative to the RL step's"})
     irl_lr_scale: float = field(default=1.0, metadata={
         "help": "SPS: eta_irl = current lr x this (the IRL step's learning rate)"})
     irl_schedule: str = field(default="separate", metadata={
