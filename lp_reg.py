@@ -1,37 +1,23 @@
 """Lp-Reg: Low-probability Regularization, GRPO plus a KL pull that keeps low-probability tokens alive.
 
 Paper: Huang et al., "Low-probability Tokens Sustain Exploration in Reinforcement Learning with Verifiable Reward"
-(arXiv:2510.03222); the authors' verl code (CarlanLark/Lp-Reg-dev, core_algos.py::compute_policy_loss_lp_reg) settles
-what the paper states loosely, and its behaviour is the default here.
+(arXiv:2510.03222). Where the paper is loose, the authors' verl code (CarlanLark/Lp-Reg-dev) is the default here.
 
-Idea: RLVR slowly extinguishes valuable low-probability tokens ("reasoning sparks") because negative-advantage updates
-keep pushing them down. Lp-Reg builds a less noisy proxy of pi_old by dropping the tokens below a min-p threshold and
-renormalising; for the lowest-probability tokens of negative-advantage samples that survive the filter, the
-policy-gradient term is replaced by a KL pull toward that proxy, which raises their probability instead.
+Idea: negative-advantage updates keep pushing the rare tokens of failed samples down until exploration dies. Lp-Reg
+drops pi_old's tokens below a min-p threshold and renormalises, a less noisy proxy; on the lowest-probability tokens
+of negative-advantage samples that the filter keeps, the policy-gradient term becomes a KL pull toward that proxy.
 
-    tau_t = kappa * max_v pi_old(v|s_t);  pi_proxy(o_t) = pi_old(o_t) / sum_{v: pi_old(v) >= tau_t} pi_old(v)
-            if pi_old(o_t) >= tau_t else 0                                                             (Eq. 5)
-    S = {valid t: A_t < 0};  k = int(|S| rho);  B = the k tokens of S with the smallest log pi_theta(o_t), if k > 1
-    selected_t = [t in B and log pi_theta(o_t) < log pi_proxy(o_t)]                                    (Eq. 6 indicator)
-    L_t = -A_t r_t + beta * clamp(exp(d_t) - d_t - 1, -10, 10),  d_t = log pi_proxy(o_t) - log pi_theta(o_t)  if
-    selected
-    L_t = max(-A_t r_t, -A_t clamp(r_t, 1 - clip_low, 1 + clip_high))                        otherwise (Eq. 6 objective)
-    loss = token-mean of L_t over all valid tokens (the denominator does not change)
+    tau_t = kappa max_v pi_old(v | s_t);  pi_proxy(o_t) = pi_old(o_t) / sum_{v: pi_old(v) >= tau_t} pi_old(v)
+        if pi_old(o_t) >= tau_t, else 0                                                                   (Eq. 5)
+    B = the k = int(|S| rho) tokens of S = {valid t: A_t < 0} with the smallest log pi_theta(o_t), none unless k > 1
+    L_t = -A_t r_t + beta clamp(exp(d_t) - d_t - 1, -10, 10)             on t in B with d_t > 0         (Eq. 6)
+    L_t = max(-A_t r_t, -A_t clip(r_t, 1 - clip_low, 1 + clip_high))     elsewhere; token-mean over valid tokens
+        r_t = pi_theta(o_t) / pi_old(o_t),  d_t = log pi_proxy(o_t) - log pi_theta(o_t)
 
-The penalty is the sampled-token k3 estimator: in expectation over o ~ pi_theta its gradient is that of the paper's
-forward KL(pi_proxy || pi_theta), and on a selected token it only ever pushes that token's probability up. The proxy
-log-prob is computed once per rollout, from pi_old's raw logits (temperature 1), inside the no-grad old-log-prob pass
-(token_logprobs' row_fn sees each chunk's full-vocabulary logits; grpo.py runs that pass only off-policy): no extra
-LM-head matmul, no [B, T, V] tensor.
-
-Confirmed by the authors' code: bottom-k per micro-batch by the current log-prob (detached), k = int(|S| rho) with the
-k > 1 guard, the filter log pi_theta < log pi_proxy, the unclipped -A r plus the clamped k3 replacing the PPO term,
-positive-advantage tokens as a separate set with their own fraction, 0 by default (--rho-pos).
-Reconstructed: --percentile-scope batch (the paper's whole-batch percentile) ranks by log pi_old, fixed once per
-rollout over all ranks (it equals pi_theta in the on-policy default; ties at the threshold are all kept);
---proxy fixed uses kappa as an absolute threshold (the paper's fixed tau = 0.02 ablation); filtered tokens get
-log pi_proxy = -1e4 (never selected). Omitted: the paper's full-vocabulary KL (--kl full) would need pi_old's whole
-distribution at positions known only at update time, i.e. a stored [B, T, V] tensor or a second old-policy forward.
+The k3 term is the sampled-token estimator of the paper's KL(pi_proxy || pi_theta): the same expected gradient.
+Authors' code: B per micro-batch by the detached current log-prob, the k > 1 guard, --rho-pos for A > 0 (off).
+Reconstructed: --percentile-scope batch (the paper's: B over the rollout batch of all ranks, by log pi_old);
+--proxy fixed (tau = kappa, the paper's ablation); log pi_proxy = -1e4 for filtered tokens (never selected).
 
 Run it:
     python lp_reg.py --rho 0.1                                         # CPU demo: tiny model, countdown, a few minutes
@@ -70,34 +56,30 @@ class Args(BaseArgs):
     entropy_coef: float = field(default=0.0, metadata={"help": "entropy bonus coefficient"})
     ppo_epochs: int = field(default=1, metadata={"help": "passes over each rollout batch"})
     mini_batches: int = field(default=1, metadata={"help": "optimizer steps per pass (1 = strictly on-policy)"})
-    rho: float = field(default=0.01, metadata={
-        "help": ("fraction of negative-advantage tokens (lowest pi_theta) considered for the pull; paper 0.01 "
-                 "(Qwen3-14B), 0.005 (Qwen2.5-32B); 0 = plain GRPO. The CPU demo needs 0.1: a micro-batch there "
-                 "holds ~100 negative tokens, so 0.01 gives k <= 1 or picks only filtered tokens")})
-    rho_pos: float = field(default=0.0, metadata={
-        "help": ("same fraction for positive-advantage tokens, a separate set (authors' code logp_pos_k_percent; 0 "
-                 "= not regularised)")})
-    kappa: float = field(default=0.02, metadata={
-        "help": ("proxy threshold: min-p ratio kappa (tau = kappa * max prob), or the fixed tau with --proxy "
-                 "fixed; paper 0.02")})
-    proxy: str = field(default="minp", metadata={
-        "choices": ["minp", "fixed"],
-        "help": "minp: tau = kappa * max_v pi_old(v) (Eq. 5) | fixed: tau = kappa (paper's ablation)"})
+    rho: float = field(default=0.01, metadata={"help": (
+        "fraction of negative-advantage tokens (lowest pi_theta) considered for the pull; paper 0.01 (Qwen3-14B), "
+        "0.005 (Qwen2.5-32B); 0 = plain GRPO. The CPU demo needs 0.1: a micro-batch there holds ~100 negative tokens, "
+        "so 0.01 gives k <= 1 or picks only filtered tokens")})
+    rho_pos: float = field(default=0.0, metadata={"help": "same fraction for positive-advantage tokens, a separate set "
+                           "(authors' code logp_pos_k_percent; 0 = not regularised)"})
+    kappa: float = field(default=0.02, metadata={"help": "proxy threshold: min-p ratio kappa (tau = kappa * max prob), "
+                         "or the fixed tau with --proxy fixed; paper 0.02"})
+    proxy: str = field(default="minp", metadata={"choices": ["minp", "fixed"], "help": "minp: tau = kappa * max_v "
+                       "pi_old(v) (Eq. 5) | fixed: tau = kappa (paper's ablation)"})
     beta: float = field(default=1.0, metadata={"help": "coefficient of the KL pull toward the proxy; paper 1.0"})
-    percentile_scope: str = field(default="microbatch", metadata={
-        "choices": ["microbatch", "batch"],
-        "help": ("microbatch: bottom-rho per micro-batch by current log-prob (authors' code) | batch: over the "
-                 "whole rollout batch on all ranks, by log pi_old (paper)")})
+    percentile_scope: str = field(default="microbatch", metadata={"choices": ["microbatch", "batch"], "help": (
+        "microbatch: bottom-rho per micro-batch by current log-prob (authors' code) | batch: over the whole rollout "
+        "batch on all ranks, by log pi_old (paper)")})
 
     def __post_init__(self):
         super().__post_init__()  # also checks every field's "choices"
         require(self.clip_low >= 0 and self.clip_high >= 0, "--clip-low and --clip-high must be >= 0")
         require(self.kl_coef >= 0 and self.entropy_coef >= 0, "--kl-coef and --entropy-coef must be >= 0")
         require(self.ppo_epochs >= 1 and self.mini_batches >= 1, "--ppo-epochs and --mini-batches must be >= 1")
-        require(0 <= self.rho <= 1, f"--rho must be in [0, 1] (got {self.rho})")
-        require(0 <= self.rho_pos <= 1, f"--rho-pos must be in [0, 1] (got {self.rho_pos})")
-        require(0 < self.kappa < 1, f"--kappa must be in (0, 1) (got {self.kappa})")
-        require(self.beta >= 0, f"--beta must be >= 0 (got {self.beta})")
+        require(0 <= self.rho <= 1 and 0 <= self.rho_pos <= 1,
+                f"--rho and --rho-pos must be in [0, 1] (got {self.rho}, {self.rho_pos})")
+        require(0 < self.kappa < 1 and self.beta >= 0,
+                f"--kappa must be in (0, 1) and --beta >= 0 (got {self.kappa}, {self.beta})")
 
 
 def group_advantages(rewards, group_size, scale="group", eps=1e-6):
@@ -128,10 +110,9 @@ FILTERED = -1e4  # log pi_proxy of a token the filter removed (pi_proxy = 0): fi
 
 
 def proxy_logprob(logits, targets, kappa, proxy="minp"):
-    """log pi_proxy(o_t) of the sampled token (Eq. 5), from pi_old's raw logits (temperature 1), without gradient.
-    logits: [n, V] float32; targets: [n] -> [n]. The kept set is pi(v) >= tau, i.e. z_v >= z_max + ln kappa (minp)
-    or z_v >= logsumexp(z) + ln kappa (fixed tau = kappa); then log pi_proxy(o) = z_o - logsumexp_{kept} z."""
-    # [n, 1]
+    """log pi_proxy(o_t) of the sampled token (Eq. 5) from pi_old's raw logits z (temperature 1), without gradient: the
+    kept set pi(v) >= tau is z_v >= max z + ln kappa (minp), or z_v >= logsumexp z + ln kappa (fixed: tau = kappa);
+    then log pi_proxy(o) = z_o - logsumexp_{kept} z. logits: [n, V] float32; targets: [n] -> [n]."""
     top = logits.max(-1, keepdim=True).values if proxy == "minp" else torch.logsumexp(logits, -1, keepdim=True)
     kept = logits >= top + math.log(kappa)  # [n, V]
     log_mass = torch.logsumexp(logits.masked_fill(~kept, float("-inf")), -1)  # [n]: log of the unnormalised kept mass
@@ -141,8 +122,8 @@ def proxy_logprob(logits, targets, kappa, proxy="minp"):
 
 def bottom_rho(logp, candidates, rho):
     """Eq. 6 steps 2-3 (authors' code): k = int(|S| rho) for S = candidates; the k tokens of S with the smallest
-    log-prob, and none unless k > 1. logp: [n, T]; candidates: [n, T] bool.
-    Returns (bottom [n, T] bool, k, the k-th smallest log-prob or None)."""
+    log-prob, none unless k > 1. logp: [n, T]; candidates: [n, T] bool -> (bottom [n, T] bool, k, the k-th smallest
+    log-prob or None)."""
     flat = candidates.flatten().nonzero().squeeze(-1)  # [|S|] flat indices of S
     k = int(len(flat) * rho)
     bottom = torch.zeros_like(candidates, dtype=torch.bool)
@@ -153,11 +134,10 @@ def bottom_rho(logp, candidates, rho):
     return bottom, k, values[-1].item()
 
 
-def batch_bottom_rho(old_logp, candidates, rho, device):
-    """--percentile-scope batch: bottom_rho over the whole rollout batch of ALL ranks, ranked by log pi_old (fixed once
-    per rollout; equal to pi_theta in the on-policy default). Exact and cheap: only a rank's own k smallest can be among
-    the global k smallest, so only those are gathered. old_logp, candidates: [N, T]. Returns like bottom_rho."""
-    k = int(all_sum([candidates.sum().item()], device)[0] * rho)
+def batch_bottom_rho(old_logp, candidates, rho):
+    """--percentile-scope batch: bottom_rho over the rollout batch of ALL ranks, by log pi_old (fixed once per rollout;
+    equal to pi_theta on-policy). Exact and cheap: only a rank's own k smallest can be among the global k smallest."""
+    k = int(all_sum([candidates.sum().item()], old_logp.device)[0] * rho)
     if k <= 1:
         return torch.zeros_like(candidates, dtype=torch.bool), k, None
     local = old_logp[candidates]
@@ -166,42 +146,41 @@ def batch_bottom_rho(old_logp, candidates, rho, device):
     return candidates & (old_logp <= delta), k, delta
 
 
+def lp_reg_bottom(logp, advantages, mask, rho, rho_pos, sums, rank=bottom_rho, share=1):
+    """Eq. 6 steps 1-3: the bottom-rho tokens ([n, T] bool) of each set ranked on its own, the valid tokens with A < 0
+    (rho) and, if rho_pos > 0, with A > 0 (rho_pos); A = 0 never. rank: bottom_rho or batch_bottom_rho, whose numbers
+    are global, so each of the `share` ranks adds 1/share of them to sums. logp, mask: [n, T]; advantages: [n, 1]."""
+    valid, bottom = mask.bool(), torch.zeros_like(mask, dtype=torch.bool)
+    sets = [(valid & (advantages < 0), rho)] + ([(valid & (advantages > 0), rho_pos)] if rho_pos > 0 else [])
+    for candidates, r in sets:  # [n, T] bool, its fraction
+        b, k, delta = rank(logp, candidates, r)
+        bottom |= b
+        sums["sets"], sums["fired"] = sums["sets"] + 1 / share, sums["fired"] + (k > 1) / share
+        sums["delta"] += math.exp(delta) / share if delta is not None else 0.0  # the rho-percentile probability
+    return bottom
+
+
 def lp_reg_loss(logp, old_logp, advantages, proxy_logp, bottom, clip_low, clip_high, beta, bound=10.0):
-    """Per-token Lp-Reg objective (Eq. 6, authors' code). logp, old_logp, proxy_logp: [n, T]; advantages: [n, 1] or
-    [n, T]; bottom: [n, T] bool, the bottom-rho candidates. The PPO clipped surrogate everywhere, except on the
-    selected tokens (bottom and log pi_theta < log pi_proxy: the filter kept them and they sit below the proxy), where
-    it is replaced by the unclipped -A r plus beta * clamp(k3(pi_proxy, pi_theta), -bound, bound).
-    Returns (loss [n, T], clipped [n, T], selected [n, T] bool, penalty [n, T])."""
+    """Per-token Lp-Reg objective (Eq. 6, authors' code): the clipped surrogate, except on the selected tokens (bottom,
+    and log pi_theta < log pi_proxy), where -A r + beta clamp(k3(pi_proxy, pi_theta), -bound, bound). logp, old_logp,
+    proxy_logp, bottom: [n, T]; advantages: [n, 1] or [n, T] -> (loss, clipped, selected, penalty), each [n, T]."""
     token_loss, clipped = policy_loss(logp, old_logp, advantages, clip_low, clip_high)  # GRPO's term, [n, T]
     selected = bottom & (logp.detach() < proxy_logp)  # Eq. 6 indicator, step 4
-    # k3 = exp(d) - d - 1 >= 10 once d > 2.53, where the clamp already zeroes the gradient; capping d at 20 first keeps
-    # exp finite, so that zero gradient never turns into 0 * inf = nan. Value and gradient are unchanged.
+    # capping d at 20 keeps exp finite: k3 > 10 from d = 2.53 on, where the clamp already zeroes the gradient (no nan)
     d = (proxy_logp - logp).clamp(max=20.0)  # [n, T]
     penalty = (torch.exp(d) - d - 1).clamp(-bound, bound)  # sampled-token forward-KL estimator, clamped as the code
     pull = -torch.exp(logp - old_logp) * advantages + beta * penalty  # unclipped -A r plus the pull toward the proxy
     return torch.where(selected, pull, token_loss), clipped, selected, penalty
 
 
-def lp_reg_sets(advantages, mask, rho, rho_pos):
-    """The token sets Lp-Reg ranks separately, each with its fraction: A < 0 (rho), and A > 0 (rho_pos) when asked.
-    A = 0 tokens are never regularised. advantages: [n, 1] or [n, T]; mask: [n, T] -> [(candidates [n, T] bool,
-    rho)]."""
-    valid = mask.bool()
-    return [(valid & (advantages < 0), rho)] + ([(valid & (advantages > 0), rho_pos)] if rho_pos > 0 else [])
-
-
 def lp_reg_metrics(s, ppo_epochs):
-    """Lp-Reg's diagnostics from the step's sums (added over ranks): how many tokens the pull touched, and why."""
-    out = {"lp_reg/frac_regularized": s["selected"] / (s["tokens"] * ppo_epochs),
-           "lp_reg/frac_fired": s["fired"] / max(s["sets"], 1)}
-    if s["fired"] > 0:  # defined only where k > 1 somewhere: delta = the rho-percentile probability, mean over those
-        out["lp_reg/threshold_prob"] = s["delta"] / s["fired"]
-    if s["bottom"] > 0:
-        out["lp_reg/frac_pass_filter"] = s["selected"] / s["bottom"]  # share of the bottom-rho tokens the filter keeps
-    if s["selected"] > 0:
-        out["lp_reg/kl_mean"] = s["kl"] / s["selected"]  # mean clamped k3 penalty over the selected tokens
-    return out
-
+    """Lp-Reg's diagnostics from the step's sums (added over ranks); a ratio only where its denominator is > 0."""
+    out = {"lp_reg/frac_regularized": s["selected"] / (s["tokens"] * ppo_epochs),  # selected / valid tokens
+           "lp_reg/frac_fired": s["fired"] / max(s["sets"], 1)}  # share of the rankings with k > 1
+    ratios = {"threshold_prob": ("delta", "fired"),  # delta: the rho-percentile probability, mean over those with k > 1
+              "frac_pass_filter": ("selected", "bottom"),  # share of the bottom-rho tokens the filter keeps
+              "kl_mean": ("kl", "selected")}  # mean clamped k3 penalty over the selected tokens
+    return {**out, **{f"lp_reg/{name}": s[a] / s[b] for name, (a, b) in ratios.items() if s[b] > 0}}
 
 def train(args):
     rank, world, device = init_distributed()
@@ -230,8 +209,8 @@ def train(args):
         t_reward = time.time() - t0 - t_rollout
         # 3. Group-relative advantages, broadcast to every token of the completion.
         advantages = group_advantages(rewards, G, args.scale_rewards)  # [N]
-        # 4. Old log-probs log pi_old(o_t) (and the reference model's) from a no-grad forward of the training model;
-        #    the same pass gives log pi_proxy(o_t) (Eq. 5) from each chunk's full-vocabulary logits.
+        # 4. Old log-probs log pi_old(o_t) (and the reference model's) from a no-grad forward of the training model.
+        #    Lp-Reg always runs it: the same pass gives log pi_proxy(o_t) (Eq. 5) from each chunk's full logits.
         ids, attn, mask, P = rollout_batch(samples, pad, device)  # [N, P+T], [N, P+T], [N, T]
         rollout_logp = rollout_logprobs(samples, mask)  # [N, T]: the engine's log pi(o_t) (vLLM), None with HF
         micro = [slice(i, i + args.micro_batch_size) for i in range(0, len(samples), args.micro_batch_size)]
@@ -241,17 +220,12 @@ def train(args):
             old_logp, entropy, proxy_logp = map(torch.cat, zip(*[
                 token_logprobs(model, ids[m], attn[m], P, args.logprob_chunk, row_fn=to_proxy) for m in micro]))
             ref_logp = torch.cat([logprobs(m, ref_model)[0] for m in micro]) if ref_model else None
-        # 5. Policy update: ppo_epochs x mini_batches optimizer steps on the clipped surrogate, with the Lp-Reg pull.
+        # 5. Policy update: ppo_epochs x mini_batches optimizer steps on the clipped surrogate.
         rows, sums = torch.arange(len(samples), device=device), {"clipped": 0.0, "loss": 0.0}
         sums.update(dict.fromkeys(["selected", "bottom", "fired", "sets", "delta", "kl"], 0.0))  # Lp-Reg diagnostics
-        if args.percentile_scope == "batch":  # one percentile over the whole rollout batch of all ranks, from pi_old
-            batch_bottom = torch.zeros_like(mask, dtype=torch.bool)
-            for candidates, r in lp_reg_sets(advantages[:, None], mask, args.rho, args.rho_pos):
-                b, k, delta = batch_bottom_rho(old_logp, candidates, r, device)
-                batch_bottom |= b
-                sums["sets"] += 1 / world  # global numbers: each rank adds 1/world
-                sums["fired"] += (k > 1) / world
-                sums["delta"] += math.exp(delta) / world if delta is not None else 0.0
+        if args.percentile_scope == "batch":  # the paper: one bottom-rho over the rollout batch of all ranks, by pi_old
+            batch_bottom = lp_reg_bottom(old_logp, advantages[:, None], mask, args.rho, args.rho_pos, sums,
+                                         batch_bottom_rho, world)
         for epoch in range(args.ppo_epochs):
             for mb in rows.chunk(args.mini_batches):
                 n = all_sum_dict({"tokens": mask[mb].sum().item(), "seqs": len(mb)}, device)
@@ -259,20 +233,13 @@ def train(args):
                 for m in micro_batches(model, mb, args.micro_batch_size, world):  # gradients reduced after the last
                     with autocast(device):
                         logp, ent = logprobs(m)  # [n, T]
-                    if args.percentile_scope == "batch":
-                        bottom = batch_bottom[m]
-                    else:  # the authors' code: rank within the micro-batch by the current log-prob
-                        bottom = torch.zeros_like(mask[m], dtype=torch.bool)
-                        for candidates, r in lp_reg_sets(advantages[m, None], mask[m], args.rho, args.rho_pos):
-                            b, k, delta = bottom_rho(logp, candidates, r)
-                            bottom |= b
-                            sums["sets"], sums["fired"] = sums["sets"] + 1, sums["fired"] + (k > 1)
-                            sums["delta"] += math.exp(delta) if delta is not None else 0.0
+                    bottom = batch_bottom[m] if args.percentile_scope == "batch" else lp_reg_bottom(
+                        logp, advantages[m, None], mask[m], args.rho, args.rho_pos, sums)  # authors': per micro-batch
                     token_loss, clipped, selected, penalty = lp_reg_loss(logp, old_logp[m], advantages[m, None],
                                                                          proxy_logp[m], bottom, args.clip_low,
                                                                          args.clip_high, args.beta)
                     token_loss = token_loss * truncated_is_weight(old_logp[m], rollout_logp, m, args.tis_cap)  # TIS
-                    sums["selected"] += selected.sum().item()
+                    sums["selected"] += selected.sum().item()  # Lp-Reg diagnostics
                     sums["bottom"] += bottom.sum().item()
                     sums["kl"] += penalty.detach()[selected].sum().item()
                     if ref_model is not None:
@@ -292,7 +259,7 @@ def train(args):
         s = all_sum_dict({**rollout_sums(rewards, mask, entropy, samples, G), **sums}, device)
         record = {"step": step + 1, **rollout_metrics(s, args.ppo_epochs), "grad_norm": grad_norm, "lr": lr,
                   "skipped_steps": skipped,
-                  **time_metrics(t_rollout, t_reward, t_train, s, args.ppo_epochs + 1)}
+                  **time_metrics(t_rollout, t_reward, t_train, s, args.ppo_epochs + 1)}  # + 1: the old-log-prob pass
         record.update(lp_reg_metrics(s, args.ppo_epochs))
         record.update(system_metrics(engine, old_logp, rollout_logp, mask, args, device))
         samples_by_set = None

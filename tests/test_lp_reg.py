@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from common import aggregate_loss, token_logprobs
 from grpo import policy_loss as grpo_policy_loss
-from lp_reg import (FILTERED, batch_bottom_rho, bottom_rho, lp_reg_loss, lp_reg_sets, proxy_logprob)
+from lp_reg import FILTERED, batch_bottom_rho, bottom_rho, lp_reg_bottom, lp_reg_loss, proxy_logprob
 from test_grpo_script import SMALL, metrics, run, weights
 
 
@@ -71,21 +71,23 @@ def hand_built():
     return logp, advantages, mask, proxy
 
 
-def select(logp, advantages, mask, proxy, rho, rho_pos=0.0):
-    bottom = torch.zeros_like(mask, dtype=torch.bool)
-    for candidates, r in lp_reg_sets(advantages, mask, rho, rho_pos):
-        bottom |= bottom_rho(logp, candidates, r)[0]
+def select(logp, advantages, mask, proxy, rho, rho_pos=0.0, sums=None):
+    sums = dict.fromkeys(["sets", "fired", "delta"], 0.0) if sums is None else sums
+    bottom = lp_reg_bottom(logp, advantages, mask, rho, rho_pos, sums)
     _, _, selected, _ = lp_reg_loss(logp, logp, advantages, proxy, bottom, 1.0, 9.0, 1.0)
     return bottom, selected
 
 
 def test_selection_picks_the_bottom_k_negative_tokens_that_pass_the_filter():
     logp, advantages, mask, proxy = hand_built()
-    bottom, selected = select(logp, advantages, mask, proxy, rho=1 / 3)  # k = int(9 / 3) = 3
+    sums = dict.fromkeys(["sets", "fired", "delta"], 0.0)
+    bottom, selected = select(logp, advantages, mask, proxy, rho=1 / 3, sums=sums)  # k = int(9 / 3) = 3
     assert bottom.nonzero().tolist() == [[0, 3], [1, 0], [1, 2]]
     assert selected.nonzero().tolist() == [[1, 2]]
+    assert sums == {"sets": 1, "fired": 1, "delta": pytest.approx(math.exp(-4.0))}  # one set ranked, k > 1, delta
     # k = int(9 * 0.2) = 1: the k > 1 guard regularises nothing
-    assert not select(logp, advantages, mask, proxy, rho=0.2)[1].any()
+    assert not select(logp, advantages, mask, proxy, rho=0.2, sums=sums)[1].any()
+    assert sums["sets"] == 2 and sums["fired"] == 1
     # rho_pos adds the positive-advantage set, ranked on its own: k = int(5 * 0.4) = 2 -> (2, 1), (2, 0)
     bottom, selected = select(logp, advantages, mask, proxy, rho=1 / 3, rho_pos=0.4)
     assert selected.nonzero().tolist() == [[1, 2], [2, 0], [2, 1]]
@@ -93,9 +95,9 @@ def test_selection_picks_the_bottom_k_negative_tokens_that_pass_the_filter():
 
 def test_batch_scope_matches_micro_batch_ranking_on_one_process():
     logp, advantages, mask, proxy = hand_built()
-    candidates = lp_reg_sets(advantages, mask, 1 / 3, 0.0)[0][0]
+    candidates = mask.bool() & (advantages < 0)
     b1, k1, d1 = bottom_rho(logp, candidates, 1 / 3)
-    b2, k2, d2 = batch_bottom_rho(logp, candidates, 1 / 3, "cpu")
+    b2, k2, d2 = batch_bottom_rho(logp, candidates, 1 / 3)
     assert torch.equal(b1, b2) and k1 == k2 == 3 and d1 == d2 == -4.0
 
 
