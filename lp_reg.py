@@ -58,8 +58,8 @@ class Args(BaseArgs):
     mini_batches: int = field(default=1, metadata={"help": "optimizer steps per pass (1 = strictly on-policy)"})
     rho: float = field(default=0.01, metadata={"help": (
         "fraction of negative-advantage tokens (lowest pi_theta) considered for the pull; paper 0.01 (Qwen3-14B), "
-        "0.005 (Qwen2.5-32B); 0 = plain GRPO. The CPU demo needs 0.1: a micro-batch there holds ~100 negative tokens, "
-        "so 0.01 gives k <= 1 or picks only filtered tokens")})
+        "0.005 (Qwen2.5-32B); 0 = plain GRPO. The CPU demo's study uses 0.1: a micro-batch there holds ~300 negative "
+        "tokens, so 0.01 gives k = 0-5 and pulls ~0.1% of tokens")})
     rho_pos: float = field(default=0.0, metadata={"help": "same fraction for positive-advantage tokens, a separate set "
                            "(authors' code logp_pos_k_percent; 0 = not regularised)"})
     kappa: float = field(default=0.02, metadata={"help": "proxy threshold: min-p ratio kappa (tau = kappa * max prob), "
