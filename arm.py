@@ -2,39 +2,32 @@
 prompt.
 
 Paper: Li, Goncharova, Kuznetsov, Oseledets, "Back to Basics: Revisiting Exploration in Reinforcement Learning for LLM
-Reasoning via Generative Probabilities" (arXiv:2602.05281). Only the abstract and secondary reviews were available
-to us.
+Reasoning via Generative Probabilities" (arXiv:2602.05281). Only the abstract and secondary reviews were available.
 
-Idea: GRPO keeps pushing up the correct answers the model already finds most likely, so probability mass piles onto one
-path and entropy collapses. The Advantage Re-weighting Mechanism (ARM) adds alpha * (c(q) - c(o_i|q)) to the advantage
-of every response of a group that has at least one correct answer, where c is a generative-probability confidence: an
-over-confident correct path gets a smaller update, an under-explored correct path a larger one, and all-correct groups
-(A = 0 in GRPO) still get a signal. Equivalently: GRPO plus REINFORCE on the intrinsic reward -alpha c(o|q)
-with baseline -alpha c(q), a confidence penalty, which is why entropy rises.
+Idea: GRPO keeps pushing up the correct answers the model already finds most likely, so entropy collapses. ARM (the
+Advantage Re-weighting Mechanism) shifts every advantage of a group with a correct answer by alpha (c(q) - c(o_i|q)),
+c a generative-probability confidence: over-confident correct paths get a smaller update, under-explored ones a larger
+one, and all-correct groups (A = 0; NOT dropped here) still learn. Equivalently: GRPO plus REINFORCE on the intrinsic
+reward -alpha c(o|q) with baseline -alpha c(q), a confidence penalty, which is why entropy rises.
 
-    A_i = (r_i - mean_g r) / (std_g r + delta)                                              GRPO advantage
+    A_i = (r_i - mean_g r) / (std_g r + eps)                                   group advantage (DeepSeekMath §4.1.2)
     A~_i = A_i if no response of the group is correct, else A_i + alpha (c(q) - c(o_i|q))                           (A1)
     K_i = max(1, ceil(rho L_i)),  T_low = the K_i response positions with the smallest l_t = log pi_old(o_t | q, o_<t)
     c(o_i|q) = exp(mean_{t in T_low} l_t)                                                                         (A2)
     c(q) = exp(mean_{t >= 2} log pi_old(q_t | q_<t)) = 1 / PPL(q)   over the prompt tokens as fed (chat template)  (A3)
-    L_t = -min(rho_t A~_i, clip(rho_t, 1 - eps_low, 1 + eps_high) A~_i), token-mean, clip-higher [0.8, 1.28]      (A4)
-The labels A1-A4 are ours (the paper's numbering was not available). c(q) and c(o|q) are detached and come from the
-no-grad old-log-prob forward (grpo.py runs it only off-policy; ARM needs pi_old before the update), which here scores
-the prompt positions too (token_logprobs from position 1 instead of P): one forward, and the LM-head projection covers
-the P - 1 prompt positions as well (no-grad, chunked).
-Groups whose rewards all agree are NOT dropped: all-correct groups learn from ARM alone.
-
-Confirmed (the paper's LaTeX, quoted in a review): the additive form A1 and its gating (unchanged when all responses are
-wrong, applied to every response otherwise). Reported by summaries: the confidence over low-probability tokens with
-rho ~ 20%. Reconstructed, UNCONFIRMED, each with its flag:
-  - alpha = 0.2 (not found in the paper; sweep 0.05-0.5; alpha >~ 1 can flip the sign of correct responses): --alpha;
-  - rho = 0.2 and the T_low rule A2 (ties at the boundary do not matter: tied values are equal): --rho;
-  - the answer-confidence form: --answer-confidence tlow-mean (A2) | sum-over-k exp(sum_{all t} l_t / K);
-  - the prompt-confidence form A3: --prompt-confidence ppl (A3) | tlow (A2's rule on the prompt tokens) |
-    group-mean (c(q) = mean_g c(o|q); no prompt scoring needed, the old-log-prob pass then starts at P as in GRPO);
-  - the scope: --arm-scope all (A1, the LaTeX: every response of a group with a correct one, all-correct groups
-    included) | correct (shift correct responses only) | mixed (an ablation: also off in all-correct groups, as one
-    secondary note describes ARM, which contradicts the LaTeX's gating); "correct" means reward > 0.5.
+    L_t = -min(rho_t A_i, clip(rho_t, 1 - eps_low, 1 + eps_high) A_i),   rho_t = pi_theta(o_t) / pi_old(o_t)
+    loss = aggregate(L_t + beta * k3(pi_ref, pi_theta)_t - c_H * H_t)         (token-mean by default, DAPO Eq. 8)
+with A~_i in place of A_i, eps = --delta and clip-higher [0.8, 1.28] (A4). The labels A1-A4 are ours. c(q) and c(o|q)
+are detached, from a no-grad old-log-prob forward before the update (grpo.py runs it only off-policy), started at
+position 1 instead of P so that it scores the prompt too (one forward; the chunked LM head also sees the prompt).
+Confirmed (the paper's LaTeX, quoted in a review): A1 and its gating. Reported by summaries: T_low with rho ~ 20%.
+Reconstructed, UNCONFIRMED, each with its flag:
+  - --alpha 0.2 (not found in the paper; sweep 0.05-0.5; alpha >~ 1 can flip the sign of correct responses);
+  - --rho 0.2 and the T_low rule A2 (ties at the boundary do not matter: tied values are equal);
+  - --answer-confidence tlow-mean (A2) | sum-over-k: exp(sum_{all t} l_t / K);
+  - --prompt-confidence ppl (A3) | tlow (A2 on the prompt) | group-mean (mean_g c(o|q); the pass then starts at P);
+  - --arm-scope all (A1, the LaTeX) | correct (correct responses only) | mixed: an ablation, also off in all-correct
+    groups as one secondary note describes ARM, which contradicts the LaTeX's gating. "Correct" means reward > 0.5.
 With --alpha 0 the update is exactly GRPO's with the same clip (tests/test_arm.py checks it against grpo.py); the fair
 GRPO baseline is `grpo.py --clip-high 0.28`.
 
@@ -49,7 +42,6 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 
 from common import (BaseArgs, aggregate_loss, all_sum_dict, autocast, compute_rewards, due, evaluate_all, fault_point,
                     format_prompt, generate, init_distributed, load_eval_sets, load_model, load_reference,
@@ -57,15 +49,14 @@ from common import (BaseArgs, aggregate_loss, all_sum_dict, autocast, compute_re
                     require, resume_or_evaluate, rollout_batch, rollout_engine, rollout_logprobs, rollout_metrics,
                     rollout_sums, save_checkpoint, set_lr, shard_model, start_run, step_groups, system_metrics,
                     time_metrics, token_logprobs, truncated_is_weight)
-from common import answer_key  # arm_metrics
+from common import answer_key, gather_objects  # arm_metrics
 
 
 @dataclass
 class Args(BaseArgs):
     clip_low: float = field(default=0.2, metadata={"help": "PPO clip eps_low: ratio floor 1 - eps_low"})
-    clip_high: float = field(default=0.28, metadata={
-        "help": ("PPO clip eps_high: ratio ceiling 1 + eps_high (clip-higher 0.28, as in ProGRPO's setup; "
-                 "GRPO default 0.2)")})
+    clip_high: float = field(default=0.28, metadata={"help": (
+        "PPO clip eps_high: ratio ceiling 1 + eps_high (clip-higher 0.28, as in ProGRPO's setup; GRPO default 0.2)")})
     loss_agg: str = field(default="token-mean", metadata={
         "choices": ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"],
         "help": "token-mean (DAPO) | seq-mean-token-mean (GRPO) | seq-mean-token-sum-norm (Dr. GRPO)"})
@@ -81,24 +72,20 @@ class Args(BaseArgs):
     rho: float = field(default=0.2, metadata={
         "help": "fraction of a response's lowest-probability tokens T_low: K = max(1, ceil(rho L)) (A2)"})
     delta: float = field(default=1e-6, metadata={"help": "delta in A = (r - mean) / (std + delta)"})
-    arm_scope: str = field(default="all", metadata={
-        "choices": ["all", "correct", "mixed"],
-        "help": ("which responses of a group with a correct answer are shifted: all (A1) | correct only | mixed "
-                 "(all, but not in all-correct groups)")})
-    answer_confidence: str = field(default="tlow-mean", metadata={
-        "choices": ["tlow-mean", "sum-over-k"],
-        "help": "c(o|q): tlow-mean exp(mean_{T_low} l_t) (A2) | sum-over-k exp(sum_{all t} l_t / K)"})
-    prompt_confidence: str = field(default="ppl", metadata={
-        "choices": ["ppl", "tlow", "group-mean"],
-        "help": "c(q): ppl 1/PPL(q) (A3) | tlow (A2 on the prompt tokens) | group-mean mean_g c(o|q); UNCONFIRMED"})
+    arm_scope: str = field(default="all", metadata={"choices": ["all", "correct", "mixed"], "help": (
+        "which responses of a group with a correct answer are shifted: all (A1) | correct only | mixed (all, but not "
+        "in all-correct groups)")})
+    answer_confidence: str = field(default="tlow-mean", metadata={"choices": ["tlow-mean", "sum-over-k"], "help": (
+        "c(o|q): tlow-mean exp(mean_{T_low} l_t) (A2) | sum-over-k exp(sum_{all t} l_t / K)")})
+    prompt_confidence: str = field(default="ppl", metadata={"choices": ["ppl", "tlow", "group-mean"], "help": (
+        "c(q): ppl 1/PPL(q) (A3) | tlow (A2 on the prompt tokens) | group-mean mean_g c(o|q); UNCONFIRMED")})
 
     def __post_init__(self):
         super().__post_init__()  # also checks every field's "choices"
         require(self.clip_low >= 0 and self.clip_high >= 0, "--clip-low and --clip-high must be >= 0")
         require(self.kl_coef >= 0 and self.entropy_coef >= 0, "--kl-coef and --entropy-coef must be >= 0")
         require(self.ppo_epochs >= 1 and self.mini_batches >= 1, "--ppo-epochs and --mini-batches must be >= 1")
-        require(self.alpha >= 0 and math.isfinite(self.alpha),
-                f"--alpha must be a finite number >= 0 (got {self.alpha})")
+        require(0 <= self.alpha < math.inf, f"--alpha must be a finite number >= 0 (got {self.alpha})")
         require(0 < self.rho <= 1, f"--rho must be in (0, 1] (got {self.rho})")
         require(self.delta > 0 and math.isfinite(self.delta), f"--delta must be a finite number > 0 (got {self.delta})")
 
@@ -160,14 +147,12 @@ def prompt_confidence(prompt_logp, prompt_mask, c_answer, group_size, rho, form=
     prompt_mask: [N, P-1] (1 for t >= 2); c_answer: [N]. ppl: exp(mean_t) = 1/PPL(q) (A3); tlow: A2 on the prompt;
     group-mean: mean_g c(o|q) (prompt_logp unused)."""
     if form == "group-mean":
-        c = c_answer.view(-1, group_size).mean(-1)  # [N/G]
+        c = c_answer
+    elif form == "tlow":
+        c = answer_confidence(prompt_logp, prompt_mask, rho)
     else:
-        if form == "tlow":
-            c = answer_confidence(prompt_logp, prompt_mask, rho)
-        else:
-            c = torch.exp(torch.where(prompt_mask.bool(), prompt_logp, 0.0).sum(-1) / prompt_mask.sum(-1).clamp(min=1))
-        c = c.view(-1, group_size).mean(-1)  # [N/G]: identical rows, averaged so c(q) is one number per prompt
-    return c.repeat_interleave(group_size)
+        c = torch.exp(torch.where(prompt_mask.bool(), prompt_logp, 0.0).sum(-1) / prompt_mask.sum(-1).clamp(min=1))
+    return c.view(-1, group_size).mean(-1).repeat_interleave(group_size)  # [N/G] -> [N]: one c(q) per prompt
 
 
 def arm_advantages(advantages, correct, c_prompt, c_answer, group_size, alpha, scope="all"):
@@ -180,60 +165,46 @@ def arm_advantages(advantages, correct, c_prompt, c_answer, group_size, alpha, s
         shifted = shifted & c
     elif scope == "mixed":
         shifted = shifted & ~c.all(-1, keepdim=True)
-    shifted = shifted.flatten()
-    shift = alpha * (c_prompt - c_answer)  # [N]
+    shifted, shift = shifted.flatten(), alpha * (c_prompt - c_answer)  # [N], [N]
     return torch.where(shifted, advantages + shift, advantages), shifted
 
 
 def arm_metrics(advantages, grpo_advantages, shifted, correct, c_prompt, c_answer, prompt_mask, group, texts,
-                group_size,
-                device):
-    """The arm/ diagnostics of one step over all ranks. shift = A~ - A = alpha (c(q) - c(o|q)) over the shifted
-    responses;
-    weight = A~ / A over the correct responses of mixed groups (the factor ARM puts on GRPO's push-up; A = 0 in
-    all-correct groups); corr_conf_* = Pearson correlation of c(o|q) with the shift / the weight over the same sets;
+                group_size, device):
+    """The arm/ diagnostics of one step over all ranks: shift = A~ - A = alpha (c(q) - c(o|q)) over the shifted
+    responses; weight = A~ / A over the correct responses of mixed groups (the factor ARM puts on GRPO's push-up; A = 0
+    in all-correct groups); corr_conf_* = Pearson correlation of c(o|q) with the shift / the weight over the same sets;
     distinct_correct = distinct correct answers per group (0 for a group with none)."""
-    shift, x = (advantages - grpo_advantages)[shifted].double(), c_answer[shifted].double()  # [n_shifted]
-    pos = correct & (grpo_advantages > 0)
-    weight, xw = (advantages[pos] / grpo_advantages[pos]).double(), c_answer[pos].double()  # [n_pos]
-    ok = correct.tolist()
+    pos, ok = correct & (grpo_advantages > 0), correct.tolist()
+    shift, weight = (advantages - grpo_advantages)[shifted].double(), (advantages[pos] / grpo_advantages[pos]).double()
     distinct = [len({answer_key(group[j], texts[j]) for j in range(g, g + group_size) if ok[j]})
                 for g in range(0, len(group), group_size)]
-    sums = {"n": len(c_answer), "c_prompt": c_prompt.sum(), "c_answer": c_answer.sum(), "n_correct": correct.sum(),
-            "correct_negative": (correct & (advantages < 0)).sum(), "distinct": sum(distinct), "groups": len(distinct),
-            "prompt_tokens": prompt_mask.sum(), "n_shift": len(shift), "shift": shift.sum(),
-            "shift_abs": shift.abs().sum(),
-            "shift2": (shift * shift).sum(), "x": x.sum(), "x2": (x * x).sum(), "x_shift": (x * shift).sum(),
-            "n_w": len(weight), "w": weight.sum(), "w2": (weight * weight).sum(), "xw": xw.sum(),
-            "xw2": (xw * xw).sum(),
-            "xw_w": (xw * weight).sum()}
-    s = all_sum_dict({k: float(v) for k, v in sums.items()}, device)
+    s = {"n": len(c_answer), "c_prompt": c_prompt.sum(), "c_answer": c_answer.sum(), "n_correct": correct.sum(),
+         "correct_negative": (correct & (advantages < 0)).sum(), "distinct": sum(distinct), "groups": len(distinct),
+         "prompt_tokens": prompt_mask.sum()}
+    for y, x, name in ((shift, c_answer[shifted].double(), "shift"), (weight, c_answer[pos].double(), "w")):
+        s.update({"n_" + name: len(y), name: y.sum(), name + "_abs": y.abs().sum(), name + "2": (y * y).sum(),
+                  "x_" + name: x.sum(), "x2_" + name: (x * x).sum(), "xy_" + name: (x * y).sum()})
+    s = all_sum_dict({k: float(v) for k, v in s.items()}, device)
     top = lambda v: v.max().item() if len(v) else -math.inf  # noqa: E731
-    shift_max, shift_min, w_max, w_min = all_max([top(shift), top(-shift), top(weight), top(-weight)], device)
+    shift_max, shift_min, w_max, w_min = map(max, zip(*gather_objects([top(shift), top(-shift), top(weight),
+                                                                        top(-weight)])))  # max over ranks
 
-    def pearson(n, sx, sy, sxx, syy, sxy):
+    def pearson(y):  # of c(o|q) and y, from the sums
+        n, sx, sy, sxx, syy, sxy = (s[k] for k in ("n_" + y, "x_" + y, y, "x2_" + y, y + "2", "xy_" + y))
         v = (n * sxx - sx * sx) * (n * syy - sy * sy)
         return (n * sxy - sx * sy) / math.sqrt(v) if v > 0 else 0.0
 
     finite = lambda v: v if math.isfinite(v) else 0.0  # noqa: E731 (empty set on every rank)
+    n_shift, n_w = max(s["n_shift"], 1), s["n_w"]
     return {"arm/c_prompt_mean": s["c_prompt"] / s["n"], "arm/c_answer_mean": s["c_answer"] / s["n"],
-            "arm/frac_shifted": s["n_shift"] / s["n"], "arm/shift_mean": s["shift"] / max(s["n_shift"], 1),
-            "arm/shift_abs_mean": s["shift_abs"] / max(s["n_shift"], 1), "arm/shift_min": -finite(shift_min),
-            "arm/shift_max": finite(shift_max), "arm/frac_correct_negative": s["correct_negative"] / max(s["n_correct"],
-                                                                                                         1),
-            "arm/weight_mean": s["w"] / s["n_w"] if s["n_w"] else 1.0, "arm/weight_min": -finite(w_min),
-            "arm/weight_max": finite(w_max),
-            "arm/corr_conf_shift": pearson(s["n_shift"], s["x"], s["shift"], s["x2"], s["shift2"], s["x_shift"]),
-            "arm/corr_conf_weight": pearson(s["n_w"], s["xw"], s["w"], s["xw2"], s["w2"], s["xw_w"]),
+            "arm/frac_shifted": s["n_shift"] / s["n"], "arm/shift_mean": s["shift"] / n_shift,
+            "arm/shift_abs_mean": s["shift_abs"] / n_shift, "arm/shift_min": -finite(shift_min),
+            "arm/shift_max": finite(shift_max), "arm/weight_mean": s["w"] / n_w if n_w else 1.0,
+            "arm/weight_min": -finite(w_min), "arm/weight_max": finite(w_max),
+            "arm/frac_correct_negative": s["correct_negative"] / max(s["n_correct"], 1),
+            "arm/corr_conf_shift": pearson("shift"), "arm/corr_conf_weight": pearson("w"),
             "arm/distinct_correct": s["distinct"] / s["groups"], "arm/prompt_tokens_scored": s["prompt_tokens"]}
-
-
-def all_max(values, device):
-    """Max of a list of floats over ranks (all_sum's counterpart, for min/max metrics: pass -x for a min)."""
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.tolist()
 
 
 def train(args):
@@ -263,7 +234,7 @@ def train(args):
         t_reward = time.time() - t0 - t_rollout
         # 3. Group-relative advantages, broadcast to every token of the completion.
         advantages = group_advantages(rewards, G, args.scale_rewards, args.delta)  # [N]
-        # 4. Old log-probs log pi_old(o_t) (and the reference model's) from a no-grad forward of the training model;
+        # 4. Old log-probs log pi_old(o_t) (and the reference model's) from a no-grad forward of the training model.
         #    ARM reads the prompt positions of the same forward too (from position 1, not P; each prompt runs once).
         ids, attn, mask, P = rollout_batch(samples, pad, device)  # [N, P+T], [N, P+T], [N, T]
         rollout_logp = rollout_logprobs(samples, mask)  # [N, T]: the engine's log pi(o_t) (vLLM), None with HF
@@ -276,14 +247,11 @@ def train(args):
             ref_logp = torch.cat([logprobs(m, ref_model)[0] for m in micro]) if ref_model else None
         # [N, P-1] prompt log-probs and mask, [N, T] completion log-probs and entropy
         prompt_logp, prompt_mask, old_logp, entropy = split_prompt_positions(old_logp, entropy, attn, P, first)
-        # 4b. ARM: detached confidences c(o|q) (A2) and c(q) (A3) shift the advantages of groups with a correct
-        #     answer (A1).
-        correct = rewards > 0.5  # [N]
+        # 4b. ARM: the detached confidences c(o|q) (A2) and c(q) (A3) shift the advantages (A1).
+        grpo_advantages, correct = advantages, rewards > 0.5  # [N] (for the diagnostics), [N]
         c_answer = answer_confidence(old_logp, mask, args.rho, args.answer_confidence)  # [N]
         c_prompt = prompt_confidence(prompt_logp, prompt_mask, c_answer, G, args.rho, args.prompt_confidence)  # [N]
-        grpo_advantages = advantages  # [N], for the diagnostics
-        advantages, shifted = arm_advantages(advantages, correct, c_prompt, c_answer, G, args.alpha,
-                                             args.arm_scope)  # [N]
+        advantages, shifted = arm_advantages(advantages, correct, c_prompt, c_answer, G, args.alpha, args.arm_scope)
         # 5. Policy update: ppo_epochs x mini_batches optimizer steps on the clipped surrogate.
         rows, sums = torch.arange(len(samples), device=device), {"clipped": 0.0, "loss": 0.0}
         for epoch in range(args.ppo_epochs):

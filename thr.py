@@ -1,56 +1,42 @@
 """THR: Token Hidden Reward reweighting of GRPO's token advantages, steering exploitation (p > 0) or exploration (p <
 0).
 
-Paper: Deng, Ren, Li, Gong, Sutherland, Li, Thrampoulidis, "Token Hidden Reward: Steering Exploration-Exploitation in
-Group Relative Deep Reinforcement Learning" (arXiv:2510.03669). Its body was not available to us: the score below is
-derived from the same group's NTHR paper ("On the Effect of Negative Gradient in Group Relative Deep Reinforcement
-Optimization", arXiv:2505.18830), generalised to all tokens as the THR abstract describes.
+Paper: Deng et al., "Token Hidden Reward: Steering Exploration-Exploitation in Group Relative Deep Reinforcement
+Learning" (arXiv:2510.03669). Its body was not available to us: the score follows the same group's NTHR paper, "On the
+Effect of Negative Gradient in Group Relative Deep Reinforcement Optimization" (arXiv:2505.18830).
 
-Idea: a GRPO step on one token moves the likelihood of the group's correct responses by (advantage) x (similarity of
-the two tokens' LM-head gradients), which factorises into a prediction-error similarity times a hidden-state similarity.
-Summing that over the correct responses' tokens gives each token's hidden reward THR: positive THR tokens make correct
-answers more confident (exploitation), negative ones keep mass on alternatives (exploration). The few tokens with large
-|THR| get their advantage scaled by 1 + p sign(THR): p > 0 favours greedy accuracy, p < 0 favours pass@k.
+Idea: a GRPO step on token k' of response j moves the log-likelihood of the group's correct responses P by A_j times
+the sum over P's tokens of the two tokens' LM-head gradient inner products <g, g'> <h, h'>: its hidden reward THR.
+THR > 0 tokens make correct answers more confident (exploitation), THR < 0 tokens keep mass on alternatives
+(exploration); the few with large |THR| get A (1 + p sign THR): p > 0 favours greedy accuracy, p < 0 pass@k.
 
-    g_{i,k} = e_{y_ik} - pi_old(. | x, y_i,<k) over V* (group's tokens, full-vocab softmax denominator)     (T1)
-    s_{j,k'} = sum_{i in P} sum_k <g_ik, g_jk'> <h_ik, h_jk'> = ((g_jk' M) * h_jk').sum,  M = G+^T H+        (T2)
-    THR_{j,k'} = a_j s_{j,k'},  a_j = sign(A_j) (--thr-advantage sign) or A_j (value)                      (T3)
-    tau = beta_tau min_{i in P} mean_k THR_{i,k};  dominant <=> |THR_{j,k'}| > tau                          (T4)
-    A'_{j,k'} = A_j (1 + p sign(THR_{j,k'})) on dominant tokens; A_j elsewhere (0 with --mask-nondominant)   (T5)
-    --selection nthr (NTHR, arXiv:2505.18830 §5.2, Algorithm 1; the confirmed special case):
-    tau = beta min_{i in P} mean_k s_{i,k};  selected <=> j incorrect and s_{j,k'} > tau;  A'_{j,k'} = eta A_j   (N1)
-    GSPO-token: s_{i,t} = sg[(pi_theta/pi_old)(y_i)^{1/|y_i|}] pi_theta(y_it) / sg[pi_theta(y_it)]  (arXiv:2507.18071,
-    --objective)
-The equation labels T1-T5 and N1 are ours (the paper's numbering was not available). h is the LM-head input (after
-the final norm) and P the correct responses (r > 0.5) of the group, all from the old policy and detached, computed
-once per rollout batch from the no-grad old-log-prob forward (grpo.py runs it only off-policy; THR needs it before the
-update, the scores use the whole group). Groups with no correct response keep plain GRPO advantages;
-all-correct/all-wrong groups have A = 0 anyway.
-
-Confirmed (abstract): THR measures a token's influence on the correct responses' likelihood; positive THR =
-exploitation, negative = exploration; amplifying positive / weakening negative (p > 0) helps greedy, the reverse
-(p < 0) helps pass@k; works with GSPO. Reconstructed from NTHR, UNCONFIRMED for THR, each with its flag:
-  - the V* restriction with the full-vocabulary denominator and the sum-first M = G+^T H+ (NTHR's tricks; exact math
-    otherwise); self-terms included (a correct token's own response is in the sum of T2);
-  - the advantage factor in T3: --thr-advantage sign (default) makes T4's tau exactly NTHR's beta min_i mean_k s_ik;
-    value uses a_j = A_j, so the threshold sees the influence magnitude |A_j s|. sign(THR) is the same either way;
-  - the dominant-token rule T4-T5 is OUR two-sided extension of NTHR's (every response, |THR| > tau, A(1 + p sign));
-    a THR reviewer only says THR's tau "follows a prior influence-based heuristic": --tau-beta (beta_tau = 1), --p
-    (|p| < 1), --mask-nondominant (the "THR-only" mode, reported ~GRPO);
-  - --selection nthr is NTHR's rule exactly (N1, confirmed in that paper: one-sided, tokens of incorrect responses
-    only, their advantage scaled by --eta; its §5.3 runs use beta = 1, eta = 0, the defaults here);
-  - the objective: --objective grpo | gspo-token (for GSPO pass GSPO's clip range: --clip-low 3e-4 --clip-high 4e-4).
-With --p 0 and no masking, or --selection nthr --eta 1, the update is exactly GRPO's (tests/test_thr.py checks it
-against grpo.py).
+    A_i = (r_i - mean_g r) / (std_g r + eps)                                   group advantage (DeepSeekMath §4.1.2)
+    g_ik = e_{y_ik} - pi_old(. | x, y_i,<k) over V* (the group's tokens; full-vocabulary softmax denominator)     (T1)
+    s_jk' = sum_{i in P} sum_k <g_ik, g_jk'> <h_ik, h_jk'> = ((g_jk' M) * h_jk').sum,  M = G+^T H+               (T2)
+    THR_jk' = a_j s_jk',  a_j = sign(A_j) (--thr-advantage sign) or A_j (value)                                  (T3)
+    tau = beta_tau min_{i in P} mean_k THR_ik;  dominant <=> |THR_jk'| > tau                                      (T4)
+    A'_jk' = A_j (1 + p sign THR_jk') on dominant tokens, A_j elsewhere (0 with --mask-nondominant)               (T5)
+    tau = beta min_{i in P} mean_k s_ik;  selected <=> j incorrect and s_jk' > tau;  A'_jk' = eta A_j if selected (N1)
+    L_t = -min(rho_t A_i, clip(rho_t, 1 - eps_low, 1 + eps_high) A_i),   rho_t = pi_theta(o_t) / pi_old(o_t)
+    loss = aggregate(L_t + beta * k3(pi_ref, pi_theta)_t - c_H * H_t)         (token-mean by default, DAPO Eq. 8)
+with A' (T5, or N1 for --selection nthr) in place of A_i. Labels ours; h = the LM-head input; P = responses with
+r > 0.5. All from pi_old, detached, from a no-grad forward before the update (grpo.py runs it only off-policy).
+Confirmed: what THR measures and the signs of p (THR's abstract); N1 (--selection nthr) is NTHR's rule, the confirmed
+special case (its §5.2, Algorithm 1: one-sided, incorrect responses only; beta = 1, eta = 0 as in its runs).
+Ours, UNCONFIRMED for THR, each with its flag:
+  - T1-T2: NTHR's V* and sum-first tricks (exact math otherwise), on every token, self-terms included;
+  - T3: --thr-advantage sign (T4's tau is then NTHR's threshold on s) | value (the threshold sees |A_j s|);
+  - T4-T5, --selection thr (default): OUR two-sided extension of N1; --tau-beta, --p, --mask-nondominant ("THR-only");
+  - --objective gspo-token: GSPO-token's sequence ratio (arXiv:2507.18071; pass --clip-low 3e-4 --clip-high 4e-4).
+Groups without a correct response keep GRPO's advantages. With --p 0, or --selection nthr --eta 1, the update is
+exactly GRPO's (tests/test_thr.py checks it against grpo.py).
 
 Run it:
-    python thr.py --p -0.2                                             # CPU demo: tiny model, countdown, a few minutes
-    python thr.py --p 0.2 --model Qwen/Qwen2.5-Math-1.5B --dataset math-lighteval \\
-        --eval-datasets math500,aime24,amc23 --prompts-per-step 128 --max-new-tokens 3072 --lr 1e-6 --steps 500 \\
-        --micro-batch-size 8                                                                        # one GPU
-    torchrun --nproc_per_node 8 thr.py --p -0.2 --model Qwen/Qwen2.5-7B ...                         # FSDP2, 8 GPUs
+    python thr.py                                                      # CPU demo: tiny model, countdown, a few minutes
+    python thr.py --model Qwen/Qwen2.5-Math-1.5B --dataset math-lighteval --eval-datasets math500,aime24,amc23 \\
+        --prompts-per-step 128 --max-new-tokens 3072 --lr 1e-6 --steps 500 --micro-batch-size 8     # one GPU
+    torchrun --nproc_per_node 8 thr.py --p 0.2 --model Qwen/Qwen2.5-7B ...                          # FSDP2, 8 GPUs
 """
-import math
 import time
 from dataclasses import dataclass, field
 
@@ -85,22 +71,17 @@ class Args(BaseArgs):
                  "Llama)")})
     mask_nondominant: bool = field(default=False, metadata={
         "help": "zero the advantage of non-dominant tokens (the paper's THR-only mode)"})
-    tau_beta: float = field(default=1.0, metadata={
-        "help": ("beta_tau of the dominant-token threshold tau = beta_tau * min over correct responses of their "
-                 "mean THR (NTHR: 1)")})
-    selection: str = field(default="thr", metadata={
-        "choices": ["thr", "nthr"],
-        "help": ("thr: |THR| > tau on every response, A (1 + p sign THR) (our two-sided extension) | nthr: NTHR's "
-                 "rule, tokens of incorrect responses with s > tau get eta A (--p unused)")})
+    tau_beta: float = field(default=1.0, metadata={"help": ("beta_tau of the dominant-token threshold tau = beta_tau * "
+                                                            "min over correct responses of their mean THR (NTHR: 1)")})
+    selection: str = field(default="thr", metadata={"choices": ["thr", "nthr"], "help": (
+        "thr: |THR| > tau on every response, A (1 + p sign THR) (our two-sided extension) | nthr: NTHR's rule, tokens "
+        "of incorrect responses with s > tau get eta A (--p unused)")})
     eta: float = field(default=0.0, metadata={
         "help": "NTHR's advantage scale on its selected tokens, 0 <= eta <= 1 (--selection nthr; NTHR: 0)"})
-    thr_advantage: str = field(default="sign", metadata={
-        "choices": ["sign", "value"],
-        "help": "advantage factor of THR = a_j * s: sign(A_j) (NTHR's |s| threshold) | value A_j"})
-    objective: str = field(default="grpo", metadata={
-        "choices": ["grpo", "gspo-token"],
-        "help": ("grpo: token ratio | gspo-token: sequence ratio, token advantages (pass --clip-low 3e-4 "
-                 "--clip-high 4e-4)")})
+    thr_advantage: str = field(default="sign", metadata={"choices": ["sign", "value"], "help": (
+        "advantage factor of THR = a_j * s: sign(A_j) (NTHR's |s| threshold) | value A_j")})
+    objective: str = field(default="grpo", metadata={"choices": ["grpo", "gspo-token"], "help": (
+        "grpo: token ratio | gspo-token: sequence ratio, token advantages (pass --clip-low 3e-4 --clip-high 4e-4)")})
 
     def __post_init__(self):
         super().__post_init__()  # also checks every field's "choices"
@@ -108,8 +89,7 @@ class Args(BaseArgs):
         require(self.kl_coef >= 0 and self.entropy_coef >= 0, "--kl-coef and --entropy-coef must be >= 0")
         require(self.ppo_epochs >= 1 and self.mini_batches >= 1, "--ppo-epochs and --mini-batches must be >= 1")
         require(-1 < self.p < 1, f"--p must be in (-1, 1) so that no advantage changes sign (got {self.p})")
-        require(self.tau_beta >= 0 and math.isfinite(self.tau_beta),
-                f"--tau-beta must be a finite number >= 0 (got {self.tau_beta})")
+        require(0 <= self.tau_beta < torch.inf, f"--tau-beta must be a finite number >= 0 (got {self.tau_beta})")
         require(0 <= self.eta <= 1, f"--eta must be in [0, 1] (got {self.eta})")
 
 
@@ -138,8 +118,8 @@ def kl_k3(logp, ref_logp):
 
 
 def prediction_errors(logits, logz, targets, vocab):
-    """g = e_y - pi_old restricted to the columns `vocab` (V*), with the FULL-vocabulary log-normaliser logz (T1).
-    logits: [n, K] = h @ W[vocab].T; logz: [n]; targets: [n]; vocab: [K] -> [n, K]."""
+    """g = e_y - pi_old over the columns `vocab` (V*), with the FULL-vocabulary log-normaliser logz (T1).
+    logits: [n, K] = h @ W[vocab].T; logz, targets: [n]; vocab: [K] -> [n, K]."""
     return (targets[:, None] == vocab[None, :]).to(logits.dtype) - torch.exp(logits - logz[:, None])
 
 
@@ -151,51 +131,37 @@ def hidden_reward_scores(g, h, correct):
 
 
 def token_hidden_scores(hidden, logz, targets, mask, correct, weight, group_size):
-    """s (T2) for every completion token of whole groups of G consecutive rows, vocabulary restricted per group to the
-    tokens its G responses contain. hidden: [n, T, d] LM-head inputs; logz, targets, mask: [n, T]; correct: [n] bool;
-    weight: [V, d] LM head. Returns [n, T] in fp32 (fp64 if the weights are), 0 at padding and in groups with no
-    correct response (THR undefined there: plain GRPO)."""
+    """s (T2) for every completion token of whole groups of G rows, the vocabulary restricted per group to the tokens
+    of its responses (V*). hidden: [n, T, d] LM-head inputs; logz, targets, mask: [n, T]; correct: [n] bool; weight:
+    [V, d] LM head -> [n, T] in fp32 (fp64 with fp64 weights), 0 at padding and in groups with no correct response."""
     dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
     s = torch.zeros(targets.shape, dtype=dtype, device=targets.device)  # [n, T]
     with torch.autocast(hidden.device.type, enabled=False):  # fp32 accumulation even inside the bf16 autocast region
         for g0 in range(0, len(targets), group_size):
             rows, valid = slice(g0, g0 + group_size), mask[g0:g0 + group_size].bool()  # [G, T]
-            if not correct[rows].any():
-                continue
-            y = targets[rows][valid]  # [n_g] the group's tokens, row-major
-            vocab = y.unique()  # V* [K]
-            h = hidden[rows][valid].to(dtype)  # [n_g, d]
-            g = prediction_errors(h @ weight[vocab].to(dtype).T, logz[rows][valid].to(dtype), y, vocab)  # [n_g, K]
-            s[rows][valid] = hidden_reward_scores(g, h, correct[rows, None].expand_as(valid)[valid])
+            if correct[rows].any():  # else THR is undefined there: plain GRPO
+                y, h = targets[rows][valid], hidden[rows][valid].to(dtype)  # [n_g], [n_g, d]: the group's tokens
+                vocab = y.unique()  # V* [K]
+                g = prediction_errors(h @ weight[vocab].to(dtype).T, logz[rows][valid].to(dtype), y, vocab)  # [n_g, K]
+                s[rows][valid] = hidden_reward_scores(g, h, correct[rows, None].expand_as(valid)[valid])
     return s
 
 
 def token_hidden_reward(s, advantages, factor="sign"):
     """THR = a_j s (T3), a_j = sign(A_j) or A_j. s: [N, T], advantages: [N] -> [N, T]."""
-    a = advantages.sign() if factor == "sign" else advantages
-    return a[:, None] * s
+    return (advantages.sign() if factor == "sign" else advantages)[:, None] * s
 
 
-def group_threshold(score, mask, correct, group_size, beta):
-    """tau = beta * min over the group's correct responses of their mean score (T4, N1), one value per response.
-    score, mask: [N, T]; correct: [N] bool -> [N] (inf, or nan if beta = 0, where the group has no correct response)."""
+def dominant_tokens(score, mask, correct, group_size, beta, rule="thr"):
+    """The tokens past tau = beta * min over the group's correct responses of their mean score: |THR| > tau on every
+    response (rule thr: our T4) or s > tau on incorrect responses only (nthr: NTHR's N1). score, mask: [N, T];
+    correct: [N] bool -> [N, T] bool (never padding, none in a group without a correct response: tau = inf or nan)."""
     mean = (score * mask).sum(-1) / mask.sum(-1).clamp(min=1)  # [N] anchor score of each response
-    anchor = torch.where(correct, mean, torch.full_like(mean, math.inf)).view(-1, group_size).min(-1).values  # [N/G]
-    return (beta * anchor).repeat_interleave(group_size)  # [N]
-
-
-def dominant_tokens(thr, mask, correct, group_size, tau_beta):
-    """Our two-sided rule (T4): dominant <=> |THR| > tau, on every response of a group with a correct response.
-    thr, mask: [N, T]; correct: [N] bool -> [N, T] bool (False at padding and in groups without a correct response)."""
-    tau = group_threshold(thr, mask, correct, group_size, tau_beta)  # [N]
-    return (thr.abs() > tau[:, None]) & mask.bool() & torch.isfinite(tau)[:, None]
-
-
-def nthr_tokens(s, mask, correct, group_size, beta):
-    """NTHR's one-sided rule (N1): tokens of INCORRECT responses whose score s (T2, not THR) exceeds tau.
-    s, mask: [N, T]; correct: [N] bool -> [N, T] bool (never a correct response's token, never padding)."""
-    tau = group_threshold(s, mask, correct, group_size, beta)  # [N]; inf/nan without a correct response: s > tau False
-    return (s > tau[:, None]) & mask.bool() & ~correct[:, None]
+    tau = beta * torch.where(correct, mean, torch.inf).view(-1, group_size).min(-1).values  # [N/G]
+    tau = tau.repeat_interleave(group_size)[:, None]  # [N, 1]
+    if rule == "nthr":
+        return (score > tau) & mask.bool() & ~correct[:, None]
+    return (score.abs() > tau) & mask.bool()
 
 
 def reweighted_advantages(advantages, thr, dominant, p, mask_nondominant):
@@ -208,19 +174,7 @@ def reweighted_advantages(advantages, thr, dominant, p, mask_nondominant):
 
 def nthr_advantages(advantages, selected, eta):
     """A' = eta A on NTHR's selected tokens, A elsewhere (N1). advantages: [N]; selected: [N, T] bool -> [N, T]."""
-    A = advantages[:, None].expand(selected.shape)  # [N, T]
-    return torch.where(selected, eta * A, A)
-
-
-def entropy_overlap(thr, entropy, mask, frac=0.2):
-    """(|top-frac by |THR| & top-frac by entropy|, frac * n) over the n valid tokens with THR != 0 (chance: frac)."""
-    keep = mask.bool() & (thr != 0)
-    k = int(frac * keep.sum().item())
-    if k == 0:
-        return 0, 0
-    top_thr = set(thr[keep].abs().topk(k).indices.tolist())
-    top_ent = set(entropy[keep].topk(k).indices.tolist())
-    return len(top_thr & top_ent), k
+    return torch.where(selected, eta * advantages[:, None], advantages[:, None])
 
 
 def gspo_token_logp(logp, old_logp, mask):
@@ -231,25 +185,27 @@ def gspo_token_logp(logp, old_logp, mask):
     return old_logp + log_s.detach() + logp - logp.detach()
 
 
-def thr_sums(thr, dominant, correct, entropy, mask, t_thr):
-    """This rank's sums behind THR's diagnostics (the train loop adds them over ranks). thr, entropy, mask: [N, T];
-    dominant: [N, T] bool; correct: [N] bool."""
-    dom, pos, neg, ok = dominant.float(), (thr > 0).float(), (thr < 0).float(), correct[:, None].float()
-    overlap, top_k = entropy_overlap(thr, entropy, mask)
-    return {"dom": dom.sum().item(), "dom_pos": (dom * pos).sum().item(), "dom_neg": (dom * neg).sum().item(),
-            "dom_ok": (dom * ok).sum().item(), "dom_pos_ok": (dom * pos * ok).sum().item(),
-            "dom_neg_ok": (dom * neg * ok).sum().item(), "overlap": overlap, "top_k": top_k, "t_thr": t_thr}
+def entropy_overlap(thr, entropy, mask, frac=0.2):
+    """(|top-frac by |THR| & top-frac by entropy|, frac * n) over the n valid tokens with THR != 0 (chance: frac)."""
+    keep = mask.bool() & (thr != 0)
+    k = int(frac * keep.sum().item())
+    top = lambda v: set(v[keep].topk(k).indices.tolist())  # noqa: E731
+    return (len(top(thr.abs()) & top(entropy)), k) if k else (0, 0)
 
 
-def thr_metrics(s, world):
-    """THR's diagnostics from the summed thr_sums: which dominant tokens are pushed up (THR > 0) or down, by answer."""
-    div = lambda a, b: a / b if b else 0.0  # noqa: E731
-    wrong, wrong_pos, wrong_neg = s["dom"] - s["dom_ok"], s["dom_pos"] - s["dom_pos_ok"], s["dom_neg"] - s["dom_neg_ok"]
-    return {"thr/dominant_frac": s["dom"] / s["tokens"], "thr/pos_frac": div(s["dom_pos"], s["dom"]),
-            "thr/neg_frac": div(s["dom_neg"], s["dom"]), "thr/pos_frac/correct": div(s["dom_pos_ok"], s["dom_ok"]),
-            "thr/neg_frac/correct": div(s["dom_neg_ok"], s["dom_ok"]), "thr/pos_frac/incorrect": div(wrong_pos, wrong),
-            "thr/neg_frac/incorrect": div(wrong_neg, wrong), "thr/entropy_overlap": div(s["overlap"], s["top_k"]),
-            "thr/time_s": s["t_thr"] / world}
+def thr_metrics(thr, dominant, correct, entropy, mask, t_thr, world, device):
+    """THR's diagnostics over all ranks: the dominant tokens' share; among them, the fractions pushed up (THR > 0) and
+    down (THR < 0), overall and by answer; the top-20% |THR| / entropy overlap; THR's own compute time."""
+    (overlap, top_k), parts = entropy_overlap(thr, entropy, mask), ("", "/correct", "/incorrect")
+    s = {"tokens": mask.sum().item(), "t_thr": t_thr, "overlap": overlap, "top_k": top_k}
+    for part, rows in zip(parts, (mask.bool(), correct[:, None], ~correct[:, None])):
+        dom = dominant & rows  # [N, T]
+        s.update({"dom" + part: dom.sum().item(), "pos" + part: (dom & (thr > 0)).sum().item(),
+                  "neg" + part: (dom & (thr < 0)).sum().item()})
+    s, div = all_sum_dict(s, device), lambda a, b: a / b if b else 0.0
+    return {"thr/dominant_frac": s["dom"] / s["tokens"], "thr/entropy_overlap": div(s["overlap"], s["top_k"]),
+            "thr/time_s": s["t_thr"] / world, **{f"thr/{sign}_frac{part}": div(s[sign + part], s["dom" + part])
+                                                 for part in parts for sign in ("pos", "neg")}}
 
 
 def train(args):
@@ -280,35 +236,29 @@ def train(args):
         # 3. Group-relative advantages, broadcast to every token of the completion.
         advantages = group_advantages(rewards, G, args.scale_rewards)  # [N]
         # 4. Old log-probs log pi_old(o_t) (and the reference model's) from a no-grad forward of the training model.
+        #    THR runs it on-policy too, in whole groups: its h and full-vocabulary logsumexp give the scores s (T2).
         ids, attn, mask, P = rollout_batch(samples, pad, device)  # [N, P+T], [N, P+T], [N, T]
         rollout_logp = rollout_logprobs(samples, mask)  # [N, T]: the engine's log pi(o_t) (vLLM), None with HF
-        #    Whole groups per micro-batch, so THR's per-group sums see all G responses (a rank holds whole groups).
-        mbs = max(G, args.micro_batch_size // G * G)
+        mbs, correct = max(G, args.micro_batch_size // G * G), rewards > 0.5  # whole groups; [N] the set P of each
         micro = [slice(i, i + mbs) for i in range(0, len(samples), mbs)]
         logprobs = lambda m, net=model: token_logprobs(net, ids[m], attn[m], P, args.logprob_chunk)  # noqa: E731
-        correct = rewards > 0.5  # [N] the set P of each group
-        old_parts, s_parts, t_thr = [], [], 0.0
+        old_logp, entropy = torch.zeros_like(mask), torch.zeros_like(mask)  # [N, T]
+        scores, t_thr = torch.zeros_like(mask), 0.0  # [N, T] s (T2)
         with torch.no_grad(), autocast(device):
-            for m in micro:  # old log-probs + LM-head inputs h + full-vocabulary logsumexp from the same forward
-                lp, ent, h, logz = token_logprobs(model, ids[m], attn[m], P, args.logprob_chunk, return_hidden=True,
-                                                  row_fn=lambda logits, t: logits.logsumexp(-1))
-                t1 = time.time()
-                weight = model.get_output_embeddings().weight  # [V, d], unsharded right after the forward
-                s_parts.append(token_hidden_scores(h, logz, ids[m, P:], mask[m], correct[m], weight, G))  # [n, T] (T2)
-                old_parts.append((lp, ent))
+            for m in micro:
+                old_logp[m], entropy[m], h, logz = token_logprobs(  # h [n, T, d] LM-head inputs, logz [n, T]
+                    model, ids[m], attn[m], P, args.logprob_chunk, return_hidden=True,
+                    row_fn=lambda logits, t: logits.logsumexp(-1))  # the full-vocabulary log-normaliser
+                t1, weight = time.time(), model.get_output_embeddings().weight  # [V, d], unsharded after the forward
+                scores[m] = token_hidden_scores(h, logz, ids[m, P:], mask[m], correct[m], weight, G)  # [n, T] (T2)
                 t_thr += time.time() - t1
-            old_logp, entropy = map(torch.cat, zip(*old_parts))
             ref_logp = torch.cat([logprobs(m, ref_model)[0] for m in micro]) if ref_model else None
-        # 4b. THR (T3), dominant tokens (T4) and the reweighted token advantages A' (T5).
-        t1 = time.time()
-        scores = torch.cat(s_parts)  # [N, T] s (T2)
+        # 4b. THR (T3), the dominant tokens (T4, or N1's selected ones) and the token advantages A' (T5, or N1).
+        t1, nthr = time.time(), args.selection == "nthr"
         thr = token_hidden_reward(scores, advantages, args.thr_advantage)  # [N, T]
-        if args.selection == "nthr":  # NTHR's rule (N1): incorrect responses' tokens with s > tau get eta A
-            dominant = nthr_tokens(scores, mask, correct, G, args.tau_beta)  # [N, T] bool
-            token_adv = nthr_advantages(advantages, dominant, args.eta)  # [N, T]
-        else:  # our two-sided rule (T4, T5)
-            dominant = dominant_tokens(thr, mask, correct, G, args.tau_beta)  # [N, T] bool
-            token_adv = reweighted_advantages(advantages, thr, dominant, args.p, args.mask_nondominant)  # [N, T]
+        dominant = dominant_tokens(scores if nthr else thr, mask, correct, G, args.tau_beta, args.selection)  # [N, T]
+        token_adv = (nthr_advantages(advantages, dominant, args.eta) if nthr else
+                     reweighted_advantages(advantages, thr, dominant, args.p, args.mask_nondominant))  # [N, T]
         t_thr += time.time() - t1
         # 5. Policy update: ppo_epochs x mini_batches optimizer steps on the clipped surrogate.
         rows, sums = torch.arange(len(samples), device=device), {"clipped": 0.0, "loss": 0.0}
@@ -321,7 +271,8 @@ def train(args):
                         logp, ent = logprobs(m)  # [n, T]
                     if args.objective == "gspo-token":
                         logp = gspo_token_logp(logp, old_logp[m], mask[m])
-                    token_loss, clipped = policy_loss(logp, old_logp[m], token_adv[m], args.clip_low, args.clip_high)
+                    token_loss, clipped = policy_loss(logp, old_logp[m], token_adv[m], args.clip_low,
+                                                      args.clip_high)
                     token_loss = token_loss * truncated_is_weight(old_logp[m], rollout_logp, m, args.tis_cap)  # TIS
                     if ref_model is not None:
                         token_loss = token_loss + args.kl_coef * kl_k3(logp, ref_logp[m])
@@ -337,12 +288,11 @@ def train(args):
         fault_point("update", step + 1)
         t_train = time.time() - t0 - t_rollout - t_reward
         # 6. Metrics (sums by name, added over ranks), evaluation, checkpoint.
-        thr_s = thr_sums(thr, dominant, correct, entropy, mask, t_thr)
-        s = all_sum_dict({**rollout_sums(rewards, mask, entropy, samples, G), **sums, **thr_s}, device)
+        s = all_sum_dict({**rollout_sums(rewards, mask, entropy, samples, G), **sums}, device)
         record = {"step": step + 1, **rollout_metrics(s, args.ppo_epochs), "grad_norm": grad_norm, "lr": lr,
                   "skipped_steps": skipped,
                   **time_metrics(t_rollout, t_reward, t_train, s, args.ppo_epochs + 1)}
-        record.update(thr_metrics(s, world))
+        record.update(thr_metrics(thr, dominant, correct, entropy, mask, t_thr, world, device))
         record.update(system_metrics(engine, old_logp, rollout_logp, mask, args, device))
         samples_by_set = None
         if due(args.eval_every, step + 1, args.steps):

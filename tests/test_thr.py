@@ -6,8 +6,8 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from common import aggregate_loss, token_logprobs
 from test_grpo_script import SMALL, metrics, run
-from thr import (dominant_tokens, entropy_overlap, gspo_token_logp, hidden_reward_scores, nthr_advantages, nthr_tokens,
-                 policy_loss, prediction_errors, reweighted_advantages, token_hidden_reward, token_hidden_scores)
+from thr import (dominant_tokens, entropy_overlap, gspo_token_logp, hidden_reward_scores, nthr_advantages, policy_loss,
+                 prediction_errors, reweighted_advantages, token_hidden_reward, token_hidden_scores)
 
 GROUPS = SMALL + ["--prompts-per-step", "8", "--group-size", "8"]  # enough mixed groups for a learning signal
 LSE = lambda logits, t: logits.logsumexp(-1)  # noqa: E731  the row_fn the script passes
@@ -185,10 +185,11 @@ def test_nthr_selection_hand_worked():
     # mean s over valid tokens: row 0 (2 + 4) / 2 = 3, row 1 (1 + 3) / 2 = 2 -> tau = 1 * min(3, 2) = 2.
     # Row 2 (incorrect): 2.5 > 2 selected; 1 not; -5 not (one-sided, although |-5| > 2). Row 3: 2 is not > 2; 7 is.
     # The correct rows' 4 and 3 exceed tau but are never selected; the padded 9 and 0 neither; rows 4-7 have no tau.
-    sel = nthr_tokens(s, mask, correct, 4, 1.0)
+    sel = dominant_tokens(s, mask, correct, 4, 1.0, "nthr")
     assert sel.tolist() == [[False] * 3, [False] * 3, [True, False, False], [False, True, False]] + [[False] * 3] * 4
     # beta = 0.5 -> tau = 1: row 2's 1.0 is still not > 1, row 3's 2.0 now is
-    assert nthr_tokens(s, mask, correct, 4, 0.5)[2:4].tolist() == [[True, False, False], [True, True, False]]
+    sel_half = dominant_tokens(s, mask, correct, 4, 0.5, "nthr")
+    assert sel_half[2:4].tolist() == [[True, False, False], [True, True, False]]
     adv = torch.tensor([1.0, 1.0, -1.0, -1.0, 0.0, 0.0, 0.0, 0.0])
     assert nthr_advantages(adv, sel, 0.0)[2:4].tolist() == [[0.0, -1.0, -1.0], [-1.0, 0.0, -1.0]]  # eta = 0 (NTHR)
     assert nthr_advantages(adv, sel, 0.5)[3].tolist() == [-1.0, -0.5, -1.0]
