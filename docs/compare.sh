@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The README's side-by-side study: every method on the built-in task with grpo.py's default configuration (tiny model,
 # countdown, 100 steps x 32 prompts x G = 8), n = 64 held-out samples per problem at every evaluation, one seed
-# (SEED=0 by default) per invocation; about 5-8 minutes a run on one core. Then: python eval.py compare runs/cmp-*-s* --out docs/
+# (SEED=0 by default) per invocation; about 5-10 minutes a run on one core (2 PPO epochs: more). Then eval.py compare (README)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SEED=${SEED:-0}
