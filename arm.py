@@ -218,7 +218,7 @@ def train(args):
     engine = rollout_engine(args, model, tokenizer, rank)  # None: HF generate on the training model; else vLLM
     start, skipped, streak, history = resume_or_evaluate(run_dir, model, optimizer, tokenizer, eval_sets, args, device,
                                                          engine, rank)  # --resume: the checkpoint; else eval step 0
-    G, pad, on_policy = args.group_size, tokenizer.pad_token_id, args.ppo_epochs == args.mini_batches == 1
+    G, pad = args.group_size, tokenizer.pad_token_id  # always a no-grad old-log-prob pass: no on-policy shortcut
     bar = progress(start, args.steps, __file__, rank)
     for step in bar:
         t0, lr = time.time(), set_lr(optimizer, args, step)

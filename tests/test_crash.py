@@ -4,7 +4,6 @@ a run never interrupted; partial files are ignored; --resume refuses changed exp
 skipped, counted, and stop the run when too many come in a row."""
 import json
 import os
-import shutil
 
 import pytest
 import torch
