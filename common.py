@@ -217,6 +217,14 @@ def all_sum_dict(sums, device):
     return dict(zip(sums, all_sum(list(sums.values()), device)))
 
 
+def all_max_dict(values, device):
+    """Max of a dict of floats over ranks in one all-reduce, read back by name (diagnostics: an empty set sends -inf)."""
+    t = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return dict(zip(values, t.tolist()))
+
+
 def gather_objects(obj):
     """List of `obj` from every rank (rank order)."""
     if not dist.is_initialized():

@@ -241,7 +241,7 @@ def train(args):
         rollout_logp = rollout_logprobs(samples, mask)  # [N, T]: the engine's log pi(o_t) (vLLM), None with HF
         mbs, correct = max(G, args.micro_batch_size // G * G), rewards > 0.5  # whole groups; [N] the set P of each
         micro = [slice(i, i + mbs) for i in range(0, len(samples), mbs)]
-        logprobs = lambda m, net=model: token_logprobs(net, ids[m], attn[m], P, args.logprob_chunk)  # noqa: E731
+        logprobs = lambda m, net=model, **kw: token_logprobs(net, ids[m], attn[m], P, args.logprob_chunk, **kw)  # noqa
         old_logp, entropy = torch.zeros_like(mask), torch.zeros_like(mask)  # [N, T]
         scores, t_thr = torch.zeros_like(mask), 0.0  # [N, T] s (T2)
         with torch.no_grad(), autocast(device):
