@@ -218,7 +218,7 @@ def all_sum_dict(sums, device):
 
 
 def all_max_dict(values, device):
-    """Max of a dict of floats over ranks in one all-reduce, read back by name (diagnostics: an empty set sends -inf)."""
+    """Max of a dict of floats over ranks in one all-reduce, read back by name (an empty set sends -inf)."""
     t = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
     if dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
