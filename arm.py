@@ -1,14 +1,16 @@
-"""ARM / ProGRPO: GRPO whose advantages are shifted by how much more confident the model is in an answer than in the
-prompt.
+"""ARM / ProGRPO (Advantage Re-weighting Mechanism): GRPO with advantages shifted by the confidence gap c(q) - c(o|q).
 
 Paper: Li, Goncharova, Kuznetsov, Oseledets, "Back to Basics: Revisiting Exploration in Reinforcement Learning for LLM
-Reasoning via Generative Probabilities" (arXiv:2602.05281). Only the abstract and secondary reviews were available.
+Reasoning via Generative Probabilities" (arXiv:2602.05281); only its abstract and secondary reviews were available.
+Papers: Shao et al., "DeepSeekMath" (arXiv:2402.03300) for GRPO; Yu et al., "DAPO" (arXiv:2503.14476) for
+clip-higher and the token-mean loss; Liu et al., "Understanding R1-Zero-Like Training" (Dr. GRPO, arXiv:2503.20783).
 
-Idea: GRPO keeps pushing up the correct answers the model already finds most likely, so entropy collapses. ARM (the
-Advantage Re-weighting Mechanism) shifts every advantage of a group with a correct answer by alpha (c(q) - c(o_i|q)),
-c a generative-probability confidence: over-confident correct paths get a smaller update, under-explored ones a larger
-one, and all-correct groups (A = 0; NOT dropped here) still learn. Equivalently: GRPO plus REINFORCE on the intrinsic
-reward -alpha c(o|q) with baseline -alpha c(q), a confidence penalty, which is why entropy rises.
+Idea: sample G completions per prompt, score each with a verifier (reward 1 if the final answer is right), and use the
+reward standardised within the group as every token's advantage; no value network. The update is PPO's clipped
+surrogate on those advantages, here strictly on-policy by default (one update per rollout batch, ratio = 1).
+But GRPO keeps pushing up the correct answers the model already finds most likely, so entropy collapses. ARM shifts
+every advantage of a group with a correct answer by a confidence term (A1): over-confident correct paths get a smaller
+update, under-explored ones a larger one, all-correct groups (A = 0; NOT dropped) still learn.
 
     A_i = (r_i - mean_g r) / (std_g r + eps)                                   group advantage (DeepSeekMath §4.1.2)
     A~_i = A_i if no response of the group is correct, else A_i + alpha (c(q) - c(o_i|q))                           (A1)
@@ -17,19 +19,9 @@ reward -alpha c(o|q) with baseline -alpha c(q), a confidence penalty, which is w
     c(q) = exp(mean_{t >= 2} log pi_old(q_t | q_<t)) = 1 / PPL(q)   over the prompt tokens as fed (chat template)  (A3)
     L_t = -min(rho_t A_i, clip(rho_t, 1 - eps_low, 1 + eps_high) A_i),   rho_t = pi_theta(o_t) / pi_old(o_t)
     loss = aggregate(L_t + beta * k3(pi_ref, pi_theta)_t - c_H * H_t)         (token-mean by default, DAPO Eq. 8)
-with A~_i in place of A_i, eps = --delta and clip-higher [0.8, 1.28] (A4). The labels A1-A4 are ours. c(q) and c(o|q)
-are detached, from a no-grad old-log-prob forward before the update (grpo.py runs it only off-policy), started at
-position 1 instead of P so that it scores the prompt too (one forward; the chunked LM head also sees the prompt).
-Confirmed (the paper's LaTeX, quoted in a review): A1 and its gating. Reported by summaries: T_low with rho ~ 20%.
-Reconstructed, UNCONFIRMED, each with its flag:
-  - --alpha 0.2 (not found in the paper; sweep 0.05-0.5; alpha >~ 1 can flip the sign of correct responses);
-  - --rho 0.2 and the T_low rule A2 (ties at the boundary do not matter: tied values are equal);
-  - --answer-confidence tlow-mean (A2) | sum-over-k: exp(sum_{all t} l_t / K);
-  - --prompt-confidence ppl (A3) | tlow (A2 on the prompt) | group-mean (mean_g c(o|q); the pass then starts at P);
-  - --arm-scope all (A1, the LaTeX) | correct (correct responses only) | mixed: an ablation, also off in all-correct
-    groups as one secondary note describes ARM, which contradicts the LaTeX's gating. "Correct" means reward > 0.5.
-With --alpha 0 the update is exactly GRPO's with the same clip (tests/test_arm.py checks it against grpo.py); the fair
-GRPO baseline is `grpo.py --clip-high 0.28`.
+with A~_i in place of A_i, eps = --delta and clip-higher [0.8, 1.28] (A4); the labels A1-A4 are ours. Confirmed (the
+paper's LaTeX, quoted in a review): A1 and its gating; reported by summaries: T_low with rho ~ 20%. UNCONFIRMED, ours,
+each a flag: --alpha 0.2, --rho 0.2 and A2, --answer-confidence, --prompt-confidence (A3), --arm-scope correct|mixed.
 
 Run it:
     python arm.py                                                      # CPU demo: tiny model, countdown, a few minutes
@@ -49,7 +41,7 @@ from common import (BaseArgs, aggregate_loss, all_sum_dict, autocast, compute_re
                     require, resume_or_evaluate, rollout_batch, rollout_engine, rollout_logprobs, rollout_metrics,
                     rollout_sums, save_checkpoint, set_lr, shard_model, start_run, step_groups, system_metrics,
                     time_metrics, token_logprobs, truncated_is_weight)
-from common import answer_key, gather_objects  # arm_metrics
+from common import all_max_dict, answer_key  # arm_metrics
 
 
 @dataclass
@@ -67,14 +59,11 @@ class Args(BaseArgs):
     entropy_coef: float = field(default=0.0, metadata={"help": "entropy bonus coefficient"})
     ppo_epochs: int = field(default=1, metadata={"help": "passes over each rollout batch"})
     mini_batches: int = field(default=1, metadata={"help": "optimizer steps per pass (1 = strictly on-policy)"})
-    alpha: float = field(default=0.2, metadata={
-        "help": "ARM strength alpha in A~ = A + alpha (c(q) - c(o|q)) (A1); UNCONFIRMED, sweep 0.05-0.5; 0 = GRPO"})
-    rho: float = field(default=0.2, metadata={
-        "help": "fraction of a response's lowest-probability tokens T_low: K = max(1, ceil(rho L)) (A2)"})
+    alpha: float = field(default=0.2, metadata={"help": "A1's shift strength; UNCONFIRMED, sweep 0.05-0.5; 0 = GRPO"})
+    rho: float = field(default=0.2, metadata={"help": "T_low: K = max(1, ceil(rho L)) lowest-probability tokens (A2)"})
     delta: float = field(default=1e-6, metadata={"help": "delta in A = (r - mean) / (std + delta)"})
-    arm_scope: str = field(default="all", metadata={"choices": ["all", "correct", "mixed"], "help": (
-        "which responses of a group with a correct answer are shifted: all (A1) | correct only | mixed (all, but not "
-        "in all-correct groups)")})
+    arm_scope: str = field(default="all", metadata={"choices": ["all", "correct", "mixed"], "help": "responses shifted "
+        "in a group with a correct answer: all (A1) | correct (only) | mixed (all, but not in all-correct groups)"})
     answer_confidence: str = field(default="tlow-mean", metadata={"choices": ["tlow-mean", "sum-over-k"], "help": (
         "c(o|q): tlow-mean exp(mean_{T_low} l_t) (A2) | sum-over-k exp(sum_{all t} l_t / K)")})
     prompt_confidence: str = field(default="ppl", metadata={"choices": ["ppl", "tlow", "group-mean"], "help": (
@@ -115,9 +104,8 @@ def kl_k3(logp, ref_logp):
 
 
 def split_prompt_positions(logp, entropy, attn, P, first):
-    """Split the old-log-prob pass, run from position `first` (1; P when no prompt scoring is needed), into the prompt
-    part log pi_old(q_t | q_<t) [N, P-first] with its mask, and the completion part of logp and entropy [N, T].
-    Prompts are left-padded: q_t counts when t >= 2, i.e. both the token and the state predicting it are real."""
+    """Split the old-log-prob pass run from `first` (1; P: no prompt scoring) into log pi_old(q_t | q_<t) with its mask
+    [N, P-first] (left padding: q_t counts if it and the state predicting it are real, t >= 2), logp, entropy [N, T]."""
     prompt_mask = (attn[:, 1:P] * attn[:, :P - 1]).float()[:, :P - first]  # [N, P-first]
     return logp[:, :P - first], prompt_mask, logp[:, P - first:], entropy[:, P - first:]
 
@@ -128,80 +116,64 @@ def low_probability_tokens(logp, mask, rho):
     L = mask.sum(-1)  # [N]
     K = torch.ceil(rho * L.double() - 1e-9).clamp(min=1).minimum(L)  # [N]; - 1e-9: 0.2 * 15 = 3.0000000000000004
     order = torch.where(mask.bool(), logp, torch.inf).argsort(dim=-1, stable=True)  # [N, T] ascending, padding last
-    rank = torch.empty_like(order).scatter_(-1, order,
-                                            torch.arange(logp.shape[-1], device=logp.device).expand_as(order))
-    return rank < K[:, None], K
+    return order.argsort(dim=-1) < K[:, None], K  # the order's argsort: each position's rank
 
 
 def answer_confidence(logp, mask, rho, form="tlow-mean"):
     """c(o|q) = exp(mean_{t in T_low} l_t) (A2), or exp(sum_{all t} l_t / K) with form="sum-over-k". logp = log pi_old
     of the response tokens, mask: [N, T] -> [N]. An empty response has c = 1 (probability of the empty sequence)."""
     low, K = low_probability_tokens(logp, mask, rho)  # [N, T], [N]
-    keep = low if form == "tlow-mean" else mask.bool()
-    total = torch.where(keep, logp, 0.0).sum(-1)  # where, not *: never 0 * inf
+    total = torch.where(low if form == "tlow-mean" else mask.bool(), logp, 0.0).sum(-1)  # where, not *: never 0 * inf
     return torch.exp(total / K.clamp(min=1))
 
 
 def prompt_confidence(prompt_logp, prompt_mask, c_answer, group_size, rho, form="ppl"):
-    """c(q), once per prompt and broadcast to its G responses -> [N]. prompt_logp: log pi_old(q_t | q_<t) [N, P-1],
-    prompt_mask: [N, P-1] (1 for t >= 2); c_answer: [N]. ppl: exp(mean_t) = 1/PPL(q) (A3); tlow: A2 on the prompt;
-    group-mean: mean_g c(o|q) (prompt_logp unused)."""
-    if form == "group-mean":
-        c = c_answer
-    elif form == "tlow":
-        c = answer_confidence(prompt_logp, prompt_mask, rho)
-    else:
+    """c(q) per prompt, broadcast to its G responses -> [N]: ppl exp(mean_t) = 1/PPL(q) (A3) | tlow: A2 on the prompt |
+    group-mean: mean_g c(o|q). prompt_logp (log pi_old(q_t | q_<t)), prompt_mask (t >= 2): [N, P-1]; c_answer: [N]."""
+    if form == "ppl":  # A3
         c = torch.exp(torch.where(prompt_mask.bool(), prompt_logp, 0.0).sum(-1) / prompt_mask.sum(-1).clamp(min=1))
+    else:  # tlow: A2 on the prompt tokens; group-mean: the mean of c(o|q) below
+        c = answer_confidence(prompt_logp, prompt_mask, rho) if form == "tlow" else c_answer
     return c.view(-1, group_size).mean(-1).repeat_interleave(group_size)  # [N/G] -> [N]: one c(q) per prompt
 
 
 def arm_advantages(advantages, correct, c_prompt, c_answer, group_size, alpha, scope="all"):
-    """A~ = A + alpha (c(q) - c(o|q)) on the responses in scope of groups with at least one correct answer, A elsewhere
-    (A1). advantages, c_prompt, c_answer: [N]; correct: [N] bool. scope: all | correct (correct responses only) | mixed
-    (all, except in all-correct groups). Returns (A~ [N], shifted [N] bool)."""
+    """A~ = A + alpha (c(q) - c(o|q)) (A1) on the responses in scope of groups with a correct answer, A elsewhere;
+    scope: all | correct (correct ones only) | mixed (all, except in all-correct groups). [N] -> (A~, shifted) [N]."""
     c = correct.view(-1, group_size)  # [N/G, G]
     shifted = c.any(-1, keepdim=True).expand_as(c)  # every response of a group with a correct answer
-    if scope == "correct":
-        shifted = shifted & c
-    elif scope == "mixed":
-        shifted = shifted & ~c.all(-1, keepdim=True)
-    shifted, shift = shifted.flatten(), alpha * (c_prompt - c_answer)  # [N], [N]
-    return torch.where(shifted, advantages + shift, advantages), shifted
+    if scope != "all":  # correct: only the correct responses; mixed: not in all-correct groups either
+        shifted = shifted & (c if scope == "correct" else ~c.all(-1, keepdim=True))
+    return torch.where(shifted.flatten(), advantages + alpha * (c_prompt - c_answer), advantages), shifted.flatten()
 
 
 def arm_metrics(advantages, grpo_advantages, shifted, correct, c_prompt, c_answer, prompt_mask, group, texts,
                 group_size, device):
-    """The arm/ diagnostics of one step over all ranks: shift = A~ - A = alpha (c(q) - c(o|q)) over the shifted
-    responses; weight = A~ / A over the correct responses of mixed groups (the factor ARM puts on GRPO's push-up; A = 0
-    in all-correct groups); corr_conf_* = Pearson correlation of c(o|q) with the shift / the weight over the same sets;
-    distinct_correct = distinct correct answers per group (0 for a group with none)."""
+    """The arm/ diagnostics of one step over all ranks (README's ARM section describes each): shift = A~ - A over the
+    shifted responses; weight = A~ / A over the correct ones of mixed groups; corr_conf_*: Pearson r with c(o|q)."""
     pos, ok = correct & (grpo_advantages > 0), correct.tolist()
     shift, weight = (advantages - grpo_advantages)[shifted].double(), (advantages[pos] / grpo_advantages[pos]).double()
     distinct = [len({answer_key(group[j], texts[j]) for j in range(g, g + group_size) if ok[j]})
                 for g in range(0, len(group), group_size)]
-    s = {"n": len(c_answer), "c_prompt": c_prompt.sum(), "c_answer": c_answer.sum(), "n_correct": correct.sum(),
-         "correct_negative": (correct & (advantages < 0)).sum(), "distinct": sum(distinct), "groups": len(distinct),
-         "prompt_tokens": prompt_mask.sum()}
+    top, s = {}, {"n": len(c_answer), "c_prompt": c_prompt.sum(), "c_answer": c_answer.sum(),
+                  "n_correct": correct.sum(), "correct_negative": (correct & (advantages < 0)).sum(),
+                  "distinct": sum(distinct), "groups": len(distinct), "prompt_tokens": prompt_mask.sum()}
     for y, x, name in ((shift, c_answer[shifted].double(), "shift"), (weight, c_answer[pos].double(), "w")):
         s.update({"n_" + name: len(y), name: y.sum(), name + "_abs": y.abs().sum(), name + "2": (y * y).sum(),
                   "x_" + name: x.sum(), "x2_" + name: (x * x).sum(), "xy_" + name: (x * y).sum()})
+        top[name], top["-" + name] = (v.max().item() if len(v) else -math.inf for v in (y, -y))  # max, -min
     s = all_sum_dict({k: float(v) for k, v in s.items()}, device)
-    top = lambda v: v.max().item() if len(v) else -math.inf  # noqa: E731
-    shift_max, shift_min, w_max, w_min = map(max, zip(*gather_objects([top(shift), top(-shift), top(weight),
-                                                                        top(-weight)])))  # max over ranks
+    top = {k: v if math.isfinite(v) else 0.0 for k, v in all_max_dict(top, device).items()}  # 0: empty on every rank
 
     def pearson(y):  # of c(o|q) and y, from the sums
         n, sx, sy, sxx, syy, sxy = (s[k] for k in ("n_" + y, "x_" + y, y, "x2_" + y, y + "2", "xy_" + y))
         v = (n * sxx - sx * sx) * (n * syy - sy * sy)
         return (n * sxy - sx * sy) / math.sqrt(v) if v > 0 else 0.0
-
-    finite = lambda v: v if math.isfinite(v) else 0.0  # noqa: E731 (empty set on every rank)
-    n_shift, n_w = max(s["n_shift"], 1), s["n_w"]
     return {"arm/c_prompt_mean": s["c_prompt"] / s["n"], "arm/c_answer_mean": s["c_answer"] / s["n"],
-            "arm/frac_shifted": s["n_shift"] / s["n"], "arm/shift_mean": s["shift"] / n_shift,
-            "arm/shift_abs_mean": s["shift_abs"] / n_shift, "arm/shift_min": -finite(shift_min),
-            "arm/shift_max": finite(shift_max), "arm/weight_mean": s["w"] / n_w if n_w else 1.0,
-            "arm/weight_min": -finite(w_min), "arm/weight_max": finite(w_max),
+            "arm/frac_shifted": s["n_shift"] / s["n"], "arm/shift_mean": s["shift"] / max(s["n_shift"], 1),
+            "arm/shift_abs_mean": s["shift_abs"] / max(s["n_shift"], 1), "arm/shift_min": -top["-shift"],
+            "arm/shift_max": top["shift"], "arm/weight_mean": s["w"] / s["n_w"] if s["n_w"] else 1.0,
+            "arm/weight_min": -top["-w"], "arm/weight_max": top["w"],
             "arm/frac_correct_negative": s["correct_negative"] / max(s["n_correct"], 1),
             "arm/corr_conf_shift": pearson("shift"), "arm/corr_conf_weight": pearson("w"),
             "arm/distinct_correct": s["distinct"] / s["groups"], "arm/prompt_tokens_scored": s["prompt_tokens"]}
@@ -218,7 +190,7 @@ def train(args):
     engine = rollout_engine(args, model, tokenizer, rank)  # None: HF generate on the training model; else vLLM
     start, skipped, streak, history = resume_or_evaluate(run_dir, model, optimizer, tokenizer, eval_sets, args, device,
                                                          engine, rank)  # --resume: the checkpoint; else eval step 0
-    G, pad = args.group_size, tokenizer.pad_token_id  # always a no-grad old-log-prob pass: no on-policy shortcut
+    G, pad, on_policy = args.group_size, tokenizer.pad_token_id, False  # ARM: always the no-grad pass (c(q), c(o|q))
     bar = progress(start, args.steps, __file__, rank)
     for step in bar:
         t0, lr = time.time(), set_lr(optimizer, args, step)
@@ -235,19 +207,20 @@ def train(args):
         # 3. Group-relative advantages, broadcast to every token of the completion.
         advantages = group_advantages(rewards, G, args.scale_rewards, args.delta)  # [N]
         # 4. Old log-probs log pi_old(o_t) (and the reference model's) from a no-grad forward of the training model.
-        #    ARM reads the prompt positions of the same forward too (from position 1, not P; each prompt runs once).
+        #    On-policy (one optimizer step per rollout batch) pi_old = pi_theta: the update's forward gives them.
         ids, attn, mask, P = rollout_batch(samples, pad, device)  # [N, P+T], [N, P+T], [N, T]
         rollout_logp = rollout_logprobs(samples, mask)  # [N, T]: the engine's log pi(o_t) (vLLM), None with HF
         micro = [slice(i, i + args.micro_batch_size) for i in range(0, len(samples), args.micro_batch_size)]
         logprobs = lambda m, net=model, **kw: token_logprobs(net, ids[m], attn[m], P, args.logprob_chunk, **kw)  # noqa
-        first = P if args.prompt_confidence == "group-mean" else 1
+        old_logp, entropy = torch.zeros_like(mask), torch.zeros_like(mask)  # [N, T]
+        first = P if args.prompt_confidence == "group-mean" else 1  # ARM: from position 1, to score the prompt too
         with torch.no_grad(), autocast(device):
-            old_logp, entropy = map(torch.cat, zip(*[
-                token_logprobs(model, ids[m], attn[m], first, args.logprob_chunk, prompt_len=P) for m in micro]))
+            if not on_policy:
+                old_logp, entropy = map(torch.cat, zip(*[  # [N, P+T-first]; each prompt still runs once
+                    token_logprobs(model, ids[m], attn[m], first, args.logprob_chunk, prompt_len=P) for m in micro]))
             ref_logp = torch.cat([logprobs(m, ref_model)[0] for m in micro]) if ref_model else None
-        # [N, P-1] prompt log-probs and mask, [N, T] completion log-probs and entropy
-        prompt_logp, prompt_mask, old_logp, entropy = split_prompt_positions(old_logp, entropy, attn, P, first)
         # 4b. ARM: the detached confidences c(o|q) (A2) and c(q) (A3) shift the advantages (A1).
+        prompt_logp, prompt_mask, old_logp, entropy = split_prompt_positions(old_logp, entropy, attn, P, first)
         grpo_advantages, correct = advantages, rewards > 0.5  # [N] (for the diagnostics), [N]
         c_answer = answer_confidence(old_logp, mask, args.rho, args.answer_confidence)  # [N]
         c_prompt = prompt_confidence(prompt_logp, prompt_mask, c_answer, G, args.rho, args.prompt_confidence)  # [N]
@@ -261,6 +234,8 @@ def train(args):
                 for m in micro_batches(model, mb, args.micro_batch_size, world):  # gradients reduced after the last
                     with autocast(device):
                         logp, ent = logprobs(m)  # [n, T]
+                    if on_policy:  # ratio exp(logp - old_logp) = 1 in value, gradient of log pi
+                        old_logp[m], entropy[m] = logp.detach().float(), ent.detach().float()
                     token_loss, clipped = policy_loss(logp, old_logp[m], advantages[m, None], args.clip_low,
                                                       args.clip_high)
                     token_loss = token_loss * truncated_is_weight(old_logp[m], rollout_logp, m, args.tis_cap)  # TIS
@@ -281,7 +256,7 @@ def train(args):
         s = all_sum_dict({**rollout_sums(rewards, mask, entropy, samples, G), **sums}, device)
         record = {"step": step + 1, **rollout_metrics(s, args.ppo_epochs), "grad_norm": grad_norm, "lr": lr,
                   "skipped_steps": skipped,
-                  **time_metrics(t_rollout, t_reward, t_train, s, args.ppo_epochs + 1)}
+                  **time_metrics(t_rollout, t_reward, t_train, s, args.ppo_epochs + (not on_policy))}
         record.update(arm_metrics(advantages, grpo_advantages, shifted, correct, c_prompt, c_answer, prompt_mask,
                                   group, texts, G, device))
         record.update(system_metrics(engine, old_logp, rollout_logp, mask, args, device))
