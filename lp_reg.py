@@ -1,23 +1,22 @@
 """Lp-Reg: Low-probability Regularization, GRPO plus a KL pull that keeps low-probability tokens alive.
 
 Paper: Huang et al., "Low-probability Tokens Sustain Exploration in Reinforcement Learning with Verifiable Reward"
-(arXiv:2510.03222). Where the paper is loose, the authors' verl code (CarlanLark/Lp-Reg-dev) is the default here.
+(arXiv:2510.03222). Where it is loose, the authors' verl code (CarlanLark/Lp-Reg-dev) is the default.
 
 Idea: negative-advantage updates keep pushing the rare tokens of failed samples down until exploration dies. Lp-Reg
 drops pi_old's tokens below a min-p threshold and renormalises, a less noisy proxy; on the lowest-probability tokens
 of negative-advantage samples that the filter keeps, the policy-gradient term becomes a KL pull toward that proxy.
+Authors' code: B per micro-batch, the k > 1 guard, --rho-pos. Reconstructed (ours): --percentile-scope batch and
+--proxy fixed (the paper's variants), log pi_proxy = FILTERED = -1e4 for filtered tokens. Provenance: README, Lp-Reg.
 
-    tau_t = kappa max_v pi_old(v | s_t);  pi_proxy(o_t) = pi_old(o_t) / sum_{v: pi_old(v) >= tau_t} pi_old(v)
-        if pi_old(o_t) >= tau_t, else 0                                                                   (Eq. 5)
-    B = the k = int(|S| rho) tokens of S = {valid t: A_t < 0} with the smallest log pi_theta(o_t), none unless k > 1
-    L_t = -A_t r_t + beta clamp(exp(d_t) - d_t - 1, -10, 10)             on t in B with d_t > 0         (Eq. 6)
-    L_t = max(-A_t r_t, -A_t clip(r_t, 1 - clip_low, 1 + clip_high))     elsewhere; token-mean over valid tokens
-        r_t = pi_theta(o_t) / pi_old(o_t),  d_t = log pi_proxy(o_t) - log pi_theta(o_t)
-
-The k3 term is the sampled-token estimator of the paper's KL(pi_proxy || pi_theta): the same expected gradient.
-Authors' code: B per micro-batch by the detached current log-prob, the k > 1 guard, --rho-pos for A > 0 (off).
-Reconstructed: --percentile-scope batch (the paper's: B over the rollout batch of all ranks, by log pi_old);
---proxy fixed (tau = kappa, the paper's ablation); log pi_proxy = -1e4 for filtered tokens (never selected).
+    A_i = (r_i - mean_g r) / (std_g r + eps)                                   group advantage (DeepSeekMath §4.1.2)
+    L_t = -min(rho_t A_i, clip(rho_t, 1 - eps_low, 1 + eps_high) A_i),   rho_t = pi_theta(o_t) / pi_old(o_t)
+    loss = aggregate(L_t + beta * k3(pi_ref, pi_theta)_t - c_H * H_t)         (token-mean by default, DAPO Eq. 8)
+    L_t = -rho_t A_i + beta_p clamp(exp(d_t) - d_t - 1, -10, 10) instead, on t in B with d_t > 0               (Eq. 6)
+        d_t = log pi_proxy(o_t) - log pi_theta(o_t) (k3 of KL(pi_proxy || pi_theta)); beta_p: --beta, beta: --kl-coef
+        B = the k = int(|S| rho) tokens of S = {valid t: A_i < 0} with the smallest log pi_theta, none unless k > 1
+    pi_proxy(o_t) = pi_old(o_t) / sum_{v: pi_old(v) >= tau_t} pi_old(v) if pi_old(o_t) >= tau_t, else 0       (Eq. 5)
+        tau_t = kappa max_v pi_old(v | s_t)                      (rho in B is the fraction --rho, rho_t the ratio)
 
 Run it:
     python lp_reg.py --rho 0.1                                         # CPU demo: tiny model, countdown, a few minutes
@@ -38,14 +37,15 @@ from common import (BaseArgs, aggregate_loss, all_sum_dict, autocast, compute_re
                     rollout_sums, save_checkpoint, set_lr, shard_model, start_run, step_groups, system_metrics,
                     time_metrics, token_logprobs, truncated_is_weight)
 from common import all_sum, gather_objects  # batch_bottom_rho's global percentile
+FILTERED = -1e4  # log pi_proxy of a token the filter removed (pi_proxy = 0): finite, so it never yields inf or nan
 
 
 @dataclass
 class Args(BaseArgs):
     clip_low: float = field(default=1.0, metadata={
-        "help": "PPO clip eps_low: ratio floor 1 - eps_low (Lp-Reg: 1.0, i.e. clip(r, 0, 10))"})
+        "help": "PPO clip eps_low: ratio floor 1 - eps_low (Lp-Reg: 1.0 and --clip-high 9.0, i.e. clip(r, 0, 10))"})
     clip_high: float = field(default=9.0, metadata={
-        "help": "PPO clip eps_high: ratio ceiling 1 + eps_high (Lp-Reg: 9.0, i.e. clip(r, 0, 10))"})
+        "help": "PPO clip eps_high: ratio ceiling 1 + eps_high (DAPO clip-higher: 0.28)"})
     loss_agg: str = field(default="token-mean", metadata={
         "choices": ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"],
         "help": "token-mean (DAPO) | seq-mean-token-mean (GRPO) | seq-mean-token-sum-norm (Dr. GRPO)"})
@@ -56,14 +56,12 @@ class Args(BaseArgs):
     entropy_coef: float = field(default=0.0, metadata={"help": "entropy bonus coefficient"})
     ppo_epochs: int = field(default=1, metadata={"help": "passes over each rollout batch"})
     mini_batches: int = field(default=1, metadata={"help": "optimizer steps per pass (1 = strictly on-policy)"})
-    rho: float = field(default=0.01, metadata={"help": (
-        "fraction of negative-advantage tokens (lowest pi_theta) considered for the pull; paper 0.01 (Qwen3-14B), "
-        "0.005 (Qwen2.5-32B); 0 = plain GRPO. The CPU demo's study uses 0.1: a micro-batch there holds ~300 negative "
-        "tokens, so 0.01 gives k = 0-5 and pulls ~0.1% of tokens")})
+    rho: float = field(default=0.01, metadata={"help": "fraction of negative-advantage tokens (lowest pi_theta) "
+                       "considered for the pull; paper 0.01 (Qwen3-14B), 0.005 (Qwen2.5-32B); 0 = plain GRPO. The CPU "
+                       "study uses 0.1: a micro-batch there has ~300 such tokens, 0.01 gives k = 0-5 (~0.1%% pulled)"})
     rho_pos: float = field(default=0.0, metadata={"help": "same fraction for positive-advantage tokens, a separate set "
                            "(authors' code logp_pos_k_percent; 0 = not regularised)"})
-    kappa: float = field(default=0.02, metadata={"help": "proxy threshold: min-p ratio kappa (tau = kappa * max prob), "
-                         "or the fixed tau with --proxy fixed; paper 0.02"})
+    kappa: float = field(default=0.02, metadata={"help": "proxy min-p ratio, or tau with --proxy fixed; paper 0.02"})
     proxy: str = field(default="minp", metadata={"choices": ["minp", "fixed"], "help": "minp: tau = kappa * max_v "
                        "pi_old(v) (Eq. 5) | fixed: tau = kappa (paper's ablation)"})
     beta: float = field(default=1.0, metadata={"help": "coefficient of the KL pull toward the proxy; paper 1.0"})
@@ -106,13 +104,9 @@ def kl_k3(logp, ref_logp):
     return torch.exp(d) - d - 1
 
 
-FILTERED = -1e4  # log pi_proxy of a token the filter removed (pi_proxy = 0): finite, so it never yields inf or nan
-
-
 def proxy_logprob(logits, targets, kappa, proxy="minp"):
-    """log pi_proxy(o_t) of the sampled token (Eq. 5) from pi_old's raw logits z (temperature 1), without gradient: the
-    kept set pi(v) >= tau is z_v >= max z + ln kappa (minp), or z_v >= logsumexp z + ln kappa (fixed: tau = kappa);
-    then log pi_proxy(o) = z_o - logsumexp_{kept} z. logits: [n, V] float32; targets: [n] -> [n]."""
+    """log pi_proxy(o_t) (Eq. 5) from pi_old's raw logits z (temperature 1), no gradient: pi(v) >= tau is z_v >= max z
+    + ln kappa (minp) or logsumexp z + ln kappa (fixed); then z_o - logsumexp_{kept} z. [n, V] float32, [n] -> [n]."""
     top = logits.max(-1, keepdim=True).values if proxy == "minp" else torch.logsumexp(logits, -1, keepdim=True)
     kept = logits >= top + math.log(kappa)  # [n, V]
     log_mass = torch.logsumexp(logits.masked_fill(~kept, float("-inf")), -1)  # [n]: log of the unnormalised kept mass
@@ -121,12 +115,10 @@ def proxy_logprob(logits, targets, kappa, proxy="minp"):
 
 
 def bottom_rho(logp, candidates, rho):
-    """Eq. 6 steps 2-3 (authors' code): k = int(|S| rho) for S = candidates; the k tokens of S with the smallest
-    log-prob, none unless k > 1. logp: [n, T]; candidates: [n, T] bool -> (bottom [n, T] bool, k, the k-th smallest
-    log-prob or None)."""
+    """Eq. 6 steps 2-3 (authors' code): the k = int(|S| rho) tokens of S = candidates with the smallest log-prob, none
+    unless k > 1. logp, candidates: [n, T] -> (bottom [n, T] bool, k, the k-th smallest log-prob or None)."""
     flat = candidates.flatten().nonzero().squeeze(-1)  # [|S|] flat indices of S
-    k = int(len(flat) * rho)
-    bottom = torch.zeros_like(candidates, dtype=torch.bool)
+    k, bottom = int(len(flat) * rho), torch.zeros_like(candidates, dtype=torch.bool)
     if k <= 1:
         return bottom, k, None
     values, idx = logp.detach().flatten()[flat].topk(k, largest=False)  # ascending
@@ -140,17 +132,15 @@ def batch_bottom_rho(old_logp, candidates, rho):
     k = int(all_sum([candidates.sum().item()], old_logp.device)[0] * rho)
     if k <= 1:
         return torch.zeros_like(candidates, dtype=torch.bool), k, None
-    local = old_logp[candidates]
-    local = local.topk(min(k, len(local)), largest=False).values.tolist()
+    local = old_logp[candidates].topk(min(k, int(candidates.sum())), largest=False).values.tolist()
     delta = sorted(v for part in gather_objects(local) for v in part)[k - 1]  # the global k-th smallest log-prob
     return candidates & (old_logp <= delta), k, delta
 
 
 def lp_reg_bottom(logp, advantages, mask, rho, rho_pos, sums, rank=bottom_rho, share=1):
-    """Eq. 6 steps 1-3: the bottom-rho tokens ([n, T] bool) of each set ranked on its own, the valid tokens with A < 0
-    (rho) and, if rho_pos > 0, with A > 0 (rho_pos); A = 0 never. rank: bottom_rho or batch_bottom_rho, whose numbers
-    are global, so each of the `share` ranks adds 1/share of them to sums. logp, mask: [n, T]; advantages: [n, 1]."""
-    valid, bottom = mask.bool(), torch.zeros_like(mask, dtype=torch.bool)
+    """Eq. 6 steps 1-3: the bottom-rho tokens [n, T] of valid A < 0 (rho) and, if rho_pos > 0, A > 0 (rho_pos; A = 0
+    never), ranked apart; rank=batch_bottom_rho's numbers are global: each of `share` ranks adds 1/share to sums."""
+    valid, bottom = mask.bool(), torch.zeros_like(mask, dtype=torch.bool)  # [n, T] like logp; advantages: [n, 1]
     sets = [(valid & (advantages < 0), rho)] + ([(valid & (advantages > 0), rho_pos)] if rho_pos > 0 else [])
     for candidates, r in sets:  # [n, T] bool, its fraction
         b, k, delta = rank(logp, candidates, r)
@@ -161,26 +151,15 @@ def lp_reg_bottom(logp, advantages, mask, rho, rho_pos, sums, rank=bottom_rho, s
 
 
 def lp_reg_loss(logp, old_logp, advantages, proxy_logp, bottom, clip_low, clip_high, beta, bound=10.0):
-    """Per-token Lp-Reg objective (Eq. 6, authors' code): the clipped surrogate, except on the selected tokens (bottom,
-    and log pi_theta < log pi_proxy), where -A r + beta clamp(k3(pi_proxy, pi_theta), -bound, bound). logp, old_logp,
-    proxy_logp, bottom: [n, T]; advantages: [n, 1] or [n, T] -> (loss, clipped, selected, penalty), each [n, T]."""
+    """Eq. 6 per token (authors' code), all [n, T] (advantages [n, 1]) -> (loss, clipped, selected, penalty): clipped
+    surrogate, but -A r + beta clamp(k3(pi_proxy, pi_theta), -bound, bound) on bottom & log pi_theta < log pi_proxy."""
     token_loss, clipped = policy_loss(logp, old_logp, advantages, clip_low, clip_high)  # GRPO's term, [n, T]
     selected = bottom & (logp.detach() < proxy_logp)  # Eq. 6 indicator, step 4
-    # capping d at 20 keeps exp finite: k3 > 10 from d = 2.53 on, where the clamp already zeroes the gradient (no nan)
-    d = (proxy_logp - logp).clamp(max=20.0)  # [n, T]
+    d = (proxy_logp - logp).clamp(max=20.0)  # [n, T]; exp stays finite (k3 > 10 from d = 2.53: clamped, no gradient)
     penalty = (torch.exp(d) - d - 1).clamp(-bound, bound)  # sampled-token forward-KL estimator, clamped as the code
     pull = -torch.exp(logp - old_logp) * advantages + beta * penalty  # unclipped -A r plus the pull toward the proxy
     return torch.where(selected, pull, token_loss), clipped, selected, penalty
 
-
-def lp_reg_metrics(s, ppo_epochs):
-    """Lp-Reg's diagnostics from the step's sums (added over ranks); a ratio only where its denominator is > 0."""
-    out = {"lp_reg/frac_regularized": s["selected"] / (s["tokens"] * ppo_epochs),  # selected / valid tokens
-           "lp_reg/frac_fired": s["fired"] / max(s["sets"], 1)}  # share of the rankings with k > 1
-    ratios = {"threshold_prob": ("delta", "fired"),  # delta: the rho-percentile probability, mean over those with k > 1
-              "frac_pass_filter": ("selected", "bottom"),  # share of the bottom-rho tokens the filter keeps
-              "kl_mean": ("kl", "selected")}  # mean clamped k3 penalty over the selected tokens
-    return {**out, **{f"lp_reg/{name}": s[a] / s[b] for name, (a, b) in ratios.items() if s[b] > 0}}
 
 def train(args):
     rank, world, device = init_distributed()
@@ -193,7 +172,7 @@ def train(args):
     engine = rollout_engine(args, model, tokenizer, rank)  # None: HF generate on the training model; else vLLM
     start, skipped, streak, history = resume_or_evaluate(run_dir, model, optimizer, tokenizer, eval_sets, args, device,
                                                          engine, rank)  # --resume: the checkpoint; else eval step 0
-    G, pad = args.group_size, tokenizer.pad_token_id  # always a no-grad old-log-prob pass: no on-policy shortcut
+    G, pad, on_policy = args.group_size, tokenizer.pad_token_id, False  # always the no-grad pass: it gives log pi_proxy
     bar = progress(start, args.steps, __file__, rank)
     for step in bar:
         t0, lr = time.time(), set_lr(optimizer, args, step)
@@ -210,15 +189,16 @@ def train(args):
         # 3. Group-relative advantages, broadcast to every token of the completion.
         advantages = group_advantages(rewards, G, args.scale_rewards)  # [N]
         # 4. Old log-probs log pi_old(o_t) (and the reference model's) from a no-grad forward of the training model.
-        #    Lp-Reg always runs it: the same pass gives log pi_proxy(o_t) (Eq. 5) from each chunk's full logits.
+        #    On-policy (one optimizer step per rollout batch) pi_old = pi_theta: the update's forward gives them.
         ids, attn, mask, P = rollout_batch(samples, pad, device)  # [N, P+T], [N, P+T], [N, T]
         rollout_logp = rollout_logprobs(samples, mask)  # [N, T]: the engine's log pi(o_t) (vLLM), None with HF
         micro = [slice(i, i + args.micro_batch_size) for i in range(0, len(samples), args.micro_batch_size)]
         logprobs = lambda m, net=model, **kw: token_logprobs(net, ids[m], attn[m], P, args.logprob_chunk, **kw)  # noqa
-        to_proxy = lambda logits, targets: proxy_logprob(logits, targets, args.kappa, args.proxy)  # noqa: E731
+        to_proxy = lambda logits, targets: proxy_logprob(logits, targets, args.kappa, args.proxy)  # Eq. 5  # noqa
+        old_logp, entropy = torch.zeros_like(mask), torch.zeros_like(mask)  # [N, T]
         with torch.no_grad(), autocast(device):
-            old_logp, entropy, proxy_logp = map(torch.cat, zip(*[
-                token_logprobs(model, ids[m], attn[m], P, args.logprob_chunk, row_fn=to_proxy) for m in micro]))
+            if not on_policy:
+                old_logp, entropy, proxy_logp = map(torch.cat, zip(*[logprobs(m, row_fn=to_proxy) for m in micro]))
             ref_logp = torch.cat([logprobs(m, ref_model)[0] for m in micro]) if ref_model else None
         # 5. Policy update: ppo_epochs x mini_batches optimizer steps on the clipped surrogate.
         rows, sums = torch.arange(len(samples), device=device), {"clipped": 0.0, "loss": 0.0}
@@ -233,15 +213,16 @@ def train(args):
                 for m in micro_batches(model, mb, args.micro_batch_size, world):  # gradients reduced after the last
                     with autocast(device):
                         logp, ent = logprobs(m)  # [n, T]
+                    if on_policy:  # ratio exp(logp - old_logp) = 1 in value, gradient of log pi
+                        old_logp[m], entropy[m] = logp.detach().float(), ent.detach().float()
                     bottom = batch_bottom[m] if args.percentile_scope == "batch" else lp_reg_bottom(
                         logp, advantages[m, None], mask[m], args.rho, args.rho_pos, sums)  # authors': per micro-batch
                     token_loss, clipped, selected, penalty = lp_reg_loss(logp, old_logp[m], advantages[m, None],
                                                                          proxy_logp[m], bottom, args.clip_low,
                                                                          args.clip_high, args.beta)
                     token_loss = token_loss * truncated_is_weight(old_logp[m], rollout_logp, m, args.tis_cap)  # TIS
-                    sums["selected"] += selected.sum().item()  # Lp-Reg diagnostics
-                    sums["bottom"] += bottom.sum().item()
-                    sums["kl"] += penalty.detach()[selected].sum().item()
+                    for key, x in ("selected", selected), ("bottom", bottom), ("kl", penalty.detach()[selected]):
+                        sums[key] += x.sum().item()  # Lp-Reg diagnostics
                     if ref_model is not None:
                         token_loss = token_loss + args.kl_coef * kl_k3(logp, ref_logp[m])
                     if args.entropy_coef > 0:
@@ -259,8 +240,13 @@ def train(args):
         s = all_sum_dict({**rollout_sums(rewards, mask, entropy, samples, G), **sums}, device)
         record = {"step": step + 1, **rollout_metrics(s, args.ppo_epochs), "grad_norm": grad_norm, "lr": lr,
                   "skipped_steps": skipped,
-                  **time_metrics(t_rollout, t_reward, t_train, s, args.ppo_epochs + 1)}  # + 1: the old-log-prob pass
-        record.update(lp_reg_metrics(s, args.ppo_epochs))
+                  **time_metrics(t_rollout, t_reward, t_train, s, args.ppo_epochs + (not on_policy))}
+        ratios = {"threshold_prob": ("delta", "fired"),  # Lp-Reg: the rho-percentile probability, mean over k > 1
+                  "frac_pass_filter": ("selected", "bottom"),  # share of the bottom-rho tokens the filter keeps
+                  "kl_mean": ("kl", "selected")}  # mean clamped k3 penalty over the selected tokens
+        record.update({"lp_reg/frac_regularized": s["selected"] / (s["tokens"] * args.ppo_epochs),  # of valid tokens
+                       "lp_reg/frac_fired": s["fired"] / max(s["sets"], 1),  # share of the rankings with k > 1
+                       **{f"lp_reg/{name}": s[a] / s[b] for name, (a, b) in ratios.items() if s[b] > 0}})  # if defined
         record.update(system_metrics(engine, old_logp, rollout_logp, mask, args, device))
         samples_by_set = None
         if due(args.eval_every, step + 1, args.steps):
