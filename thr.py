@@ -1,14 +1,15 @@
-"""THR: Token Hidden Reward reweighting of GRPO's token advantages, steering exploitation (p > 0) or exploration (p <
-0).
+"""THR: Token Hidden Reward, GRPO's token advantages steered toward exploitation (p > 0) or exploration (p < 0).
 
-Paper: Deng et al., "Token Hidden Reward: Steering Exploration-Exploitation in Group Relative Deep Reinforcement
-Learning" (arXiv:2510.03669). Its body was not available to us: the score follows the same group's NTHR paper, "On the
-Effect of Negative Gradient in Group Relative Deep Reinforcement Optimization" (arXiv:2505.18830).
+Papers: Shao et al., "DeepSeekMath" (arXiv:2402.03300) for GRPO; Yu et al., "DAPO" (arXiv:2503.14476) for
+clip-higher and the token-mean loss; Liu et al., "Understanding R1-Zero-Like Training" (Dr. GRPO, arXiv:2503.20783).
+THR: Deng et al., "Token Hidden Reward" (arXiv:2510.03669), body unavailable: the score follows NTHR (arXiv:2505.18830).
 
-Idea: a GRPO step on token k' of response j moves the log-likelihood of the group's correct responses P by A_j times
-the sum over P's tokens of the two tokens' LM-head gradient inner products <g, g'> <h, h'>: its hidden reward THR.
-THR > 0 tokens make correct answers more confident (exploitation), THR < 0 tokens keep mass on alternatives
-(exploration); the few with large |THR| get A (1 + p sign THR): p > 0 favours greedy accuracy, p < 0 pass@k.
+Idea: sample G completions per prompt, score each with a verifier (reward 1 if the final answer is right), and use the
+reward standardised within the group as every token's advantage; no value network. The update is PPO's clipped
+surrogate on those advantages, here strictly on-policy by default (one update per rollout batch, ratio = 1).
+THR: a GRPO step on token k' of response j moves the log-likelihood of the correct responses P by A_j times the sum over
+P's tokens of LM-head gradient inner products <g, g'> <h, h'>, its hidden reward: > 0 sharpens correct answers (exploit:
+greedy accuracy), < 0 keeps mass on alternatives (explore: pass@k); large-|THR| tokens get A (1 + p sign THR).
 
     A_i = (r_i - mean_g r) / (std_g r + eps)                                   group advantage (DeepSeekMath §4.1.2)
     g_ik = e_{y_ik} - pi_old(. | x, y_i,<k) over V* (the group's tokens; full-vocabulary softmax denominator)     (T1)
@@ -19,17 +20,11 @@ THR > 0 tokens make correct answers more confident (exploitation), THR < 0 token
     tau = beta min_{i in P} mean_k s_ik;  selected <=> j incorrect and s_jk' > tau;  A'_jk' = eta A_j if selected (N1)
     L_t = -min(rho_t A_i, clip(rho_t, 1 - eps_low, 1 + eps_high) A_i),   rho_t = pi_theta(o_t) / pi_old(o_t)
     loss = aggregate(L_t + beta * k3(pi_ref, pi_theta)_t - c_H * H_t)         (token-mean by default, DAPO Eq. 8)
-with A' (T5, or N1 for --selection nthr) in place of A_i. Labels ours; h = the LM-head input; P = responses with
-r > 0.5. All from pi_old, detached, from a no-grad forward before the update (grpo.py runs it only off-policy).
-Confirmed: what THR measures and the signs of p (THR's abstract); N1 (--selection nthr) is NTHR's rule, the confirmed
-special case (its §5.2, Algorithm 1: one-sided, incorrect responses only; beta = 1, eta = 0 as in its runs).
-Ours, UNCONFIRMED for THR, each with its flag:
-  - T1-T2: NTHR's V* and sum-first tricks (exact math otherwise), on every token, self-terms included;
-  - T3: --thr-advantage sign (T4's tau is then NTHR's threshold on s) | value (the threshold sees |A_j s|);
-  - T4-T5, --selection thr (default): OUR two-sided extension of N1; --tau-beta, --p, --mask-nondominant ("THR-only");
-  - --objective gspo-token: GSPO-token's sequence ratio (arXiv:2507.18071; pass --clip-low 3e-4 --clip-high 4e-4).
-Groups without a correct response keep GRPO's advantages. With --p 0, or --selection nthr --eta 1, the update is
-exactly GRPO's (tests/test_thr.py checks it against grpo.py).
+with A' (T5; N1 for --selection nthr) for A_i; labels ours; h: LM-head input; P: responses with r > 0.5; all from
+pi_old, detached, by a no-grad forward before the update; GRPO's A in groups without a correct response.
+Confirmed: what THR measures, p's signs (its abstract); N1 is NTHR's rule (§5.2, Algorithm 1; beta = 1, eta = 0 there).
+UNCONFIRMED (ours): T1-T2 (NTHR's V* and sum-first, on every token), --thr-advantage, --selection thr (default: our
+two-sided T4-T5; --tau-beta, --p, --mask-nondominant), --objective gspo-token (arXiv:2507.18071).
 
 Run it:
     python thr.py                                                      # CPU demo: tiny model, countdown, a few minutes
@@ -65,23 +60,22 @@ class Args(BaseArgs):
     entropy_coef: float = field(default=0.0, metadata={"help": "entropy bonus coefficient"})
     ppo_epochs: int = field(default=1, metadata={"help": "passes over each rollout batch"})
     mini_batches: int = field(default=1, metadata={"help": "optimizer steps per pass (1 = strictly on-policy)"})
-    p: float = field(default=-0.2, metadata={
-        "help": ("THR steering strength, |p| < 1: < 0 explore (pass@k), > 0 exploit (greedy); -0.2 as this repo "
-                 "targets exploration collapse and the paper's p < 0 helped pass@k on every model (p > 0 hurt on "
-                 "Llama)")})
-    mask_nondominant: bool = field(default=False, metadata={
-        "help": "zero the advantage of non-dominant tokens (the paper's THR-only mode)"})
-    tau_beta: float = field(default=1.0, metadata={"help": ("beta_tau of the dominant-token threshold tau = beta_tau * "
-                                                            "min over correct responses of their mean THR (NTHR: 1)")})
-    selection: str = field(default="thr", metadata={"choices": ["thr", "nthr"], "help": (
-        "thr: |THR| > tau on every response, A (1 + p sign THR) (our two-sided extension) | nthr: NTHR's rule, tokens "
-        "of incorrect responses with s > tau get eta A (--p unused)")})
-    eta: float = field(default=0.0, metadata={
-        "help": "NTHR's advantage scale on its selected tokens, 0 <= eta <= 1 (--selection nthr; NTHR: 0)"})
-    thr_advantage: str = field(default="sign", metadata={"choices": ["sign", "value"], "help": (
-        "advantage factor of THR = a_j * s: sign(A_j) (NTHR's |s| threshold) | value A_j")})
-    objective: str = field(default="grpo", metadata={"choices": ["grpo", "gspo-token"], "help": (
-        "grpo: token ratio | gspo-token: sequence ratio, token advantages (pass --clip-low 3e-4 --clip-high 4e-4)")})
+    p: float = field(default=-0.2, metadata={"help": "THR steering strength, |p| < 1: < 0 explore (pass@k), > 0 "
+                     "exploit (greedy); -0.2 as this repo targets exploration collapse and the paper's p < 0 helped "
+                     "pass@k on every model (p > 0 hurt on Llama)"})
+    mask_nondominant: bool = field(default=False, metadata={"help": "zero the advantage of non-dominant tokens (the "
+                                                                    "paper's THR-only mode)"})
+    tau_beta: float = field(default=1.0, metadata={"help": "beta_tau of the dominant-token threshold tau = beta_tau * "
+                                                           "min over correct responses of their mean THR (NTHR: 1)"})
+    selection: str = field(default="thr", metadata={"choices": ["thr", "nthr"], "help": "thr: |THR| > tau on every "
+                           "response, A (1 + p sign THR) (our two-sided extension) | nthr: NTHR's rule, tokens of "
+                           "incorrect responses with s > tau get eta A (--p unused)"})
+    eta: float = field(default=0.0, metadata={"help": "NTHR's advantage scale on its selected tokens, 0 <= eta <= 1 "
+                                                      "(--selection nthr; NTHR: 0)"})
+    thr_advantage: str = field(default="sign", metadata={"choices": ["sign", "value"], "help": "advantage factor of "
+                               "THR = a_j * s: sign(A_j) (NTHR's |s| threshold) | value A_j"})
+    objective: str = field(default="grpo", metadata={"choices": ["grpo", "gspo-token"], "help": "grpo: token ratio | "
+                           "gspo-token: sequence ratio, token advantages (pass --clip-low 3e-4 --clip-high 4e-4)"})
 
     def __post_init__(self):
         super().__post_init__()  # also checks every field's "choices"
@@ -118,8 +112,8 @@ def kl_k3(logp, ref_logp):
 
 
 def prediction_errors(logits, logz, targets, vocab):
-    """g = e_y - pi_old over the columns `vocab` (V*), with the FULL-vocabulary log-normaliser logz (T1).
-    logits: [n, K] = h @ W[vocab].T; logz, targets: [n]; vocab: [K] -> [n, K]."""
+    """g = e_y - pi_old over the columns `vocab` (V*), with the FULL-vocabulary log-normaliser logz (T1). logits:
+    [n, K] = h @ W[vocab].T; logz, targets: [n]; vocab: [K] -> [n, K]."""
     return (targets[:, None] == vocab[None, :]).to(logits.dtype) - torch.exp(logits - logz[:, None])
 
 
@@ -131,18 +125,16 @@ def hidden_reward_scores(g, h, correct):
 
 
 def token_hidden_scores(hidden, logz, targets, mask, correct, weight, group_size):
-    """s (T2) for every completion token of whole groups of G rows, the vocabulary restricted per group to the tokens
-    of its responses (V*). hidden: [n, T, d] LM-head inputs; logz, targets, mask: [n, T]; correct: [n] bool; weight:
-    [V, d] LM head -> [n, T] in fp32 (fp64 with fp64 weights), 0 at padding and in groups with no correct response."""
-    dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
-    s = torch.zeros(targets.shape, dtype=dtype, device=targets.device)  # [n, T]
+    """s (T2) for every completion token of whole groups of G rows, V* per group. hidden: [n, T, d] LM-head inputs;
+    logz, targets, mask: [n, T]; correct: [n] bool; weight: [V, d] LM head -> [n, T], 0 at padding and where no THR."""
+    s = targets.new_zeros(targets.shape, dtype=torch.promote_types(weight.dtype, torch.float32))  # [n, T] fp32 or fp64
     with torch.autocast(hidden.device.type, enabled=False):  # fp32 accumulation even inside the bf16 autocast region
         for g0 in range(0, len(targets), group_size):
             rows, valid = slice(g0, g0 + group_size), mask[g0:g0 + group_size].bool()  # [G, T]
             if correct[rows].any():  # else THR is undefined there: plain GRPO
-                y, h = targets[rows][valid], hidden[rows][valid].to(dtype)  # [n_g], [n_g, d]: the group's tokens
+                y, h = targets[rows][valid], hidden[rows][valid].to(s)  # [n_g], [n_g, d]: the group's tokens, s's dtype
                 vocab = y.unique()  # V* [K]
-                g = prediction_errors(h @ weight[vocab].to(dtype).T, logz[rows][valid].to(dtype), y, vocab)  # [n_g, K]
+                g = prediction_errors(h @ weight[vocab].to(h).T, logz[rows][valid].to(h), y, vocab)  # [n_g, K]
                 s[rows][valid] = hidden_reward_scores(g, h, correct[rows, None].expand_as(valid)[valid])
     return s
 
@@ -153,23 +145,19 @@ def token_hidden_reward(s, advantages, factor="sign"):
 
 
 def dominant_tokens(score, mask, correct, group_size, beta, rule="thr"):
-    """The tokens past tau = beta * min over the group's correct responses of their mean score: |THR| > tau on every
-    response (rule thr: our T4) or s > tau on incorrect responses only (nthr: NTHR's N1). score, mask: [N, T];
-    correct: [N] bool -> [N, T] bool (never padding, none in a group without a correct response: tau = inf or nan)."""
+    """Tokens past tau: |THR| > tau on every response (rule thr: our T4) or s > tau on incorrect ones (nthr: N1). score,
+    mask: [N, T]; correct: [N] bool -> [N, T] bool (never padding; none in a group with no correct response)."""
     mean = (score * mask).sum(-1) / mask.sum(-1).clamp(min=1)  # [N] anchor score of each response
-    tau = beta * torch.where(correct, mean, torch.inf).view(-1, group_size).min(-1).values  # [N/G]
+    tau = beta * torch.where(correct, mean, torch.inf).view(-1, group_size).min(-1).values  # [N/G] (inf or nan: none)
     tau = tau.repeat_interleave(group_size)[:, None]  # [N, 1]
-    if rule == "nthr":
-        return (score > tau) & mask.bool() & ~correct[:, None]
-    return (score.abs() > tau) & mask.bool()
+    return mask.bool() & ((score > tau) & ~correct[:, None] if rule == "nthr" else score.abs() > tau)  # [N, T] N1 | T4
 
 
 def reweighted_advantages(advantages, thr, dominant, p, mask_nondominant):
     """A' = A (1 + p sign(THR)) on dominant tokens, A (or 0 with mask_nondominant) elsewhere (T5). advantages: [N];
     thr: [N, T]; dominant: [N, T] bool -> [N, T]. p = 0 without masking gives A exactly (GRPO)."""
     A = advantages[:, None].expand_as(thr)  # [N, T]
-    other = torch.zeros_like(A) if mask_nondominant else A
-    return torch.where(dominant, A * (1 + p * thr.sign()), other)
+    return torch.where(dominant, A * (1 + p * thr.sign()), torch.zeros_like(A) if mask_nondominant else A)
 
 
 def nthr_advantages(advantages, selected, eta):
@@ -178,9 +166,8 @@ def nthr_advantages(advantages, selected, eta):
 
 
 def gspo_token_logp(logp, old_logp, mask):
-    """Per-token log-prob whose ratio to old_logp is GSPO-token's s_{i,t} = sg[s_i] pi(y_t) / sg[pi(y_t)], with
-    s_i = exp(mean_t (logp - old_logp)) the length-normalised sequence ratio: value s_i, gradient s_i grad log pi(y_t).
-    logp, old_logp, mask: [n, T] -> [n, T] (feed it to policy_loss in place of logp)."""
+    """Log-prob whose ratio to old_logp is GSPO-token's sg[s_i] pi(y_t) / sg[pi(y_t)], s_i = exp(mean_t (logp -
+    old_logp)) the sequence ratio: value s_i, gradient s_i grad log pi(y_t). logp, old_logp, mask: [n, T] -> [n, T]."""
     log_s = ((logp - old_logp) * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)  # [n, 1]
     return old_logp + log_s.detach() + logp - logp.detach()
 
@@ -194,12 +181,11 @@ def entropy_overlap(thr, entropy, mask, frac=0.2):
 
 
 def thr_metrics(thr, dominant, correct, entropy, mask, t_thr, world, device):
-    """THR's diagnostics over all ranks: the dominant tokens' share; among them, the fractions pushed up (THR > 0) and
-    down (THR < 0), overall and by answer; the top-20% |THR| / entropy overlap; THR's own compute time."""
+    """THR's diagnostics over all ranks: dominant tokens' share; among them the fractions pushed up (THR > 0) and down
+    (THR < 0), overall and by answer; the top-20% |THR| / entropy overlap; THR's own compute time."""
     (overlap, top_k), parts = entropy_overlap(thr, entropy, mask), ("", "/correct", "/incorrect")
     s = {"tokens": mask.sum().item(), "t_thr": t_thr, "overlap": overlap, "top_k": top_k}
-    for part, rows in zip(parts, (mask.bool(), correct[:, None], ~correct[:, None])):
-        dom = dominant & rows  # [N, T]
+    for part, dom in zip(parts, (dominant, dominant & correct[:, None], dominant & ~correct[:, None])):  # [N, T] each
         s.update({"dom" + part: dom.sum().item(), "pos" + part: (dom & (thr > 0)).sum().item(),
                   "neg" + part: (dom & (thr < 0)).sum().item()})
     s, div = all_sum_dict(s, device), lambda a, b: a / b if b else 0.0
@@ -219,7 +205,7 @@ def train(args):
     engine = rollout_engine(args, model, tokenizer, rank)  # None: HF generate on the training model; else vLLM
     start, skipped, streak, history = resume_or_evaluate(run_dir, model, optimizer, tokenizer, eval_sets, args, device,
                                                          engine, rank)  # --resume: the checkpoint; else eval step 0
-    G, pad = args.group_size, tokenizer.pad_token_id  # always a no-grad old-log-prob pass: no on-policy shortcut
+    G, pad, on_policy = args.group_size, tokenizer.pad_token_id, False  # THR: always the no-grad pass (its h, logz)
     bar = progress(start, args.steps, __file__, rank)
     for step in bar:
         t0, lr = time.time(), set_lr(optimizer, args, step)
@@ -236,7 +222,7 @@ def train(args):
         # 3. Group-relative advantages, broadcast to every token of the completion.
         advantages = group_advantages(rewards, G, args.scale_rewards)  # [N]
         # 4. Old log-probs log pi_old(o_t) (and the reference model's) from a no-grad forward of the training model.
-        #    THR runs it on-policy too, in whole groups: its h and full-vocabulary logsumexp give the scores s (T2).
+        #    On-policy (one optimizer step per rollout batch) pi_old = pi_theta: the update's forward gives them.
         ids, attn, mask, P = rollout_batch(samples, pad, device)  # [N, P+T], [N, P+T], [N, T]
         rollout_logp = rollout_logprobs(samples, mask)  # [N, T]: the engine's log pi(o_t) (vLLM), None with HF
         mbs, correct = max(G, args.micro_batch_size // G * G), rewards > 0.5  # whole groups; [N] the set P of each
@@ -245,20 +231,17 @@ def train(args):
         old_logp, entropy = torch.zeros_like(mask), torch.zeros_like(mask)  # [N, T]
         scores, t_thr = torch.zeros_like(mask), 0.0  # [N, T] s (T2)
         with torch.no_grad(), autocast(device):
-            for m in micro:
-                old_logp[m], entropy[m], h, logz = token_logprobs(  # h [n, T, d] LM-head inputs, logz [n, T]
-                    model, ids[m], attn[m], P, args.logprob_chunk, return_hidden=True,
-                    row_fn=lambda logits, t: logits.logsumexp(-1))  # the full-vocabulary log-normaliser
+            for m in micro:  # THR: whole groups; h [n, T, d] LM-head inputs, logz [n, T] the full-vocabulary logsumexp
+                old_logp[m], entropy[m], h, logz = logprobs(m, return_hidden=True, row_fn=lambda x, t: x.logsumexp(-1))
                 t1, weight = time.time(), model.get_output_embeddings().weight  # [V, d], unsharded after the forward
                 scores[m] = token_hidden_scores(h, logz, ids[m, P:], mask[m], correct[m], weight, G)  # [n, T] (T2)
                 t_thr += time.time() - t1
             ref_logp = torch.cat([logprobs(m, ref_model)[0] for m in micro]) if ref_model else None
-        # 4b. THR (T3), the dominant tokens (T4, or N1's selected ones) and the token advantages A' (T5, or N1).
-        t1, nthr = time.time(), args.selection == "nthr"
-        thr = token_hidden_reward(scores, advantages, args.thr_advantage)  # [N, T]
-        dominant = dominant_tokens(scores if nthr else thr, mask, correct, G, args.tau_beta, args.selection)  # [N, T]
+        t1, nthr = time.time(), args.selection == "nthr"  # 4b. THR's token advantages A' (T3-T5, or N1)
+        thr = token_hidden_reward(scores, advantages, args.thr_advantage)  # [N, T] (T3)
+        dominant = dominant_tokens(scores if nthr else thr, mask, correct, G, args.tau_beta, args.selection)  # T4 | N1
         token_adv = (nthr_advantages(advantages, dominant, args.eta) if nthr else
-                     reweighted_advantages(advantages, thr, dominant, args.p, args.mask_nondominant))  # [N, T]
+                     reweighted_advantages(advantages, thr, dominant, args.p, args.mask_nondominant))  # [N, T] N1 | T5
         t_thr += time.time() - t1
         # 5. Policy update: ppo_epochs x mini_batches optimizer steps on the clipped surrogate.
         rows, sums = torch.arange(len(samples), device=device), {"clipped": 0.0, "loss": 0.0}
@@ -269,8 +252,9 @@ def train(args):
                 for m in micro_batches(model, mb, args.micro_batch_size, world):  # gradients reduced after the last
                     with autocast(device):
                         logp, ent = logprobs(m)  # [n, T]
-                    if args.objective == "gspo-token":
-                        logp = gspo_token_logp(logp, old_logp[m], mask[m])
+                    if on_policy:  # ratio exp(logp - old_logp) = 1 in value, gradient of log pi
+                        old_logp[m], entropy[m] = logp.detach().float(), ent.detach().float()
+                    logp = gspo_token_logp(logp, old_logp[m], mask[m]) if args.objective == "gspo-token" else logp
                     token_loss, clipped = policy_loss(logp, old_logp[m], token_adv[m], args.clip_low,
                                                       args.clip_high)
                     token_loss = token_loss * truncated_is_weight(old_logp[m], rollout_logp, m, args.tis_cap)  # TIS
@@ -291,7 +275,7 @@ def train(args):
         s = all_sum_dict({**rollout_sums(rewards, mask, entropy, samples, G), **sums}, device)
         record = {"step": step + 1, **rollout_metrics(s, args.ppo_epochs), "grad_norm": grad_norm, "lr": lr,
                   "skipped_steps": skipped,
-                  **time_metrics(t_rollout, t_reward, t_train, s, args.ppo_epochs + 1)}
+                  **time_metrics(t_rollout, t_reward, t_train, s, args.ppo_epochs + (not on_policy))}
         record.update(thr_metrics(thr, dominant, correct, entropy, mask, t_thr, world, device))
         record.update(system_metrics(engine, old_logp, rollout_logp, mask, args, device))
         samples_by_set = None
