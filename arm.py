@@ -23,11 +23,11 @@ with A~_i in place of A_i, eps = --delta and clip-higher [0.8, 1.28] (A4); the l
 paper's LaTeX, quoted in a review): A1 and its gating; reported by summaries: T_low with rho ~ 20%. UNCONFIRMED, ours,
 each a flag: --alpha 0.2, --rho 0.2 and A2, --answer-confidence, --prompt-confidence (A3), --arm-scope correct|mixed.
 
-Run it:
-    python arm.py                                                      # CPU demo: tiny model, countdown, a few minutes
-    python arm.py --model Qwen/Qwen2.5-Math-1.5B --dataset math-lighteval --eval-datasets math500,aime24,amc23 \\
+Run it (SCRIPT: grpo.py or any method script, which takes the same flags plus the method's own):
+    python SCRIPT                                                      # CPU demo: tiny model, countdown, a few minutes
+    python SCRIPT --model Qwen/Qwen2.5-Math-1.5B --dataset math-lighteval --eval-datasets math500,aime24,amc23 \\
         --prompts-per-step 128 --max-new-tokens 3072 --lr 1e-6 --steps 500 --micro-batch-size 8     # one GPU
-    torchrun --nproc_per_node 8 arm.py --model Qwen/Qwen2.5-7B ...                                  # FSDP2, 8 GPUs
+    torchrun --nproc_per_node 8 SCRIPT --model Qwen/Qwen2.5-7B ...                                  # FSDP2, 8 GPUs
 """
 import math
 import time

@@ -538,6 +538,14 @@ def truncated_is_weight(old_logp, rollout_logp, rows, cap):
     return torch.exp(old_logp - rollout_logp[rows]).clamp(max=cap).detach()
 
 
+def gspo_token_logp(logp, old_logp, mask):
+    """GSPO-token's objective (arXiv:2507.18071; thr.py --objective gspo-token): a log-prob whose ratio to old_logp is
+    sg[s_i] pi(y_t) / sg[pi(y_t)], s_i = exp(mean_t (logp - old_logp)) the sequence ratio, so value s_i and gradient
+    s_i grad log pi(y_t); on-policy (s_i = 1) it is GRPO's token update. logp, old_logp, mask: [n, T] -> [n, T]."""
+    log_s = ((logp - old_logp) * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)  # [n, 1]
+    return old_logp + log_s.detach() + logp - logp.detach()
+
+
 def aggregate_loss(token_loss, mask, mode, n_tokens, n_seqs, max_new_tokens):
     """Reduce a per-token loss [N, T] over one micro-batch so that summing micro-batches and averaging gradients
     over ranks (as FSDP does) gives the same result as one big batch. n_tokens / n_seqs: valid tokens and sequences

@@ -11,11 +11,11 @@ surrogate on those advantages, here strictly on-policy by default (one update pe
     L_t = -min(rho_t A_i, clip(rho_t, 1 - eps_low, 1 + eps_high) A_i),   rho_t = pi_theta(o_t) / pi_old(o_t)
     loss = aggregate(L_t + beta * k3(pi_ref, pi_theta)_t - c_H * H_t)         (token-mean by default, DAPO Eq. 8)
 
-Run it:
-    python grpo.py                                                     # CPU demo: tiny model, countdown, a few minutes
-    python grpo.py --model Qwen/Qwen2.5-Math-1.5B --dataset math-lighteval --eval-datasets math500,aime24,amc23 \\
+Run it (SCRIPT: grpo.py or any method script, which takes the same flags plus the method's own):
+    python SCRIPT                                                      # CPU demo: tiny model, countdown, a few minutes
+    python SCRIPT --model Qwen/Qwen2.5-Math-1.5B --dataset math-lighteval --eval-datasets math500,aime24,amc23 \\
         --prompts-per-step 128 --max-new-tokens 3072 --lr 1e-6 --steps 500 --micro-batch-size 8     # one GPU
-    torchrun --nproc_per_node 8 grpo.py --model Qwen/Qwen2.5-7B ...                                 # FSDP2, 8 GPUs
+    torchrun --nproc_per_node 8 SCRIPT --model Qwen/Qwen2.5-7B ...                                  # FSDP2, 8 GPUs
 """
 import time
 from dataclasses import dataclass, field

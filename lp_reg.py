@@ -18,11 +18,11 @@ Authors' code: B per micro-batch, the k > 1 guard, --rho-pos. Reconstructed (our
     pi_proxy(o_t) = pi_old(o_t) / sum_{v: pi_old(v) >= tau_t} pi_old(v) if pi_old(o_t) >= tau_t, else 0       (Eq. 5)
         tau_t = kappa max_v pi_old(v | s_t)                      (rho in B is the fraction --rho, rho_t the ratio)
 
-Run it:
-    python lp_reg.py --rho 0.1                                         # CPU demo: tiny model, countdown, a few minutes
-    python lp_reg.py --model Qwen/Qwen2.5-Math-1.5B --dataset math-lighteval --eval-datasets math500,aime24,amc23 \\
+Run it (SCRIPT: grpo.py or any method script, which takes the same flags plus the method's own):
+    python SCRIPT                                                      # CPU demo: tiny model, countdown, a few minutes
+    python SCRIPT --model Qwen/Qwen2.5-Math-1.5B --dataset math-lighteval --eval-datasets math500,aime24,amc23 \\
         --prompts-per-step 128 --max-new-tokens 3072 --lr 1e-6 --steps 500 --micro-batch-size 8     # one GPU
-    torchrun --nproc_per_node 8 lp_reg.py --model Qwen/Qwen2.5-7B ...                               # FSDP2, 8 GPUs
+    torchrun --nproc_per_node 8 SCRIPT --model Qwen/Qwen2.5-7B ...                                  # FSDP2, 8 GPUs
 """
 import math
 import time

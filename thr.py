@@ -20,17 +20,16 @@ greedy accuracy), < 0 keeps mass on alternatives (explore: pass@k); large-|THR| 
     tau = beta min_{i in P} mean_k s_ik;  selected <=> j incorrect and s_jk' > tau;  A'_jk' = eta A_j if selected (N1)
     L_t = -min(rho_t A_i, clip(rho_t, 1 - eps_low, 1 + eps_high) A_i),   rho_t = pi_theta(o_t) / pi_old(o_t)
     loss = aggregate(L_t + beta * k3(pi_ref, pi_theta)_t - c_H * H_t)         (token-mean by default, DAPO Eq. 8)
-with A' (T5; N1 for --selection nthr) for A_i; labels ours; h: LM-head input; P: responses with r > 0.5; all from
-pi_old, detached, by a no-grad forward before the update; GRPO's A in groups without a correct response.
-Confirmed: what THR measures, p's signs (its abstract); N1 is NTHR's rule (§5.2, Algorithm 1; beta = 1, eta = 0 there).
-UNCONFIRMED (ours): T1-T2 (NTHR's V* and sum-first, on every token), --thr-advantage, --selection thr (default: our
-two-sided T4-T5; --tau-beta, --p, --mask-nondominant), --objective gspo-token (arXiv:2507.18071).
+with A' (T5; N1 with --selection nthr) for A_i; labels ours; h: LM-head input; P: responses with r > 0.5; all from
+pi_old, detached; GRPO's A in groups without a correct response. Confirmed: what THR measures, p's signs; N1 is NTHR's
+rule (§5.2, Algorithm 1; beta = 1, eta = 0). Ours, UNCONFIRMED: T1-T2 (NTHR's V* and sum-first, every token),
+--thr-advantage, --selection thr (two-sided T4-T5: --tau-beta, --p, --mask-nondominant), --objective gspo-token.
 
-Run it:
-    python thr.py                                                      # CPU demo: tiny model, countdown, a few minutes
-    python thr.py --model Qwen/Qwen2.5-Math-1.5B --dataset math-lighteval --eval-datasets math500,aime24,amc23 \\
+Run it (SCRIPT: grpo.py or any method script, which takes the same flags plus the method's own):
+    python SCRIPT                                                      # CPU demo: tiny model, countdown, a few minutes
+    python SCRIPT --model Qwen/Qwen2.5-Math-1.5B --dataset math-lighteval --eval-datasets math500,aime24,amc23 \\
         --prompts-per-step 128 --max-new-tokens 3072 --lr 1e-6 --steps 500 --micro-batch-size 8     # one GPU
-    torchrun --nproc_per_node 8 thr.py --p 0.2 --model Qwen/Qwen2.5-7B ...                          # FSDP2, 8 GPUs
+    torchrun --nproc_per_node 8 SCRIPT --model Qwen/Qwen2.5-7B ...                                  # FSDP2, 8 GPUs
 """
 import time
 from dataclasses import dataclass, field
@@ -43,6 +42,7 @@ from common import (BaseArgs, aggregate_loss, all_sum_dict, autocast, compute_re
                     require, resume_or_evaluate, rollout_batch, rollout_engine, rollout_logprobs, rollout_metrics,
                     rollout_sums, save_checkpoint, set_lr, shard_model, start_run, step_groups, system_metrics,
                     time_metrics, token_logprobs, truncated_is_weight)
+from common import gspo_token_logp  # --objective gspo-token
 
 
 @dataclass
@@ -61,17 +61,14 @@ class Args(BaseArgs):
     ppo_epochs: int = field(default=1, metadata={"help": "passes over each rollout batch"})
     mini_batches: int = field(default=1, metadata={"help": "optimizer steps per pass (1 = strictly on-policy)"})
     p: float = field(default=-0.2, metadata={"help": "THR steering strength, |p| < 1: < 0 explore (pass@k), > 0 "
-                     "exploit (greedy); -0.2 as this repo targets exploration collapse and the paper's p < 0 helped "
-                     "pass@k on every model (p > 0 hurt on Llama)"})
-    mask_nondominant: bool = field(default=False, metadata={"help": "zero the advantage of non-dominant tokens (the "
-                                                                    "paper's THR-only mode)"})
+                     "exploit (greedy); -0.2: we target collapse, and p < 0 helped pass@k on every model"})
+    mask_nondominant: bool = field(default=False, metadata={"help": "zero non-dominant tokens' advantage (THR-only)"})
     tau_beta: float = field(default=1.0, metadata={"help": "beta_tau of the dominant-token threshold tau = beta_tau * "
                                                            "min over correct responses of their mean THR (NTHR: 1)"})
     selection: str = field(default="thr", metadata={"choices": ["thr", "nthr"], "help": "thr: |THR| > tau on every "
                            "response, A (1 + p sign THR) (our two-sided extension) | nthr: NTHR's rule, tokens of "
                            "incorrect responses with s > tau get eta A (--p unused)"})
-    eta: float = field(default=0.0, metadata={"help": "NTHR's advantage scale on its selected tokens, 0 <= eta <= 1 "
-                                                      "(--selection nthr; NTHR: 0)"})
+    eta: float = field(default=0.0, metadata={"help": "N1's scale of selected tokens' advantage, in [0, 1] (NTHR: 0)"})
     thr_advantage: str = field(default="sign", metadata={"choices": ["sign", "value"], "help": "advantage factor of "
                                "THR = a_j * s: sign(A_j) (NTHR's |s| threshold) | value A_j"})
     objective: str = field(default="grpo", metadata={"choices": ["grpo", "gspo-token"], "help": "grpo: token ratio | "
@@ -165,13 +162,6 @@ def nthr_advantages(advantages, selected, eta):
     return torch.where(selected, eta * advantages[:, None], advantages[:, None])
 
 
-def gspo_token_logp(logp, old_logp, mask):
-    """Log-prob whose ratio to old_logp is GSPO-token's sg[s_i] pi(y_t) / sg[pi(y_t)], s_i = exp(mean_t (logp -
-    old_logp)) the sequence ratio: value s_i, gradient s_i grad log pi(y_t). logp, old_logp, mask: [n, T] -> [n, T]."""
-    log_s = ((logp - old_logp) * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)  # [n, 1]
-    return old_logp + log_s.detach() + logp - logp.detach()
-
-
 def entropy_overlap(thr, entropy, mask, frac=0.2):
     """(|top-frac by |THR| & top-frac by entropy|, frac * n) over the n valid tokens with THR != 0 (chance: frac)."""
     keep = mask.bool() & (thr != 0)
@@ -181,13 +171,11 @@ def entropy_overlap(thr, entropy, mask, frac=0.2):
 
 
 def thr_metrics(thr, dominant, correct, entropy, mask, t_thr, world, device):
-    """THR's diagnostics over all ranks: dominant tokens' share; among them the fractions pushed up (THR > 0) and down
-    (THR < 0), overall and by answer; the top-20% |THR| / entropy overlap; THR's own compute time."""
+    """THR's diagnostics over all ranks (dominant share, up/down fractions by answer, entropy overlap, compute time)."""
     (overlap, top_k), parts = entropy_overlap(thr, entropy, mask), ("", "/correct", "/incorrect")
     s = {"tokens": mask.sum().item(), "t_thr": t_thr, "overlap": overlap, "top_k": top_k}
     for part, dom in zip(parts, (dominant, dominant & correct[:, None], dominant & ~correct[:, None])):  # [N, T] each
-        s.update({"dom" + part: dom.sum().item(), "pos" + part: (dom & (thr > 0)).sum().item(),
-                  "neg" + part: (dom & (thr < 0)).sum().item()})
+        s.update({k + part: (dom & c).sum().item() for k, c in (("dom", dom), ("pos", thr > 0), ("neg", thr < 0))})
     s, div = all_sum_dict(s, device), lambda a, b: a / b if b else 0.0
     return {"thr/dominant_frac": s["dom"] / s["tokens"], "thr/entropy_overlap": div(s["overlap"], s["top_k"]),
             "thr/time_s": s["t_thr"] / world, **{f"thr/{sign}_frac{part}": div(s[sign + part], s["dom" + part])
