@@ -1,25 +1,31 @@
 """SPS: Steering Probability Squeezing -- GRPO interleaved with an inverse-RL step on the policy's own correct rollouts.
 
-Paper: Huo et al., "SPS: Steering Probability Squeezing for Better Exploration in Reinforcement Learning for Large
+Papers: Shao et al., "DeepSeekMath" (arXiv:2402.03300) for GRPO; Yu et al., "DAPO" (arXiv:2503.14476) for
+clip-higher and the token-mean loss; Liu et al., "Understanding R1-Zero-Like Training" (Dr. GRPO, arXiv:2503.20783).
+SPS: Huo et al., "SPS: Steering Probability Squeezing for Better Exploration in Reinforcement Learning for Large
 Language Models", arXiv:2604.16995 (Findings of ACL 2026); no code released. We had the abstract and a reader's re-check
-of Eq. 4 and Algorithm 1 (PDF pp. 5 and 15); everything else here is our RECONSTRUCTION, not the authors' method.
+of Eq. 4 and Algorithm 1 (PDF pp. 5 and 15); everything else of SPS here is our RECONSTRUCTION, not the authors' method.
+UNCONFIRMED, ours (README's SPS section says why): minimising +KL (--irl-sign kl; Eq. 4 prints -KL and Algorithm 1
+minimises it: --irl-sign literal, which we read as a slip), p over the demonstrations, the step S5, and every other
+--irl-* flag and default. Diagnostics (sps/...): the block after irl_gradients; pass@k bounds U1-U3: eval.py compare.
 
-Idea: on-policy RL is winner-take-all among correct solutions (the likelier of two equally correct trajectories gains
-logit faster, E[dz_tau] = eta pi(tau) (r(tau) - b)), so pass@1 rises while pass@k falls: "probability squeezing". SPS
-follows each GRPO step with an inverse-RL step that takes the policy's own correct rollouts as demonstrations and its
-log-likelihood as the implicit reward (the paper mentions no reward model), and fits the group's Boltzmann distribution
-to the demonstrations with a forward KL: dz_i ~ q_i - p_i, the dominant correct rollout down, rare correct ones up.
+Idea: sample G completions per prompt, score each with a verifier (reward 1 if the final answer is right), and use the
+reward standardised within the group as every token's advantage; no value network. The update is PPO's clipped
+surrogate on those advantages, here strictly on-policy by default (one update per rollout batch, ratio = 1).
+SPS: such RL is winner-take-all among correct solutions (the likelier of two equally correct trajectories gains logit
+faster, E[dz_tau] = eta pi(tau) (r(tau) - b)), so pass@1 rises while pass@k falls: "probability squeezing". After each
+GRPO step an inverse-RL step takes the policy's correct rollouts as demonstrations, its log-likelihood as the implicit
+reward, and fits the group's Boltzmann distribution to them by forward KL: dz_i ~ q_i - p_i, dominant down, rare up.
 
-    RL step: grpo.py's, unchanged. IRL step: on the same rollouts, with the weights after the RL step:
+    A_i = (r_i - mean_g r) / (std_g r + eps)                                   group advantage (DeepSeekMath §4.1.2)
+    L_t = -min(rho_t A_i, clip(rho_t, 1 - eps_low, 1 + eps_high) A_i),   rho_t = pi_theta(o_t) / pi_old(o_t)
+    loss = aggregate(L_t + beta * k3(pi_ref, pi_theta)_t - c_H * H_t)         (token-mean by default, DAPO Eq. 8)
+  the RL step above is grpo.py's, unchanged; the IRL step follows on the same rollouts, with the updated weights:
     s_i   = (1/|o_i|) sum_t log pi_theta(o_{i,t} | .)                                 implicit reward            (S1)
     p     = softmax(s / T_s) over the group's demonstrations (its correct rollouts)   Boltzmann distribution     (S2)
     q_i   = 1/D split over the copies of each of the group's D distinct demonstrations, 0 elsewhere              (S3)
     L_IRL = (1/#groups) sum_{groups with D >= 2} -sum_i q_i log p_i = KL(q || p) + H(q), minimised   (S4; cf. Eq. 4)
     theta <- theta - eta_irl clamp(grad(lambda_irl L_IRL) / (sqrt(v_hat) + eps), -1, 1), v_hat: the RL AdamW's   (S5)
-
-UNCONFIRMED, ours (README's SPS section says why): minimising +KL (--irl-sign kl; Eq. 4 prints -KL and Algorithm 1
-minimises it: --irl-sign literal, which we read as a slip), p over the demonstrations, the step S5, and every other
---irl-* flag and default. Diagnostics (sps/...): the block after irl_gradients; pass@k bounds U1-U3: eval.py compare.
 
 Run it:
     python sps.py                                                      # CPU demo: tiny model, countdown, a few minutes
@@ -254,11 +260,10 @@ def sample_probe(model, tokenizer, train_set, args, device, ref_model):
             "ref": probe_logprobs(ref_model, batch, args, device)[0] if args.irl_score == "ratio" else None}
 
 
-@torch.no_grad()
 def probe_logprobs(model, batch, args, device):
     """log pi(o_t) of the probe rollouts and the probability of the top-1 token at each position: [P * G, T] each."""
     (ids, attn, _, P), mb, top1 = batch, args.micro_batch_size, lambda logits, t: logits.softmax(-1).max(-1).values
-    with autocast(device):
+    with torch.no_grad(), autocast(device):
         out = [token_logprobs(model, ids[i:i + mb], attn[i:i + mb], P, args.logprob_chunk, row_fn=top1)
                for i in range(0, len(ids), mb)]
     return [torch.cat([o[k].float() for o in out]) for k in (0, 2)]
