@@ -1,36 +1,31 @@
 """SPS: Steering Probability Squeezing -- GRPO interleaved with an inverse-RL step on the policy's own correct rollouts.
 
-Paper: Huo et al., "SPS: Steering Probability Squeezing for Better Exploration in Reinforcement Learning for Large
+Papers: Shao et al., "DeepSeekMath" (arXiv:2402.03300) for GRPO; Yu et al., "DAPO" (arXiv:2503.14476) for
+clip-higher and the token-mean loss; Liu et al., "Understanding R1-Zero-Like Training" (Dr. GRPO, arXiv:2503.20783).
+SPS: Huo et al., "SPS: Steering Probability Squeezing for Better Exploration in Reinforcement Learning for Large
 Language Models", arXiv:2604.16995 (Findings of ACL 2026); no code released. We had the abstract and a reader's re-check
-of Eq. 4 and Algorithm 1 (PDF pp. 5 and 15); everything else here is our RECONSTRUCTION, not the authors' method.
+of Eq. 4 and Algorithm 1 (PDF pp. 5 and 15); everything else of SPS here is our RECONSTRUCTION, not the authors' method.
+UNCONFIRMED, ours (README's SPS section says why): minimising +KL (--irl-sign kl; Eq. 4 prints -KL and Algorithm 1
+minimises it: --irl-sign literal, which we read as a slip), p over the demonstrations, the step S5, and every other
+--irl-* flag and default. Diagnostics (sps/...): the block after irl_gradients; pass@k bounds U1-U3: eval.py compare.
 
-Idea: on-policy RL is winner-take-all among correct solutions (the likelier of two equally correct trajectories gains
-logit faster, E[dz_tau] = eta pi(tau) (r(tau) - b)), so pass@1 rises while pass@k falls: "probability squeezing". SPS
-follows each GRPO step with an inverse-RL step that takes the policy's own correct rollouts as demonstrations and its
-log-likelihood as the implicit reward (the paper mentions no reward model), and fits the group's Boltzmann distribution
-to the demonstrations with a forward KL: dz_i ~ q_i - p_i, the dominant correct rollout down, rare correct ones up.
+Idea: sample G completions per prompt, score each with a verifier (reward 1 if the final answer is right), and use the
+reward standardised within the group as every token's advantage; no value network. The update is PPO's clipped
+surrogate on those advantages, here strictly on-policy by default (one update per rollout batch, ratio = 1).
+SPS: such RL is winner-take-all among correct solutions (the likelier of two equally correct trajectories gains logit
+faster, E[dz_tau] = eta pi(tau) (r(tau) - b)), so pass@1 rises while pass@k falls: "probability squeezing". After each
+GRPO step an inverse-RL step takes the policy's correct rollouts as demonstrations, its log-likelihood as the implicit
+reward, and fits the group's Boltzmann distribution to them by forward KL: dz_i ~ q_i - p_i, dominant down, rare up.
 
-    RL step: grpo.py's, unchanged. IRL step: on the same rollouts, with the weights after the RL step:
+    A_i = (r_i - mean_g r) / (std_g r + eps)                                   group advantage (DeepSeekMath §4.1.2)
+    L_t = -min(rho_t A_i, clip(rho_t, 1 - eps_low, 1 + eps_high) A_i),   rho_t = pi_theta(o_t) / pi_old(o_t)
+    loss = aggregate(L_t + beta * k3(pi_ref, pi_theta)_t - c_H * H_t)         (token-mean by default, DAPO Eq. 8)
+  the RL step above is grpo.py's, unchanged; the IRL step follows on the same rollouts, with the updated weights:
     s_i   = (1/|o_i|) sum_t log pi_theta(o_{i,t} | .)                                 implicit reward            (S1)
     p     = softmax(s / T_s) over the group's demonstrations (its correct rollouts)   Boltzmann distribution     (S2)
     q_i   = 1/D split over the copies of each of the group's D distinct demonstrations, 0 elsewhere              (S3)
     L_IRL = (1/#groups) sum_{groups with D >= 2} -sum_i q_i log p_i = KL(q || p) + H(q), minimised   (S4; cf. Eq. 4)
     theta <- theta - eta_irl clamp(grad(lambda_irl L_IRL) / (sqrt(v_hat) + eps), -1, 1), v_hat: the RL AdamW's   (S5)
-
-The paper's, as far as known: Eq. 4 is a forward KL printed with a minus sign, and Algorithm 1 minimises it: that is
---irl-sign literal. Our default --irl-sign kl minimises +KL instead, departing from the printed text: minimising -KL
-pushes the policy away from its own correct rollouts, deeper into the squeeze the method exists to undo, so we read
-the sign as a slip. This repository's choices (default, then the flags), none of them from the paper:
-    p over the demonstrations, for stability (README, Results) | --irl-support group: over all G rollouts
-    s: length-normalised (S1) | --irl-score sum | ratio (to the initial model); --irl-temperature T_s = 1
-    q: uniform (S3) | --irl-target counts; demonstrations: the correct rollouts | --irl-demos all; D < 2: skipped
-    #groups: all the step's groups, as the token-mean RL loss | --irl-norm eligible (those with D >= 2)
-    an IRL step after every RL step | --irl-every K (0: grpo.py exactly) | --irl-schedule summed: one step on
-        -J_RL + lambda_irl L_IRL; lambda_irl = --irl-coef 1; eta_irl = lr x --irl-lr-scale 1
-    the step S5: no optimizer state of its own, so --resume is exact and lambda_irl sets its size relative to the RL's
-    p over a group | --irl-variant nll: token-mean NLL on a buffer (--irl-buffer) of EARLIER steps' correct rollouts
-Diagnostics (sps/..., the block after irl_gradients): the IRL loss every IRL step, squeezing on a fixed probe set
-(--probe-prompts) at every eval. The pass@k upper bounds U1-U3 are eval.py compare's.
 
 Run it:
     python sps.py                                                      # CPU demo: tiny model, countdown, a few minutes
@@ -50,7 +45,7 @@ from common import (BaseArgs, aggregate_loss, all_sum_dict, autocast, compute_re
                     require, resume_or_evaluate, rollout_batch, rollout_engine, rollout_logprobs, rollout_metrics,
                     rollout_sums, save_checkpoint, set_lr, shard_model, start_run, step_groups, system_metrics,
                     time_metrics, token_logprobs, truncated_is_weight)
-from common import all_sum, answer_key, clip_grad_norm, count_skip, gather_objects, sample_keys  # SPS
+from common import all_sum, answer_key, clip_grad_norm, count_skip, gather_objects, sample_keys, world_size  # SPS
 
 
 @dataclass
@@ -68,41 +63,28 @@ class Args(BaseArgs):
     entropy_coef: float = field(default=0.0, metadata={"help": "entropy bonus coefficient"})
     ppo_epochs: int = field(default=1, metadata={"help": "passes over each rollout batch"})
     mini_batches: int = field(default=1, metadata={"help": "optimizer steps per pass (1 = strictly on-policy)"})
-    irl_every: int = field(default=1, metadata={
-        "help": "SPS: an IRL step after every K-th RL step (K_irl; 0 = never, exactly grpo.py)"})
+    irl_every: int = field(default=1, metadata={"help": "SPS: IRL step every K-th RL step (0: never, exactly grpo.py)"})
     irl_coef: float = field(default=1.0, metadata={
         "help": "SPS: lambda_irl, weight of the IRL loss: the IRL step's size relative to the RL step's"})
-    irl_lr_scale: float = field(default=1.0, metadata={
-        "help": "SPS: eta_irl = current lr x this (the IRL step's learning rate)"})
-    irl_schedule: str = field(default="separate", metadata={
-        "choices": ["separate", "summed"],
-        "help": "SPS: separate: its own optimizer step after the RL step | summed: one step on -J_RL + lambda L_IRL"})
-    irl_variant: str = field(default="group", metadata={
-        "choices": ["group", "nll"],
-        "help": ("SPS: group: KL(q || softmax(s / T_s)) per group | nll: token-mean NLL on a buffer of earlier "
-                 "correct rollouts")})
-    irl_sign: str = field(default="kl", metadata={
-        "choices": ["kl", "literal"],
-        "help": "SPS: kl: minimise KL(q || p) | literal: minimise -KL as printed (ablation)"})
+    irl_lr_scale: float = field(default=1.0, metadata={"help": "SPS: eta_irl = current lr x this (the IRL step's lr)"})
+    irl_schedule: str = field(default="separate", metadata={"choices": ["separate", "summed"], "help":
+        "SPS: separate: its own optimizer step after the RL step | summed: one step on -J_RL + lambda L_IRL"})
+    irl_variant: str = field(default="group", metadata={"choices": ["group", "nll"], "help":
+        "SPS: group: KL(q || p) per group | nll: token-mean NLL on a buffer of earlier correct rollouts"})
+    irl_sign: str = field(default="kl", metadata={"choices": ["kl", "literal"], "help":
+        "SPS: kl: minimise KL(q || p) | literal: minimise -KL as printed (ablation)"})
     irl_demos: str = field(default="correct", metadata={
-        "choices": ["correct", "all"],
-        "help": "SPS: demonstrations: the correct rollouts | all rollouts"})
-    irl_target: str = field(default="uniform", metadata={
-        "choices": ["uniform", "counts"],
-        "help": "SPS: q uniform over distinct demonstrations | proportional to their counts (ablation)"})
-    irl_score: str = field(default="mean", metadata={
-        "choices": ["mean", "sum", "ratio"],
-        "help": "SPS: implicit reward s: mean token log-prob | sum | mean log-ratio to the initial model"})
-    irl_temperature: float = field(default=1.0, metadata={
-        "help": "SPS: T_s of the group Boltzmann distribution softmax(s / T_s)"})
-    irl_support: str = field(default="demos", metadata={
-        "choices": ["demos", "group"],
-        "help": ("SPS: p = softmax(s / T_s) over the demonstrations (bounded: redistributes among correct "
-                 "rollouts) | over the whole group (spec; also pushes wrong rollouts down without bound)")})
-    irl_norm: str = field(default="batch", metadata={
-        "choices": ["batch", "eligible"],
-        "help": ("SPS: L_IRL / #groups over all the step's groups (like the token-mean RL loss) | over eligible "
-                 "groups only")})
+        "choices": ["correct", "all"], "help": "SPS: demonstrations: the correct rollouts | all rollouts"})
+    irl_target: str = field(default="uniform", metadata={"choices": ["uniform", "counts"], "help":
+        "SPS: q uniform over distinct demonstrations | proportional to their counts (ablation)"})
+    irl_score: str = field(default="mean", metadata={"choices": ["mean", "sum", "ratio"], "help":
+        "SPS: implicit reward s: mean token log-prob | sum | mean log-ratio to the initial model"})
+    irl_temperature: float = field(default=1.0, metadata={"help": "SPS: T_s of the group Boltzmann softmax(s / T_s)"})
+    irl_support: str = field(default="demos", metadata={"choices": ["demos", "group"], "help":
+        "SPS: p = softmax(s / T_s) over the demonstrations (bounded: redistributes among correct rollouts) | over "
+        "the whole group (spec; also pushes wrong rollouts down without bound)"})
+    irl_norm: str = field(default="batch", metadata={"choices": ["batch", "eligible"], "help":
+        "SPS: L_IRL / #groups over all the step's groups (like the token-mean RL loss) | over eligible groups only"})
     irl_buffer: int = field(default=1024, metadata={
         "help": "SPS --irl-variant nll: capacity (rollouts per rank) of the FIFO buffer of earlier correct rollouts"})
     probe_prompts: int = field(default=4, metadata={
@@ -113,14 +95,10 @@ class Args(BaseArgs):
         require(self.clip_low >= 0 and self.clip_high >= 0, "--clip-low and --clip-high must be >= 0")
         require(self.kl_coef >= 0 and self.entropy_coef >= 0, "--kl-coef and --entropy-coef must be >= 0")
         require(self.ppo_epochs >= 1 and self.mini_batches >= 1, "--ppo-epochs and --mini-batches must be >= 1")
-        require(self.irl_every >= 0, f"--irl-every must be >= 0 (got {self.irl_every})")
-        require(self.irl_coef >= 0 and math.isfinite(self.irl_coef),
-                f"--irl-coef must be a number >= 0 (got {self.irl_coef})")
-        require(self.irl_lr_scale > 0 and math.isfinite(self.irl_lr_scale),
-                f"--irl-lr-scale must be > 0 (got {self.irl_lr_scale})")
-        require(self.irl_temperature > 0, f"--irl-temperature must be > 0 (got {self.irl_temperature})")
-        require(self.irl_buffer >= 1, f"--irl-buffer must be >= 1 (got {self.irl_buffer})")
-        require(self.probe_prompts >= 0, f"--probe-prompts must be >= 0 (got {self.probe_prompts})")
+        require(min(self.irl_every, self.probe_prompts) >= 0, "--irl-every and --probe-prompts must be >= 0")
+        require(0 <= self.irl_coef < math.inf, f"--irl-coef must be finite and >= 0 (got {self.irl_coef})")
+        require(0 < self.irl_lr_scale < math.inf, f"--irl-lr-scale must be finite and > 0 (got {self.irl_lr_scale})")
+        require(self.irl_temperature > 0 and self.irl_buffer >= 1, "--irl-temperature must be > 0, --irl-buffer >= 1")
         require(not (self.irl_variant == "nll" and self.irl_schedule == "summed"),
                 "--irl-variant nll needs --irl-schedule separate")
 
@@ -150,43 +128,32 @@ def kl_k3(logp, ref_logp):
 
 
 def implicit_reward(logp, mask, score="mean", ref_logp=None):
-    """s_i, the policy's implicit reward of rollout i (S1). logp, mask, ref_logp: [N, T] -> [N].
-    mean: (1/|o_i|) sum_t log pi(o_t) | sum: sum_t log pi(o_t) | ratio: (1/|o_i|) sum_t log pi(o_t) / pi_ref(o_t)."""
-    if score == "ratio":
-        logp = logp - ref_logp
-    total = (logp * mask).sum(-1)  # [N]
+    """s_i, the policy's implicit reward of rollout i (S1). logp, mask, ref_logp: [N, T] -> [N]. mean: (1/|o_i|)
+    sum_t log pi(o_t) | sum: sum_t log pi(o_t) | ratio: (1/|o_i|) sum_t log pi(o_t) / pi_ref(o_t)."""
+    total = ((logp - ref_logp if score == "ratio" else logp) * mask).sum(-1)  # [N]
     return total if score == "sum" else total / mask.sum(-1).clamp(min=1)
 
 
 def first_copy(completions, group_size):
-    """Index, within its group, of the first completion identical to each one (equal values = the same trajectory).
-    completions: N token lists, groups of G consecutive -> [N/G, G] long."""
-    out = []
-    for g in range(0, len(completions), group_size):
-        seen = {}
-        out.append([seen.setdefault(tuple(c), j) for j, c in enumerate(completions[g:g + group_size])])
-    return torch.tensor(out, dtype=torch.long)
+    """Index in its group of each completion's first identical copy (the same trajectory): N lists -> [N/G, G] long."""
+    groups = [list(map(tuple, completions[g:g + group_size])) for g in range(0, len(completions), group_size)]
+    return torch.tensor([[group.index(c) for c in group] for group in groups], dtype=torch.long)
 
 
 def irl_target(demos, first, target="uniform"):
-    """The target q over each group's G rollouts (S3), and D = the number of distinct demonstrations per group.
-    demos: [B, G] bool (correct rollouts, or all); first: [B, G] from first_copy. Returns (q [B, G], D [B]).
-    uniform: each distinct demonstration gets 1/D, split equally over its copies | counts: each demonstration 1/|C|."""
-    demos = demos.float()
-    same = first[:, :, None] == first[:, None, :]  # [B, G, G]: rollouts i and j are the same trajectory
+    """q [B, G], the target over each group's rollouts (S3), and D [B], its number of distinct demonstrations. demos:
+    [B, G] bool (correct or all). uniform: each distinct one 1/D, split over its copies (first_copy) | counts: 1/|C|."""
+    demos, same = demos.float(), first[:, :, None] == first[:, None, :]  # same: [B, G, G], i and j the same trajectory
     copies = (same.float() * demos[:, None, :]).sum(-1).clamp(min=1)  # [B, G]: multiplicity among the demonstrations
     distinct = (demos / copies).sum(-1)  # [B]: D
-    if target == "uniform":
-        return demos / copies / distinct.clamp(min=1)[:, None], distinct
-    return demos / demos.sum(-1, keepdim=True).clamp(min=1), distinct
+    counts = demos / demos.sum(-1, keepdim=True).clamp(min=1)  # [B, G]
+    return (demos / copies / distinct.clamp(min=1)[:, None] if target == "uniform" else counts), distinct
 
 
 def irl_loss(scores, q, temperature=1.0, sign="kl", support=None):
-    """Per-group IRL loss -sum_i q_i log p_i with p = softmax(s / T_s) (= KL(q || p) + H(q); S2, S4; cf. Eq. 4).
-    scores, q: [B, G] -> [B]. support: [B, G] bool, the rollouts p is normalised over (None: the whole group). Over the
-    demonstrations, the minimum H(q) is reached when their scores are equal; over the whole group it is only approached
-    as the other rollouts' scores go to -inf, so its gradient never stops pushing them down. sign 'literal' minimises
-    -KL instead, as printed in the paper."""
+    """Per-group IRL loss -sum_i q_i log p_i, p = softmax(s / T_s) over `support` ([B, G] bool; None: the whole group)
+    (= KL(q || p) + H(q); S2, S4; cf. Eq. 4). scores, q: [B, G] -> [B]; sign 'literal' minimises -KL, as printed. Its
+    minimum H(q): at equal demonstration scores; over the group only as the others' go to -inf (pushed down forever)."""
     z = scores / temperature if support is None else (scores / temperature).masked_fill(~support, float("-inf"))
     log_p = torch.log_softmax(z, -1)  # [B, G]: the Boltzmann distribution over the group (or its demonstrations)
     loss = -torch.where(q > 0, q * log_p, 0.0).sum(-1)  # [B]; q = 0 outside the support
@@ -196,25 +163,20 @@ def irl_loss(scores, q, temperature=1.0, sign="kl", support=None):
 @torch.no_grad()
 def preconditioned_step(optimizer, lr):
     """The IRL step in the RL step's units (S5): theta -= lr clamp(g / (sqrt(v_hat) + eps), -1, 1), v_hat the RL AdamW's
-    bias-corrected second moment. Unlike a step of its own Adam, its size follows the IRL gradient's magnitude relative
-    to the RL gradients (so lambda_irl matters) and no momentum is re-applied; the clamp keeps a coordinate where the RL
-    gradient was ~0 within one Adam-sized step (lr). Parameters the RL step never updated are left alone."""
+    bias-corrected second moment: sized by the IRL gradient relative to the RL's (so lambda_irl matters), no momentum
+    re-applied, at most lr per coordinate (clamp); parameters the RL step never updated are left alone."""
     for group in optimizer.param_groups:
         beta2, eps = group["betas"][1], group["eps"]
-        for p in group["params"]:
-            state = optimizer.state.get(p, {})
-            if p.grad is None or "exp_avg_sq" not in state:
-                continue
-            v_hat = state["exp_avg_sq"] / (1 - beta2 ** float(state["step"]))
+        for p in [p for p in group["params"] if p.grad is not None and "exp_avg_sq" in optimizer.state.get(p, {})]:
+            v_hat = optimizer.state[p]["exp_avg_sq"] / (1 - beta2 ** float(optimizer.state[p]["step"]))
             p.sub_(lr * (p.grad / (v_hat.sqrt() + eps)).clamp(-1, 1))
 
 
-def irl_gradients(model, samples, rewards, first, batch, ref_logp, buffer, args, world, device, pad):
-    """Accumulate the gradient of lambda_irl * L_IRL into the parameters (no optimizer step). Every rank runs as many
-    micro-batches as the busiest one (zero-weight extras; micro_batches, over their indices, reduces the gradients
-    after the last). None if no rank has anything to fit (all skip together), else this step's IRL loss BEFORE the
-    update."""
-    G, mb = args.group_size, args.micro_batch_size
+def irl_gradients(model, samples, rewards, logprobs, mask, ref_logp, buffer, args, pad):
+    """Accumulate the gradient of lambda_irl * L_IRL into the parameters (no optimizer step); None if no rank has
+    anything to fit (all skip together), else this step's IRL loss BEFORE the update. Every rank runs as many
+    micro-batches as the busiest one (zero-weight extras; micro_batches reduces the gradients after the last)."""
+    G, mb, world, device = args.group_size, args.micro_batch_size, world_size(), rewards.device
     if args.irl_variant == "nll":  # token-mean NLL on earlier correct rollouts
         n_tokens = all_sum([sum(len(s["completion_ids"]) for s in buffer)], device)[0]
         if n_tokens == 0:
@@ -222,16 +184,16 @@ def irl_gradients(model, samples, rewards, first, batch, ref_logp, buffer, args,
         parts, loss_sum = [buffer[i:i + mb] for i in range(0, len(buffer), mb)], 0.0
         for j in map(int, micro_batches(model, torch.arange(max(gather_objects(len(parts)))), 1, world)):
             part, weight = (parts[j], 1.0) if j < len(parts) else (samples[:1], 0.0)  # as many as the busiest rank
-            ids, attn, mask, P = rollout_batch(part, pad, device)
+            ids, attn, part_mask, P = rollout_batch(part, pad, device)
             with autocast(device):
                 logp, _ = token_logprobs(model, ids, attn, P, args.logprob_chunk)  # [n, T]
-            nll = -(logp * mask).sum() * weight * (1 if args.irl_sign == "kl" else -1)
+            nll = -(logp * part_mask).sum() * weight * (1 if args.irl_sign == "kl" else -1)
             (args.irl_coef * nll / n_tokens * world).backward()
             loss_sum += nll.item()
         return {"sps/irl_loss": all_sum([loss_sum], device)[0] / n_tokens}
-    ids, attn, mask, P = batch
-    demos = (rewards > 0) if args.irl_demos == "correct" else torch.ones_like(rewards, dtype=torch.bool)
-    q, distinct = irl_target(demos.view(-1, G), first, args.irl_target)  # [N/G, G], [N/G]
+    first = first_copy([s["completion_ids"] for s in samples], G).to(device)  # [N/G, G]: duplicates within groups
+    demos = ((rewards > 0) if args.irl_demos == "correct" else torch.ones_like(rewards, dtype=torch.bool)).view(-1, G)
+    q, distinct = irl_target(demos, first, args.irl_target)  # [N/G, G], [N/G]
     eligible = distinct >= 2  # groups with >= 2 distinct demonstrations; the others are skipped
     n_groups, n_all = all_sum([eligible.sum().item(), len(eligible)], device)
     if n_groups == 0:
@@ -244,75 +206,67 @@ def irl_gradients(model, samples, rewards, first, batch, ref_logp, buffer, args,
         chunk, weight = (chunks[j], 1.0) if j < len(chunks) else ([0], 0.0)  # as many as the busiest rank
         rows = torch.tensor([g * G + i for g in chunk for i in range(G)], device=device)
         with autocast(device):
-            logp, _ = token_logprobs(model, ids[rows], attn[rows], P, args.logprob_chunk)  # [n, T]
+            logp, _ = logprobs(rows)  # [n, T]
         s = implicit_reward(logp, mask[rows], args.irl_score, None if ref_logp is None else ref_logp[rows]).view(-1, G)
-        support = demos.view(-1, G)[chunk] if args.irl_support == "demos" else None
+        support = demos[chunk] if args.irl_support == "demos" else None
         loss = irl_loss(s, q[chunk], args.irl_temperature, args.irl_sign, support) * weight  # [groups in chunk]
         (args.irl_coef * loss.sum() / n_norm * world).backward()  # world: FSDP averages gradients over ranks
         loss_sum += loss.sum().item()
         if weight:
             scores[chunk] = s.detach().float()
     return {"sps/irl_loss": all_sum([loss_sum], device)[0] / n_groups, "sps/irl_groups": n_groups / n_all,
-            "scores": scores, "eligible": eligible}
+            "scores": scores, "eligible": eligible, "first": first}
 
 
 # ---------------------------------------------------------------- diagnostics (sps/...): they leave the update alone
 def squeezing(scores, first, keep, temperature=1.0):
-    """Top-1 share max p and effective number of trajectories exp(H(p)) of p = softmax(s / T_s) over each group's
-    DISTINCT rollouts among `keep` (all, or correct only). scores, first: [B, G]; keep: [B, G] bool -> ([B], [B]), NaN
-    if empty."""
+    """Top-1 share max p and effective number of trajectories exp(H(p)), p = softmax(s / T_s) over each group's DISTINCT
+    rollouts among `keep` (all, or correct only). scores, first, keep: [B, G] -> ([B], [B]), NaN if none."""
     live = keep & (first == torch.arange(first.shape[1], device=first.device))  # one entry per distinct trajectory
     p = torch.nan_to_num(torch.softmax((scores / temperature).masked_fill(~live, float("-inf")), -1))  # [B, G]
-    n_eff = torch.exp(-(p * p.clamp_min(1e-30).log()).sum(-1))
-    empty = ~live.any(-1)
+    n_eff, empty = torch.exp(-(p * p.clamp_min(1e-30).log()).sum(-1)), ~live.any(-1)
     return p.max(-1).values.masked_fill(empty, float("nan")), n_eff.masked_fill(empty, float("nan"))
 
 
-def irl_metrics(irl, old_logp, rewards, mask, ref_logp, first, args, device):
+def irl_metrics(irl, old_logp, rewards, mask, ref_logp, args, device):
     """The IRL step's sps/irl_* ({} if none ran), and sps/d_top_rl: the change of the correct-only top share of the
     eligible groups caused by the RL step (irl_gradients' scores, after it, minus those under pi_old), over ranks."""
     out = {k: v for k, v in (irl or {}).items() if k.startswith("sps/")}
     if irl and "scores" in irl and args.irl_schedule == "separate":  # summed: irl_gradients scored pi_old
         ok, correct, T = irl["eligible"], (rewards > 0).view(-1, args.group_size), args.irl_temperature
         s_old = implicit_reward(old_logp.float(), mask, args.irl_score, ref_logp).view(-1, args.group_size)
-        d = squeezing(irl["scores"], first, correct, T)[0] - squeezing(s_old, first, correct, T)[0]
+        d = squeezing(irl["scores"], irl["first"], correct, T)[0] - squeezing(s_old, irl["first"], correct, T)[0]
         s = all_sum_dict({"d": d[ok].nansum().item(), "n": (ok & ~d.isnan()).sum().item()}, device)
         out["sps/d_top_rl"] = s["d"] / max(s["n"], 1)
     return out
 
 
-@torch.no_grad()
 def sample_probe(model, tokenizer, train_set, args, device, ref_model):
     """The probe set (None if --probe-prompts is 0): the first training prompts x G rollouts, sampled with keys fixed
     for the whole run, so that evaluations differ only by the weights."""
-    G, problems = args.group_size, train_set[:args.probe_prompts]
-    if not problems:
+    G, group = args.group_size, [p for p in train_set[:args.probe_prompts] for _ in range(args.group_size)]
+    if not group:
         return None
-    group = [p for p in problems for _ in range(G)]
     keys = torch.stack([sample_keys(args.seed, 1 << 29, i) for i in range(len(group))])
     samples = generate(model, tokenizer, [format_prompt(tokenizer, p) for p in group], keys, args.max_new_tokens,
                        args.temperature, args.top_p)
     texts = tokenizer.batch_decode([s["completion_ids"] for s in samples], skip_special_tokens=True)
     correct = torch.tensor(compute_rewards(group, texts), device=device) > 0  # [P * G]
-    answers = [{answer_key(p, t) for p, t, c in zip(group[i:i + G], texts[i:i + G], correct[i:i + G]) if c}
-               for i in range(0, len(group), G)]  # distinct correct answers per prompt
-    probe = {"batch": rollout_batch(samples, tokenizer.pad_token_id, device), "correct": correct.view(-1, G),
-             "first": first_copy([s["completion_ids"] for s in samples], G).to(device), "scores": [],
-             "distinct_correct": sum(map(len, answers)) / len(answers)}
-    probe["ref"] = probe_logprobs(ref_model, probe["batch"], args, device)[0] if args.irl_score == "ratio" else None
-    return probe
+    n_answers = [len({answer_key(p, t) for p, t, c in zip(group[i:i + G], texts[i:i + G], correct[i:i + G]) if c})
+                 for i in range(0, len(group), G)]  # distinct correct answers per prompt
+    batch = rollout_batch(samples, tokenizer.pad_token_id, device)
+    return {"batch": batch, "correct": correct.view(-1, G), "distinct_correct": sum(n_answers) / len(n_answers),
+            "first": first_copy([s["completion_ids"] for s in samples], G).to(device), "scores": [],
+            "ref": probe_logprobs(ref_model, batch, args, device)[0] if args.irl_score == "ratio" else None}
 
 
-@torch.no_grad()
 def probe_logprobs(model, batch, args, device):
     """log pi(o_t) of the probe rollouts and the probability of the top-1 token at each position: [P * G, T] each."""
-    (ids, attn, _, P), out, mb = batch, [], args.micro_batch_size
-    for i in range(0, len(ids), mb):
-        with autocast(device):
-            lp, _, t1 = token_logprobs(model, ids[i:i + mb], attn[i:i + mb], P, args.logprob_chunk,
-                                       row_fn=lambda logits, t: logits.softmax(-1).max(-1).values)
-        out.append((lp.float(), t1.float()))
-    return [torch.cat(x) for x in zip(*out)]
+    (ids, attn, _, P), mb, top1 = batch, args.micro_batch_size, lambda logits, t: logits.softmax(-1).max(-1).values
+    with torch.no_grad(), autocast(device):
+        out = [token_logprobs(model, ids[i:i + mb], attn[i:i + mb], P, args.logprob_chunk, row_fn=top1)
+               for i in range(0, len(ids), mb)]
+    return [torch.cat([o[k].float() for o in out]) for k in (0, 2)]
 
 
 def probe_scores(model, probe, args, device):
@@ -320,9 +274,8 @@ def probe_scores(model, probe, args, device):
     after it, s2 after the IRL step; at step 0 only one) and return their sps/probe/* record ({} without a probe)."""
     if probe is None:
         return {}
-    logp, top1 = probe_logprobs(model, probe["batch"], args, device)
+    (logp, top1), s = probe_logprobs(model, probe["batch"], args, device), probe["scores"]
     mask, correct, first, T = probe["batch"][2], probe["correct"], probe["first"], args.irl_temperature
-    s = probe["scores"]
     s.append(implicit_reward(logp, mask, args.irl_score, probe["ref"]).view(-1, args.group_size))
     nanmean = lambda x: float(x[~x.isnan()].double().mean()) if (~x.isnan()).any() else math.nan  # noqa: E731
     rec = {f"sps/probe/{k}": nanmean(v) for k, v in zip(["top_share", "n_eff", "top_share_correct", "n_eff_correct"],
@@ -344,8 +297,9 @@ def train(args):
     rank, world, device = init_distributed()
     run_dir = start_run(args, __file__, rank)
     model, tokenizer = load_model(args.model, device, rank)
-    need_ref = args.kl_coef > 0 or args.irl_score == "ratio"  # SPS: pi_ref for the KL or the ratio score
-    ref_model = load_reference(args.model, device, rank, world) if need_ref else None
+    ref_model = load_reference(args.model, device, rank, world) if args.kl_coef > 0 else None  # pi_ref for the KL
+    if args.irl_score == "ratio" and ref_model is None:  # SPS: and for the ratio score s
+        ref_model = load_reference(args.model, device, rank, world)
     model = shard_model(model, world, device, args.gradient_checkpointing).train()  # from_pretrained gives eval mode
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
     train_set, eval_sets = load_train_set(args, tokenizer, model), load_eval_sets(args, tokenizer, model)
@@ -384,10 +338,8 @@ def train(args):
             if not on_policy:
                 old_logp, entropy = map(torch.cat, zip(*[logprobs(m) for m in micro]))
             ref_logp = torch.cat([logprobs(m, ref_model)[0] for m in micro]) if ref_model else None
-        # 4b. SPS: duplicates within each group; is this an IRL step; at evaluations, the probe's scores s0.
-        first = first_copy([s["completion_ids"] for s in samples], G).to(device)  # [N/G, G]
+        # 4b. SPS: is this an IRL step; at evaluations, the probe set and its scores s0.
         irl, irl_now = None, args.irl_every > 0 and (step + 1) % args.irl_every == 0
-        irl_pending = irl_now and args.irl_schedule == "summed"  # summed: L_IRL joins the first RL optimizer step
         probe = (sample_probe(model, tokenizer, train_set, args, device, ref_model)
                  if due(args.eval_every, step + 1, args.steps) else None)  # at evaluations only
         probe_scores(model, probe, args, device)  # s0
@@ -415,16 +367,14 @@ def train(args):
                     loss.backward()
                     sums["loss"] += loss.item() / (args.ppo_epochs * world)
                     sums["clipped"] += (clipped * mask[m]).sum().item()
-                if irl_pending:  # SPS --irl-schedule summed: grad(lambda L_IRL) at theta_old joins this step's gradient
-                    irl, irl_pending = irl_gradients(model, samples, rewards, first, (ids, attn, mask, P), ref_logp,
-                                                     buffer, args, world, device, pad), False
+                if irl_now and irl is None and args.irl_schedule == "summed":  # SPS: L_IRL joins the first RL step
+                    irl = irl_gradients(model, samples, rewards, logprobs, mask, ref_logp, buffer, args, pad)
                 grad_norm, skipped, streak = optimizer_step(model, optimizer, args, skipped, streak)  # non-finite: skip
         probe_scores(model, probe, args, device)  # s1
         # 5b. SPS: the IRL step (S5) on the same rollouts, scores recomputed with the weights after the RL step.
         if irl_now and args.irl_schedule == "separate":
             optimizer.zero_grad(set_to_none=True)
-            irl = irl_gradients(model, samples, rewards, first, (ids, attn, mask, P), ref_logp, buffer, args, world,
-                                device, pad)
+            irl = irl_gradients(model, samples, rewards, logprobs, mask, ref_logp, buffer, args, pad)
             if irl is not None:
                 irl["sps/irl_grad_norm"] = clip_grad_norm(model, args.max_grad_norm)
                 if math.isfinite(irl["sps/irl_grad_norm"]):
@@ -440,7 +390,7 @@ def train(args):
         record = {"step": step + 1, **rollout_metrics(s, args.ppo_epochs), "grad_norm": grad_norm, "lr": lr,
                   "skipped_steps": skipped,
                   **time_metrics(t_rollout, t_reward, t_train, s, args.ppo_epochs + (not on_policy))}
-        record.update(irl_metrics(irl, old_logp, rewards, mask, ref_logp, first, args, device))  # SPS
+        record.update(irl_metrics(irl, old_logp, rewards, mask, ref_logp, args, device))  # SPS
         record.update(probe_scores(model, probe, args, device))  # SPS: s2, and the probe's record
         record.update(system_metrics(engine, old_logp, rollout_logp, mask, args, device))
         samples_by_set = None
