@@ -318,16 +318,18 @@ def start_run(args, script, rank):
     return run_dir
 
 
-def resume_or_evaluate(run_dir, model, optimizer, tokenizer, eval_sets, args, device, engine, rank):
+def resume_or_evaluate(run_dir, model, optimizer, tokenizer, eval_sets, args, device, engine, rank, extra=dict):
     """(first step, skipped, streak, history): with --resume, the checkpoint's (its later metric lines are dropped:
-    they are recomputed identically); else step 0, after evaluating the initial model (the step-0 metric line)."""
+    they are recomputed identically); else step 0, after evaluating the initial model (the step-0 metric line, plus
+    extra()'s metrics, computed before the evaluation: sps.py's probe)."""
     history = []
     if args.resume:
         start, skipped, streak = load_checkpoint(run_dir, model, optimizer)
         truncate_metrics(run_dir, start, rank)
         return start, skipped, streak, history
+    more = extra()
     metrics = evaluate_all(model, tokenizer, eval_sets, args, device, engine)[0]
-    log_step(run_dir, {"step": 0, **metrics}, history, rank)
+    log_step(run_dir, {"step": 0, **metrics, **more}, history, rank)
     return 0, 0, 0, history
 
 

@@ -27,11 +27,11 @@ reward, and fits the group's Boltzmann distribution to them by forward KL: dz_i 
     L_IRL = (1/#groups) sum_{groups with D >= 2} -sum_i q_i log p_i = KL(q || p) + H(q), minimised   (S4; cf. Eq. 4)
     theta <- theta - eta_irl clamp(grad(lambda_irl L_IRL) / (sqrt(v_hat) + eps), -1, 1), v_hat: the RL AdamW's   (S5)
 
-Run it:
-    python sps.py                                                      # CPU demo: tiny model, countdown, a few minutes
-    python sps.py --model Qwen/Qwen2.5-Math-1.5B --dataset math-lighteval --eval-datasets math500,aime24,amc23 \\
+Run it (SCRIPT: grpo.py or any method script, which takes the same flags plus the method's own):
+    python SCRIPT                                                      # CPU demo: tiny model, countdown, a few minutes
+    python SCRIPT --model Qwen/Qwen2.5-Math-1.5B --dataset math-lighteval --eval-datasets math500,aime24,amc23 \\
         --prompts-per-step 128 --max-new-tokens 3072 --lr 1e-6 --steps 500 --micro-batch-size 8     # one GPU
-    torchrun --nproc_per_node 8 sps.py --model Qwen/Qwen2.5-7B ...                                   # FSDP2, 8 GPUs
+    torchrun --nproc_per_node 8 SCRIPT --model Qwen/Qwen2.5-7B ...                                  # FSDP2, 8 GPUs
 """
 import math
 import time
@@ -304,12 +304,10 @@ def train(args):
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
     train_set, eval_sets = load_train_set(args, tokenizer, model), load_eval_sets(args, tokenizer, model)
     engine = rollout_engine(args, model, tokenizer, rank)  # None: HF generate on the training model; else vLLM
+    probe0 = lambda: probe_scores(model, sample_probe(model, tokenizer, train_set, args, device, ref_model),  # noqa
+                                  args, device)  # SPS: the step-0 line also has the probe's diagnostics
     start, skipped, streak, history = resume_or_evaluate(run_dir, model, optimizer, tokenizer, eval_sets, args, device,
-                                                         engine, rank) if args.resume else (0, 0, 0, [])
-    if not args.resume:  # SPS: step 0 as resume_or_evaluate logs it, plus the probe's diagnostics
-        probed = probe_scores(model, sample_probe(model, tokenizer, train_set, args, device, ref_model), args, device)
-        log_step(run_dir, {"step": 0, **evaluate_all(model, tokenizer, eval_sets, args, device, engine)[0], **probed},
-                 history, rank)
+                                                         engine, rank, probe0)  # --resume: the checkpoint; else step 0
     buffer = []  # SPS --irl-variant nll: correct rollouts of earlier steps (not checkpointed)
     G, pad, on_policy = args.group_size, tokenizer.pad_token_id, args.ppo_epochs == args.mini_batches == 1
     bar = progress(start, args.steps, __file__, rank)
