@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import common
-from common import (UserError, choose_backend, generate, rollout_batch, rollout_engine, rollout_logprobs,
+from common import (choose_backend, generate, rollout_batch, rollout_engine, rollout_logprobs,
                     rollout_mismatch, token_logprobs, truncated_is_weight)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
