@@ -22,8 +22,9 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, GenerationConfig, LogitsProcessorList
 
+# transformers is imported inside the functions that use it (load_model, generate, shared_prefix_forward), like
+# datasets in tasks.py and math_verify in infra.py: `--help` and a mistyped flag answer in about torch's import time.
 # The scripts import everything through this file: the data side from tasks.py, the vLLM engine from engine.py,
 # the run-safety machinery from infra.py.
 from engine import (ENGINES, choose_backend, counter_gumbel, eos_ids, push_weights, rollout_engine,  # noqa: F401
@@ -245,6 +246,7 @@ def load_model(name, device, rank=0, dtype=torch.float32):
     elif not os.path.isdir(name) and not re.fullmatch(r"[\w.-]+/[\w.-]+", name):
         raise UserError(f"unknown model '{name}': pass 'tiny', a local Hugging Face model directory, or a hub id like "
                         "Qwen/Qwen2.5-Math-1.5B")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, padding_side="left")
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
@@ -358,6 +360,7 @@ def generate(model, tokenizer, prompts, keys, max_new_tokens, temperature=1.0, t
     rollout_engine(), into which the training weights are first pushed (push=False: they are known to be there)."""
     if engine is not None:
         return vllm_generate(engine, model, tokenizer, prompts, keys, max_new_tokens, temperature, top_p, push)
+    from transformers import GenerationConfig, LogitsProcessorList
     eos = set(eos_ids(model, tokenizer))
     config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=sorted(eos),
                               pad_token_id=tokenizer.pad_token_id, use_cache=True)
@@ -457,6 +460,7 @@ def shared_prefix_forward(model, input_ids, attention_mask, split):
                                  return_inverse=True)
     if len(prefixes) == len(input_ids) and world_size() == 1:  # under FSDP every rank runs the same forwards
         return None
+    from transformers import DynamicCache
     cache = DynamicCache(config=model.config)
     h = final_hidden(model, prefixes[:, :split], prefixes[:, split:], cache)  # [U, split, d]
     for layer in cache.layers:  # [U, ...] -> [N, ...]: each row gets its prefix's keys and values

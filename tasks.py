@@ -9,6 +9,7 @@
 The method scripts import all of this through common.py."""
 import ast
 import hashlib
+import importlib.metadata
 import json
 import math
 import os
@@ -19,13 +20,9 @@ from fractions import Fraction
 
 import numpy as np
 import torch
-from datasets import load_dataset
-from datasets.exceptions import DatasetGenerationError
-from huggingface_hub.errors import HfHubHTTPError
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-from tqdm.auto import tqdm
-from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
-import transformers
+
+# datasets, huggingface_hub, tokenizers and transformers are imported inside the functions that use them: together
+# they take seconds to import, and `python grpo.py --help` (or a mistyped flag) should not wait for them.
 
 
 # ============================================================================ user errors and answer extraction
@@ -204,7 +201,6 @@ PROMPT_FIELDS, ANSWER_FIELDS = ("prompt", "problem", "question"), ("answer", "go
 LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 SPLIT_WORDS = {"train": "train", "training": "train", "test": "test", "testing": "test", "eval": "test",
                "validation": "validation", "valid": "validation", "val": "validation", "dev": "validation"}
-HUB_ERRORS = (ConnectionError, FileNotFoundError, HfHubHTTPError)  # offline mode, no network, unknown id, gated
 MATH_INSTRUCTION = "\nPlease reason step by step, and put your final answer within \\boxed{}."
 
 
@@ -277,6 +273,8 @@ def _load_local(path, split, configs=(None,)):
         formats = {LOCAL_FORMATS[os.path.splitext(f)[1].lower()] for f in files}
         if len(formats) > 1:
             raise UserError(f"'{folder}' mixes .parquet and .json/.jsonl files for split {split}: pass one file")
+        from datasets import load_dataset
+        from datasets.exceptions import DatasetGenerationError
         try:
             tables.append(load_dataset(formats.pop(), data_files=files, split="train"))
         except (DatasetGenerationError, ValueError, FileNotFoundError) as e:
@@ -286,9 +284,11 @@ def _load_local(path, split, configs=(None,)):
 
 
 def _load_hub(path, names, split):
+    from datasets import load_dataset
+    from huggingface_hub.errors import HfHubHTTPError
     try:
         return [load_dataset(path, name, split=split) for name in names]
-    except HUB_ERRORS as e:
+    except (ConnectionError, FileNotFoundError, HfHubHTTPError) as e:  # offline, no network, unknown id, gated
         raise UserError(f"could not load '{path}' from the Hugging Face hub (offline or unknown id): download it on "
                         f"a machine with internet (`hf download --repo-type dataset {path} --local-dir DIR`) and pass "
                         f"the local path (DIR or one of its .parquet/.jsonl files), or check the id") from e
@@ -418,6 +418,8 @@ TINY_CONFIGS = {
 def train_tiny_tokenizer(texts, vocab_size):
     """Byte-level BPE with Qwen2's pre-tokenizer, trained on `texts`; <|endoftext|> is eos and pad, left padding.
     The 256-byte initial alphabet makes every string encodable, so decode(encode(s)) == s."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(QWEN2_SPLIT_REGEX), behavior="isolated"),
@@ -464,6 +466,8 @@ def tiny_completion_loss(model, tokenizer, problems, batch=64):
 def build_tiny_model(out_dir, size="default", log=print, reward_fn=None):
     """Train the tokenizer, SFT a fresh Qwen2 on countdown and save both into `out_dir` (atomically). Returns out_dir.
     If reward_fn(completion, problem) -> float is given, held-out sampled success is measured into tiny_build.json."""
+    from tqdm.auto import tqdm
+    from transformers import Qwen2Config, Qwen2ForCausalLM
     cfg = TINY_CONFIGS[size]
     seed, steps, bsz = cfg["seed"], cfg["sft_steps"], cfg["sft_batch"]
     random.seed(seed)
@@ -543,7 +547,7 @@ def tiny_model_dir(size="default", reward_fn=None):
     only matters when it builds."""
     root = os.environ.get("EXPLORE_RLVR_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "explore-rlvr")
-    major = transformers.__version__.split(".")[0]
+    major = importlib.metadata.version("transformers").split(".")[0]  # without importing it (seconds)
     key = hashlib.sha256((json.dumps(TINY_CONFIGS[size],
                                      sort_keys=True) + TINY_VERSION + major).encode()).hexdigest()[:12]
     path = os.path.join(root, f"tiny-{size}-{key}")

@@ -5,7 +5,6 @@ import pytest
 from common import (DATASET_PRESETS, UserError, dataset_name, dataset_names, format_prompt, load_problems,
                     parse_dataset_list)
 
-data_module = sys.modules[load_problems.__module__]  # the module whose load_dataset the hub tests replace
 
 
 def write_jsonl(path, rows):
@@ -116,13 +115,13 @@ def test_n_takes_seeded_shuffle(tmp_path):
 # ---- presets (hub mocked) -------------------------------------------------------------------------------------
 
 def fake_hub(monkeypatch, tables):
-    """Replace load_dataset inside common: tables maps (path, name, split) -> rows. Returns the calls made."""
+    """Replace datasets.load_dataset (tasks.py imports it when it loads): tables maps (path, name, split) -> rows. Returns the calls made."""
     calls = []
 
     def fake_load_dataset(path, name=None, split=None, **kwargs):
         calls.append((path, name, split))
         return datasets.Dataset.from_list(tables[(path, name, split)])
-    monkeypatch.setattr(data_module, "load_dataset", fake_load_dataset)
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     return calls
 
 
