@@ -147,17 +147,55 @@ class BaseArgs:
                 f"(got {self.report_to})")
 
 
+FLAG_GROUPS = {  # --help's sections, in this order; a script's own fields go under "<script>'s own flags"
+    "model and data": ["model", "dataset", "prompt_field", "answer_field", "train_size", "max_prompt_tokens"],
+    "rollouts": ["prompts_per_step", "group_size", "max_new_tokens", "temperature", "top_p"],
+    "the objective": ["clip_low", "clip_high", "loss_agg", "scale_rewards", "kl_coef", "entropy_coef", "ppo_epochs",
+                      "mini_batches"],
+    "the optimizer": ["lr", "warmup_steps", "weight_decay", "max_grad_norm", "max_skipped_steps"],
+    "evaluation": ["eval_datasets", "eval_every", "eval_samples", "eval_problems", "eval_temperature", "eval_top_p"],
+    "the run": ["steps", "seed", "run_dir", "resume", "save_every", "report_to"],
+    "the engine (speed and memory; not the math)": [
+        "rollout_backend", "micro_batch_size", "logprob_chunk", "gradient_checkpointing", "vllm_gpu_memory",
+        "vllm_cpu_kv_gib", "tis_cap", "mismatch_tol"],
+}
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help as written: the description and the usage examples keep their lines, and a flag's default is shown
+    only where its help string does not already say it (no "(default: None)" after "default: the preset's")."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text.lower() or action.default in (None, "", argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return text + " (default: %(default)s)"
+
+
+def usage_examples(doc, prog):
+    """The "Run it" block of a script's docstring, its placeholder SCRIPT replaced by the script: --help's epilog."""
+    block = next((p for p in (doc or "").split("\n\n") if p.startswith("Run it")), "")
+    lines = block.rstrip().split("\n")[1:]
+    return "examples:\n" + "\n".join(lines).replace("SCRIPT", prog) if lines else None
+
+
 def parse_args(cls, argv=None):
-    """dataclass -> argparse: `--flag-name VALUE` for each field, `--flag/--no-flag` for booleans, defaults in
-    --help."""
-    parser = argparse.ArgumentParser(description=(sys.modules["__main__"].__doc__ or "").split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    """dataclass -> argparse: `--flag-name VALUE` for each field, `--flag/--no-flag` for booleans, grouped as
+    FLAG_GROUPS says, defaults and the script's usage examples in --help."""
+    doc = sys.modules["__main__"].__doc__
+    parser = argparse.ArgumentParser(description=(doc or "").split("\n\n")[0], formatter_class=HelpFormatter,
+                                     usage="%(prog)s [-h] [--flag VALUE ...]  (the flags below, by group)")
+    parser.epilog = usage_examples(doc, parser.prog)
+    group_of = {name: title for title, names in FLAG_GROUPS.items() for name in names}
+    groups = {title: parser.add_argument_group(title) for title in FLAG_GROUPS}
+    own = parser.add_argument_group(f"{os.path.splitext(parser.prog)[0]}'s own flags")
     for f in fields(cls):
         kind = {"str": str, "int": int, "float": float, "bool": bool}[re.sub(r"typing\.|Optional\[|\]|<class '|'>", "",
                                                                           str(f.type))]  # str, 'str', Optional[str]
         kw = dict(action=argparse.BooleanOptionalAction) if kind is bool else dict(type=kind, choices=f.metadata.get(
             "choices"), **({"nargs": "?", "const": f.metadata["const"]} if "const" in f.metadata else {}))  # --resume
-        parser.add_argument("--" + f.name.replace("_", "-"), default=f.default, help=f.metadata.get("help", ""), **kw)
+        groups.get(group_of.get(f.name), own).add_argument("--" + f.name.replace("_", "-"), default=f.default,
+                                                           help=f.metadata.get("help", ""), **kw)
     ns = parser.parse_args(argv)
     try:
         return cls(**vars(ns))
