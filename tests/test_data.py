@@ -115,7 +115,8 @@ def test_n_takes_seeded_shuffle(tmp_path):
 # ---- presets (hub mocked) -------------------------------------------------------------------------------------
 
 def fake_hub(monkeypatch, tables):
-    """Replace datasets.load_dataset (tasks.py imports it when it loads): tables maps (path, name, split) -> rows. Returns the calls made."""
+    """Replace datasets.load_dataset (tasks.py imports it where it loads): tables maps (path, name, split) -> rows.
+    Returns the calls made."""
     calls = []
 
     def fake_load_dataset(path, name=None, split=None, **kwargs):
