@@ -273,14 +273,37 @@ def _load_local(path, split, configs=(None,)):
         formats = {LOCAL_FORMATS[os.path.splitext(f)[1].lower()] for f in files}
         if len(formats) > 1:
             raise UserError(f"'{folder}' mixes .parquet and .json/.jsonl files for split {split}: pass one file")
+        for f in files:
+            check_jsonl(f)
         from datasets import load_dataset
-        from datasets.exceptions import DatasetGenerationError
         try:
             tables.append(load_dataset(formats.pop(), data_files=files, split="train"))
-        except (DatasetGenerationError, ValueError, FileNotFoundError) as e:
+        except Exception as e:  # datasets' own errors (DatasetGenerationError, ArrowInvalid, ...) name no line
             raise UserError(f"could not read '{folder}' (split {split}): {str(e).splitlines()[0]}: "
                             f"fix the file or pass one .jsonl/.json/.parquet file") from e
     return tables
+
+
+def check_jsonl(path):
+    """Stop with the file and line a user has to fix: an empty .jsonl file (datasets fails with a bare StopIteration)
+    or a line that is not one JSON object (datasets names no line). One pass over the file, before datasets reads it."""
+    if os.path.splitext(path)[1].lower() != ".jsonl":
+        return
+    rows = 0
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"'{path}' line {i} is not valid JSON ({e.msg}, column {e.colno}): fix that line "
+                                f"(one JSON object per line)") from None
+            require(isinstance(row, dict), f"'{path}' line {i} is not a JSON object: each line must be one object "
+                                           f"with a prompt and an answer field")
+            rows += 1
+    require(rows, f"'{path}' is empty: it needs one JSON object per line with a prompt and an answer field, like "
+                  f"{{\"prompt\": \"What is 2+3?\", \"answer\": \"5\"}}")
 
 
 def _load_hub(path, names, split):
