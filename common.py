@@ -10,6 +10,8 @@ import json
 import math
 import os
 import re
+import shlex
+import shutil
 import sys
 import time
 import warnings
@@ -30,9 +32,9 @@ from tqdm import tqdm
 from engine import (ENGINES, choose_backend, counter_gumbel, eos_ids, push_weights, rollout_engine,  # noqa: F401
                     sample_keys, sampling_processor, vllm_generate)
 from infra import (REPORT_TO, close_tracking, commit_checkpoint, count_skip,  # noqa: F401
-                   fault_point, log_jsonl, loss_fault, math_reward, math_rewards, peak_memory_gib,
-                   print_summary, read_json, recover_checkpoint, remove_checkpoint, resolve_resume, resume_changes,
-                   save_hf_model, shutdown_reward_pool, start_tracking, truncate_metrics, write_config)
+                   fault_point, log_jsonl, loss_fault, math_reward, math_rewards, newest_checkpoint_step,
+                   peak_memory_gib, print_summary, read_json, recover_checkpoint, remove_checkpoint, resolve_resume,
+                   resume_changes, save_hf_model, shutdown_reward_pool, start_tracking, truncate_metrics, write_config)
 from tasks import (DATASET_PRESETS, UserError, answer_key, countdown_problems, countdown_reward,  # noqa: F401
                    dataset_name, dataset_names, fit_prompts, format_prompt, last_boxed, load_eval_sets, load_problems,
                    load_train_set, parse_dataset_list, require, step_problems, tiny_model_dir)
@@ -125,6 +127,9 @@ class BaseArgs:
         require(self.group_size >= 2,
                 f"--group-size must be >= 2 for group-relative advantages (got {self.group_size})")
         require(self.prompts_per_step >= 1, f"--prompts-per-step must be >= 1 (got {self.prompts_per_step})")
+        world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's, read before any process group starts
+        require(self.prompts_per_step % world == 0, f"--prompts-per-step ({self.prompts_per_step}) must divide by the "
+                                                    f"number of processes ({world}): pass a multiple of {world}")
         require(self.max_new_tokens >= 1, f"--max-new-tokens must be >= 1 (got {self.max_new_tokens})")
         require(self.lr > 0 and math.isfinite(self.lr), f"--lr must be a positive number (got {self.lr})")
         require(self.steps >= 0, f"--steps must be >= 0 (got {self.steps})")
@@ -199,19 +204,50 @@ def parse_args(cls, argv=None):
     ns = parser.parse_args(argv)
     try:
         return cls(**vars(ns))
-    except UserError as e:
-        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+    except UserError as e:  # under torchrun every rank finds it: rank 0 says it, and all exit before any work
+        if os.environ.get("RANK", "0") == "0":
+            print(f"{parser.prog}: error: {e}", file=sys.stderr)
         sys.exit(2)
 
 
+def resume_command(run_dir):
+    """The exact command that continues `run_dir`: this one's flags, with --resume --run-dir DIR in place of any."""
+    argv, skip = [], 0
+    for i, a in enumerate(sys.argv[1:], 1):
+        if skip:
+            skip -= 1
+        elif a in ("--run-dir", "--resume") or a.startswith(("--run-dir=", "--resume=")):
+            nxt = sys.argv[i + 1] if i + 1 < len(sys.argv) else ""
+            skip = int(a == "--run-dir" or (a == "--resume" and nxt in ("yes", "auto")))
+        else:
+            argv.append(a)
+    world = os.environ.get("WORLD_SIZE")
+    launcher = ["torchrun", "--nproc_per_node", world] if world and world != "1" else ["python"]
+    return shlex.join(launcher + [os.path.basename(sys.argv[0]), *argv, "--resume", "--run-dir", run_dir])
+
+
+def checkpoint_note(run_dir):
+    """What --resume would continue in run_dir, for the line a stopped run ends with."""
+    step = newest_checkpoint_step(run_dir)
+    if step is None:
+        return "no checkpoint was written yet, so a new run starts over (`--save-every N` saves every N steps)"
+    return f"checkpoint/ holds step {step}; continue from it with: {resume_command(run_dir)}"
+
+
 def main(train, args_cls):
-    """Entry point of every script: parse flags, run, turn UserErrors into one line (exit 2)."""
+    """Entry point of every script: parse flags, run, turn UserErrors into one line (exit 2) and Ctrl-C into one line
+    with the command that resumes (exit 130)."""
     args = parse_args(args_cls)
     try:
         train(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        if os.environ.get("RANK", "0") == "0":
+            where = f": {checkpoint_note(args.run_dir)}" if args.run_dir and os.path.isdir(args.run_dir) else ""
+            print(f"\ninterrupted (Ctrl-C){where}", file=sys.stderr)
+        sys.exit(130)
     finally:
         close_tracking(failed=sys.exc_info()[0] is not None)
         for engine in ENGINES:  # vLLM tears its process groups down itself; before ours, or its exit handler fails
@@ -285,16 +321,40 @@ def load_model(name, device, rank=0, dtype=torch.float32):
         raise UserError(f"unknown model '{name}': pass 'tiny', a local Hugging Face model directory, or a hub id like "
                         "Qwen/Qwen2.5-Math-1.5B")
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    local = os.path.isdir(name)
+    offline = not local and not hub_reachable()  # then only the local cache: no minute of retries
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name, padding_side="left")
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
-    except OSError as e:
-        first = str(e).splitlines()[0][:150]
-        raise UserError(f"could not load model '{name}' ({first}): without internet, download it "
-                        f"elsewhere (`huggingface-cli download {name}`) and pass the local directory") from None
+        tokenizer = AutoTokenizer.from_pretrained(name, padding_side="left", local_files_only=offline)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, local_files_only=offline)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        if local:
+            raise UserError(f"could not load the local model directory '{name}' ({first}): fix or replace its files "
+                            f"(config.json, tokenizer files, *.safetensors)") from None
+        how = (f"the hub is unreachable and '{name}' is not in the local cache" if offline else
+               f"could not load model '{name}' ({first})")
+        raise UserError(f"{how}: check the id, or download it on a machine with internet (`hf download {name} "
+                        f"--local-dir DIR`) and pass --model DIR") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.to(device), tokenizer
+
+
+def hub_reachable(timeout=5.0):
+    """Can the Hugging Face hub be reached? False at once with HF_HUB_OFFLINE=1 or when its host does not answer in
+    `timeout` seconds, so loading a hub id offline fails in seconds instead of after huggingface_hub's retries."""
+    import socket
+    import urllib.parse
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return False
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True  # only the proxy can tell: leave it to huggingface_hub
+    url = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 def load_reference(name, device, rank, world):
@@ -338,7 +398,7 @@ def start_run(args, script, rank):
     --report-to trackers ready. Returns the run directory."""
     script = os.path.splitext(os.path.basename(script))[0]  # grpo.py's __file__ -> "grpo"
     require(args.prompts_per_step % world_size() == 0, f"--prompts-per-step ({args.prompts_per_step}) must divide by "
-                                                      f"the number of processes ({world_size()})")
+                                                      f"the number of processes ({world_size()})")  # Args in code
     if not args.run_dir:
         require(not args.resume, "--resume needs --run-dir: the run directory to continue")
         stamp = time.strftime("%Y%m%d-%H%M%S") if rank == 0 else None
@@ -354,18 +414,25 @@ def start_run(args, script, rank):
         config["resume"] = args.resume
         write_config(config_path, config, old, changes, step)
         start_tracking(args.report_to, run_dir, config)
+        if args.steps == 0:
+            print("--steps 0: the initial model is evaluated and nothing is trained or saved (metrics.jsonl only)")
     barrier()
     return run_dir
 
 
 def resume_or_evaluate(run_dir, model, optimizer, tokenizer, eval_sets, args, device, engine, rank, extra=dict):
-    """(first step, skipped, streak, history): with --resume, the checkpoint's (its later metric lines are dropped:
-    they are recomputed identically); else step 0, after evaluating the initial model (the step-0 metric line, plus
-    extra()'s metrics, computed before the evaluation: sps.py's probe)."""
+    """(first step, skipped, streak, history): with --resume, the checkpoint's, and on rank 0 the history of its metric
+    lines (the later ones are dropped: they are recomputed identically), so the progress bar shows the last held-out
+    pass@1 at once; else step 0, after evaluating the initial model (the step-0 metric line, plus extra()'s metrics,
+    computed before the evaluation: sps.py's probe)."""
     history = []
     if args.resume:
         start, skipped, streak = load_checkpoint(run_dir, model, optimizer)
         truncate_metrics(run_dir, start, rank)
+        path = os.path.join(run_dir, "metrics.jsonl")
+        if rank == 0 and os.path.exists(path):
+            with open(path) as f:
+                history = [json.loads(line) for line in f if line.strip()]
         return start, skipped, streak, history
     more = extra()
     metrics = evaluate_all(model, tokenizer, eval_sets, args, device, engine)[0]
@@ -797,13 +864,31 @@ def save_checkpoint(run_dir, step, model, optimizer, tokenizer, rank, skipped=0,
         state = {"model": msd, "optim": osd}
     else:  # every update so far was skipped: AdamW has no state, and get_state_dict would make one by a zero-lr step
         state = {"model": get_model_state_dict(model)}  # (which shifts later bias corrections): the model only
-    dcp.save(state, checkpoint_id=os.path.join(tmp, "train_state"))  # returns when every rank has written
-    fault_point("checkpoint-partial", step)
-    if rank == 0:
-        save_hf_model(tmp, full, model, tokenizer)  # loadable by transformers and vLLM
-        commit_checkpoint(run_dir, {"step": step, "skipped_steps": skipped, "skip_streak": streak,
-                                    "optimizer_state": "optim" in state})
+    try:
+        dcp.save(state, checkpoint_id=os.path.join(tmp, "train_state"))  # returns when every rank has written
+        fault_point("checkpoint-partial", step)
+        if rank == 0:
+            save_hf_model(tmp, full, model, tokenizer)  # loadable by transformers and vLLM
+            commit_checkpoint(run_dir, {"step": step, "skipped_steps": skipped, "skip_streak": streak,
+                                        "optimizer_state": "optim" in state})
+    except Exception as e:  # a full disk or quota: torch and safetensors name it in their own words, or not at all
+        raise UserError(checkpoint_write_error(run_dir, step, e)) from e
     barrier()
+
+
+def checkpoint_write_error(run_dir, step, error):
+    """The line a failed checkpoint write ends the run with: the cause, the space left, and what --resume continues
+    (the checkpoint being written is checkpoint.tmp; the complete one before it is untouched until the swap)."""
+    tmp = os.path.join(run_dir, "checkpoint.tmp")
+    with contextlib.suppress(OSError):
+        remove_checkpoint(tmp)  # the partial one: its space back
+    cause = (str(error).strip().splitlines() or [type(error).__name__])[-1][:160]
+    free = shutil.disk_usage(run_dir).free / 2 ** 30
+    last = newest_checkpoint_step(run_dir)
+    kept = (f"the previous checkpoint (step {last}) is intact and --resume continues from it: {resume_command(run_dir)}"
+            if last is not None else "no earlier checkpoint exists, so a new run starts over")
+    return (f"could not write the checkpoint of step {step} to {tmp} ({type(error).__name__}: {cause}; "
+            f"{free:.1f} GiB free there): is the disk full? Free space, then: {kept}")
 
 
 def load_checkpoint(run_dir, model, optimizer):

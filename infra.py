@@ -319,7 +319,9 @@ def print_summary(run_dir, rank, t_start=None):
     print(f"\nheld-out evaluation, step {first['step']} -> step {last['step']}:")
     for k in keys:
         print(f"  {k[5:]:<18} {first[k]:8.3f} -> {last.get(k, float('nan')):8.3f}")
-    print(f"run directory: {run_dir}  (metrics.jsonl, samples.jsonl, checkpoint/)")
+    written = [name for name in ("metrics.jsonl", "samples.jsonl", "checkpoint/") if os.path.exists(os.path.join(
+        run_dir, name))]  # --steps 0 writes no samples and no checkpoint
+    print(f"run directory: {run_dir}  ({', '.join(written)})")
 
 
 # ============================================================================ checkpoint recovery and resume
@@ -385,6 +387,14 @@ def _checkpoint_step(path):
             return int(json.load(f)["step"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def newest_checkpoint_step(run_dir):
+    """The step --resume would continue: that of the newest complete checkpoint among checkpoint/, checkpoint.tmp and
+    checkpoint.old, or None. Reads only (recover_checkpoint does the renaming at resume)."""
+    steps = [_checkpoint_step(os.path.join(run_dir, name)) for name in ("checkpoint", "checkpoint.tmp",
+                                                                        "checkpoint.old")]
+    return max((s for s in steps if s is not None), default=None)
 
 
 def recover_checkpoint(run_dir):

@@ -1,0 +1,212 @@
+"""What a newcomer meets first: `--help` (grouped, fast: no transformers/datasets import before parsing), and the
+mistakes and accidents of a first run, each of which ends in one line that names the fix: Ctrl-C, an empty or
+malformed .jsonl, a full disk while saving, a hub id offline, a broken local model, a batch torchrun cannot split,
+--steps 0. Every test runs the script as a user would (a subprocess) and reads the last line of stderr."""
+import json
+import os
+import resource
+import shlex
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = ["--prompts-per-step", "4", "--group-size", "4", "--eval-problems", "4", "--eval-samples", "2",
+         "--max-new-tokens", "16"]
+
+
+def env(**extra):
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra}
+
+
+def run(args, timeout=300, **kw):
+    kw.setdefault("env", env())
+    return subprocess.run([sys.executable, "grpo.py", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, **kw)
+
+
+def last_line(text):
+    return [line for line in text.strip().splitlines() if line.strip()][-1]
+
+
+def error_line(out, code=2):
+    """The one line a failed run ends with; no traceback before it."""
+    assert out.returncode == code, (out.returncode, out.stderr[-3000:])
+    assert "Traceback" not in out.stderr, out.stderr[-3000:]
+    return last_line(out.stderr)
+
+
+def snapshot(run_dir):
+    """{relative path: bytes} of every file in run_dir: what a failed run must leave as it was."""
+    out = {}
+    for d, _, names in os.walk(run_dir):
+        for n in names:
+            p = os.path.join(d, n)
+            out[os.path.relpath(p, run_dir)] = open(p, "rb").read()
+    return out
+
+
+def metrics(run_dir):
+    return [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+
+
+# ---- --help ---------------------------------------------------------------------------------------------------
+
+def test_help_is_grouped_with_one_default_per_flag_and_examples():
+    out = subprocess.run([sys.executable, "grpo.py", "--help"], cwd=ROOT, capture_output=True, text=True,
+                         env=env(COLUMNS="200"))
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    for title in ["model and data:", "rollouts:", "the objective:", "the optimizer:", "evaluation:", "the run:",
+                  "the engine", "examples:"]:
+        assert title in text, title
+    assert "(default: None)" not in text and "(default: )" not in text
+    assert "python grpo.py --model Qwen/" in text and "SCRIPT" not in text
+    for line in text.splitlines():
+        assert line.count("(default:") <= 1, line
+    sps = subprocess.run([sys.executable, "sps.py", "--help"], cwd=ROOT, capture_output=True, text=True, env=env())
+    assert "sps's own flags:" in sps.stdout and "--irl-every" in sps.stdout.split("sps's own flags:")[1]
+
+
+def test_every_shared_flag_has_a_group():
+    import grpo
+    from common import FLAG_GROUPS, BaseArgs
+    from dataclasses import fields
+    grouped = [name for names in FLAG_GROUPS.values() for name in names]
+    assert len(grouped) == len(set(grouped))
+    assert {f.name for f in fields(grpo.Args)} <= set(grouped)
+    assert set(grouped) <= {f.name for f in fields(grpo.Args)}
+    assert {f.name for f in fields(BaseArgs)} <= set(grouped)
+
+
+def test_help_and_flag_errors_do_not_import_transformers():
+    """--help costs torch's import only: transformers, datasets and math_verify load where they are used."""
+    code = ("import sys, common; heavy = [m for m in ('transformers', 'datasets', 'math_verify', 'tokenizers', "
+            "'huggingface_hub') if m in sys.modules]; print(heavy)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env=env())
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+    bad = run(["--steps", "many"])
+    assert bad.returncode == 2 and "invalid int value" in last_line(bad.stderr)
+
+
+# ---- data -----------------------------------------------------------------------------------------------------
+
+def test_empty_jsonl(tiny_dir, tmp_path):
+    (tmp_path / "empty.jsonl").write_text("")
+    line = error_line(run(["--dataset", str(tmp_path / "empty.jsonl"), "--run-dir", str(tmp_path / "r")]))
+    assert line.startswith("error: ") and "empty.jsonl' is empty" in line and "one JSON object per line" in line
+
+
+def test_malformed_jsonl_line_names_its_number(tiny_dir, tmp_path):
+    rows = [json.dumps({"prompt": f"{i} + 1 =", "answer": str(i + 1)}) for i in range(6)]
+    rows.insert(6, '{"prompt": "7 + 1 =", answer: 8}')
+    (tmp_path / "bad.jsonl").write_text("\n".join(rows) + "\n")
+    line = error_line(run(["--dataset", str(tmp_path / "bad.jsonl"), "--run-dir", str(tmp_path / "r")]))
+    assert "bad.jsonl' line 7 is not valid JSON" in line and "fix that line" in line
+
+
+# ---- models ---------------------------------------------------------------------------------------------------
+
+def test_hub_id_offline_fails_fast_and_names_hf_download(tmp_path):
+    t0 = time.time()
+    line = error_line(run(["--model", "nobody-here/no-such-model", "--run-dir", str(tmp_path / "r")],
+                          env=env(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))))
+    assert time.time() - t0 < 60
+    assert "hub is unreachable" in line and "`hf download nobody-here/no-such-model --local-dir DIR`" in line
+    assert "huggingface-cli" not in line
+
+
+def test_broken_local_model_directory(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "qwen2", ')
+    line = error_line(run(["--model", str(model), "--run-dir", str(tmp_path / "r")]))
+    assert "could not load the local model directory" in line and "config.json" in line
+    assert "download" not in line
+
+
+# ---- the launch -----------------------------------------------------------------------------------------------
+
+def test_torchrun_batch_that_does_not_split_is_said_once(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "grpo.py",
+                          "--prompts-per-step", "3", "--run-dir", str(tmp_path / "r")], cwd=ROOT,
+                         capture_output=True, text=True, env=env(), timeout=300)
+    text = out.stdout + out.stderr
+    assert out.returncode != 0
+    assert text.count("--prompts-per-step (3) must divide by the number of processes (2)") == 1, text
+    ours = text.split("Traceback")[0]  # before torchrun's own report of the failed ranks (it always prints one)
+    assert "--prompts-per-step (3) must divide" in ours and "raise " not in ours, text
+    assert not os.path.exists(tmp_path / "r")  # stopped before any work
+
+
+def test_steps_0_lists_only_what_it_wrote(tiny_dir, tmp_path):
+    out = run(["--steps", "0", *SMALL, "--run-dir", str(tmp_path / "r")])
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "--steps 0: the initial model is evaluated and nothing is trained or saved" in out.stdout
+    assert last_line(out.stdout) == f"run directory: {tmp_path / 'r'}  (metrics.jsonl)"
+    assert sorted(os.listdir(tmp_path / "r")) == ["config.json", "metrics.jsonl"]
+
+
+# ---- a run stopped midway -------------------------------------------------------------------------------------
+
+def test_ctrl_c_names_the_checkpoint_and_the_resume_command(tiny_dir, tmp_path):
+    run_dir = str(tmp_path / "r")
+    args = ["--steps", "200", *SMALL, "--eval-every", "0", "--save-every", "1", "--run-dir", run_dir]
+    proc = subprocess.Popen([sys.executable, "grpo.py", *args], cwd=ROOT, env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        ckpt = os.path.join(run_dir, "checkpoint", "trainer_state.json")
+        while not os.path.exists(ckpt) and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        assert os.path.exists(ckpt), "no checkpoint appeared"
+        os.killpg(proc.pid, signal.SIGINT)  # as Ctrl-C in a terminal: the whole process group
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    out = subprocess.CompletedProcess(proc.args, proc.returncode, "", err)
+    line = error_line(out, code=130)
+    step = json.load(open(os.path.join(run_dir, "checkpoint", "trainer_state.json")))["step"]
+    assert line.startswith(f"interrupted (Ctrl-C): checkpoint/ holds step {step}; continue from it with: python "
+                           f"grpo.py "), line
+    command = shlex.split(line.split("continue from it with: ")[1])
+    assert command[-3:] == ["--resume", "--run-dir", run_dir] and command.count("--run-dir") == 1
+    assert "--steps" in command and command[command.index("--steps") + 1] == "200"
+
+
+def test_resume_shows_the_last_held_out_pass1(tiny_dir, tmp_path):
+    run_dir = str(tmp_path / "r")
+    first = run(["--steps", "1", *SMALL, "--eval-every", "1", "--run-dir", run_dir])
+    assert first.returncode == 0, first.stderr[-3000:]
+    held = metrics(run_dir)[-1]["eval/pass@1"]
+    again = run(["--steps", "3", *SMALL, "--eval-every", "0", "--resume", "--run-dir", run_dir])
+    assert again.returncode == 0, again.stderr[-3000:]
+    bars = again.stderr.split("grpo:")
+    step2 = next(b for b in bars if "2/3" in b and "pass1=" in b)  # step 2 does not evaluate: the held value shows
+    assert f"pass1={held:.3f}" in step2, step2
+
+
+def test_disk_full_while_saving_keeps_the_previous_checkpoint(tiny_dir, tmp_path):
+    """A file-size limit makes every write past 1 MiB fail with EFBIG, as a full disk fails with ENOSPC: the
+    checkpoint of step 2 cannot be written, and the one of step 1 stays as it was."""
+    run_dir = str(tmp_path / "r")
+    first = run(["--steps", "1", *SMALL, "--eval-every", "0", "--run-dir", run_dir])
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = snapshot(os.path.join(run_dir, "checkpoint"))
+    lines = open(os.path.join(run_dir, "metrics.jsonl")).read()
+
+    def small_files():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG) instead of killing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+    out = run(["--steps", "2", *SMALL, "--eval-every", "0", "--resume", "--run-dir", run_dir], preexec_fn=small_files)
+    line = error_line(out)
+    assert line.startswith("error: could not write the checkpoint of step 2 to "), line
+    assert "is the disk full?" in line and "the previous checkpoint (step 1) is intact and --resume continues from " \
+                                          "it: python grpo.py --steps 2" in line, line
+    assert snapshot(os.path.join(run_dir, "checkpoint")) == before
+    assert open(os.path.join(run_dir, "metrics.jsonl")).read().startswith(lines)
+    assert not os.path.exists(os.path.join(run_dir, "checkpoint.tmp"))
