@@ -853,6 +853,7 @@ def save_checkpoint(run_dir, step, model, optimizer, tokenizer, rank, skipped=0,
     trainer_state.json (step, skipped_steps, skip_streak, ...), written to checkpoint.tmp and then swapped in by
     commit_checkpoint so that a kill at any moment leaves a complete checkpoint. All ranks write their DCP shards."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException: not caught by Exception
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
     tmp = os.path.join(run_dir, "checkpoint.tmp")
     if rank == 0 and os.path.exists(tmp):
@@ -871,7 +872,7 @@ def save_checkpoint(run_dir, step, model, optimizer, tokenizer, rank, skipped=0,
             save_hf_model(tmp, full, model, tokenizer)  # loadable by transformers and vLLM
             commit_checkpoint(run_dir, {"step": step, "skipped_steps": skipped, "skip_streak": streak,
                                         "optimizer_state": "optim" in state})
-    except Exception as e:  # a full disk or quota: torch and safetensors name it in their own words, or not at all
+    except (Exception, CheckpointException) as e:  # a full disk or quota: torch and safetensors say it their own way
         raise UserError(checkpoint_write_error(run_dir, step, e)) from e
     barrier()
 
