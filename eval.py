@@ -31,8 +31,8 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from common import (UserError, dataset_names, evaluate, fit_prompts, init_distributed, ks_up_to, load_model,
-                    load_problems, require)
+from common import (HelpFormatter, UserError, dataset_names, evaluate, fit_prompts, init_distributed, ks_up_to,
+                    load_model, load_problems, require)
 
 
 # ============================================================================ evaluate checkpoints
@@ -313,12 +313,19 @@ def parse(argv):
         p.add_argument("--out", default="docs", help="folder for the PNGs and compare.md")
         p.add_argument("--labels", default="", help="comma-separated method names for legends and the table, in order")
         return compare, p.parse_args(argv[1:])
-    p = argparse.ArgumentParser(prog="eval.py", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="eval.py", description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter,
+        usage="eval.py [-h] RUN_OR_MODEL... [--flags]  |  eval.py compare RUN...  |  eval.py golds DATASET...",
+        epilog="subcommands (each has its own --help):\n"
+               "  eval.py compare RUN...     plots and a table comparing training runs\n"
+               "  eval.py golds DATASET...   check that the verifier reads a dataset's golds")
     p.add_argument("paths", nargs="+", help="run directories, checkpoints, model directories, hub ids or 'tiny'")
     p.add_argument("--datasets", default="countdown", help="comma-separated eval datasets (countdown, math500, aime24, "
                    "a local file, NAME=PATH, PRESET=PATH, ...)")
-    p.add_argument("--n", type=int, default=64, help="samples per problem (pass@k for k = 1, 2, 4, ..., n)")
+    p.add_argument("--n", type=int, default=64, help=(
+        "samples per problem (pass@k for k = 1, 2, 4, ..., n). 64, not training's --eval-samples 16: a final "
+        "evaluation can afford more samples, which reach larger k and estimate pass@1 with less noise; --n 16 "
+        "reproduces a run's own eval/ metrics"))
     p.add_argument("--temperature", type=float, default=0.6, help="sampling temperature")
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: the run's config.json, else 24")

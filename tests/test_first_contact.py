@@ -210,3 +210,10 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tiny_dir, tmp_path
     assert snapshot(os.path.join(run_dir, "checkpoint")) == before
     assert open(os.path.join(run_dir, "metrics.jsonl")).read().startswith(lines)
     assert not os.path.exists(os.path.join(run_dir, "checkpoint.tmp"))
+
+
+def test_eval_help_names_its_subcommands_and_why_n_is_64():
+    out = subprocess.run([sys.executable, "eval.py", "--help"], cwd=ROOT, capture_output=True, text=True, env=env())
+    assert out.returncode == 0, out.stderr
+    assert "eval.py compare RUN..." in out.stdout and "eval.py golds DATASET..." in out.stdout
+    assert "not training's --eval-samples 16" in out.stdout and "(default: None)" not in out.stdout
