@@ -331,10 +331,9 @@ def load_model(name, device, rank=0, dtype=torch.float32):
         if local:
             raise UserError(f"could not load the local model directory '{name}' ({first}): fix or replace its files "
                             f"(config.json, tokenizer files, *.safetensors)") from None
-        how = (f"the hub is unreachable and '{name}' is not in the local cache" if offline else
-               f"could not load model '{name}' ({first})")
-        raise UserError(f"{how}: check the id, or download it on a machine with internet (`hf download {name} "
-                        f"--local-dir DIR`) and pass --model DIR") from None
+        why = "the hub is unreachable and it is not in the local cache" if offline else first
+        raise UserError(f"could not load model '{name}' ({why}): check the id, or download it on a machine with "
+                        f"internet (`hf download {name} --local-dir DIR`) and pass --model DIR") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.to(device), tokenizer
