@@ -266,6 +266,12 @@ def init_distributed():
     if torch.cuda.is_available():
         torch.cuda.set_device(local)
         return rank, world, torch.device("cuda", local)
+    if "OMP_NUM_THREADS" not in os.environ and torch.get_num_threads() > 1:  # (torchrun sets it to 1 itself)
+        # torch's threads spin while they wait for each other: when another process shares the cores, a step of the
+        # demo took 8-35 s with 2 threads against 1.1-3.8 s with one (2-core machine; README, Quickstart).
+        print(f"CPU: 1 torch thread, not {torch.get_num_threads()} (set OMP_NUM_THREADS=N to use N: it helps bigger "
+              f"models on cores nothing else uses, and stalls when another process shares them)")
+        torch.set_num_threads(1)
     return rank, world, torch.device("cpu")
 
 
