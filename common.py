@@ -878,6 +878,8 @@ def save_checkpoint(run_dir, step, model, optimizer, tokenizer, rank, skipped=0,
             commit_checkpoint(run_dir, {"step": step, "skipped_steps": skipped, "skip_streak": streak,
                                         "optimizer_state": "optim" in state})
     except (Exception, CheckpointException) as e:  # a full disk or quota: torch and safetensors say it their own way
+        if any(isinstance(f[0], KeyboardInterrupt) for f in getattr(e, "failures", {}).values()):
+            raise KeyboardInterrupt from e  # Ctrl-C while DCP wrote: main's line, not a disk's
         raise UserError(checkpoint_write_error(run_dir, step, e)) from e
     barrier()
 
