@@ -36,8 +36,8 @@ from infra import (REPORT_TO, close_tracking, commit_checkpoint, count_skip,  # 
                    peak_memory_gib, print_summary, read_json, recover_checkpoint, remove_checkpoint, resolve_resume,
                    resume_changes, save_hf_model, shutdown_reward_pool, start_tracking, truncate_metrics, write_config)
 from tasks import (DATASET_PRESETS, UserError, answer_key, countdown_problems, countdown_reward,  # noqa: F401
-                   dataset_name, dataset_names, fit_prompts, format_prompt, last_boxed, load_eval_sets, load_problems,
-                   load_train_set, parse_dataset_list, require, step_problems, tiny_model_dir)
+                   dataset_name, dataset_names, fit_prompts, format_prompt, hub_reachable, last_boxed, load_eval_sets,
+                   load_problems, load_train_set, parse_dataset_list, require, step_problems, tiny_model_dir)
 warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # DCP at world size 1 is intended
 
 
@@ -343,23 +343,6 @@ def load_model(name, device, rank=0, dtype=torch.float32):
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.to(device), tokenizer
-
-
-def hub_reachable(timeout=5.0):
-    """Can the Hugging Face hub be reached? False at once with HF_HUB_OFFLINE=1 or when its host does not answer in
-    `timeout` seconds, so loading a hub id offline fails in seconds instead of after huggingface_hub's retries."""
-    import socket
-    import urllib.parse
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
-        return False
-    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return True  # only the proxy can tell: leave it to huggingface_hub
-    url = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
-    try:
-        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
-        return True
-    except OSError:
-        return False
 
 
 def load_reference(name, device, rank, world):

@@ -306,9 +306,30 @@ def check_jsonl(path):
                   f"{{\"prompt\": \"What is 2+3?\", \"answer\": \"5\"}}")
 
 
+def hub_reachable(timeout=5.0):
+    """Can the Hugging Face hub be reached? False at once with HF_HUB_OFFLINE=1 or when its host does not answer in
+    `timeout` seconds, so loading a hub id offline fails in seconds instead of after huggingface_hub's retries."""
+    import socket
+    import urllib.parse
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return False
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True  # only the proxy can tell: leave it to huggingface_hub
+    url = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def _load_hub(path, names, split):
+    import datasets.config
+    import huggingface_hub.constants
     from datasets import load_dataset
     from huggingface_hub.errors import HfHubHTTPError
+    if not hub_reachable():  # their offline mode (read from HF_HUB_OFFLINE at import): the local cache only, at once,
+        datasets.config.HF_HUB_OFFLINE = huggingface_hub.constants.HF_HUB_OFFLINE = True  # not 30 s of retries
     try:
         return [load_dataset(path, name, split=split) for name in names]
     except (ConnectionError, FileNotFoundError, HfHubHTTPError) as e:  # offline, no network, unknown id, gated
