@@ -7,7 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from common import aggregate_loss, token_logprobs
+from common import token_logprobs
+from grpo import aggregate_loss
 from grpo import policy_loss as grpo_policy_loss
 from lp_reg import FILTERED, batch_bottom_rho, bottom_rho, lp_reg_bottom, lp_reg_loss, proxy_logprob
 from test_grpo_script import SMALL, metrics, run, weights

@@ -4,7 +4,8 @@ import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from common import aggregate_loss, token_logprobs
+from common import token_logprobs
+from grpo import aggregate_loss
 from test_grpo_script import SMALL, metrics, run
 from thr import (dominant_tokens, entropy_overlap, gspo_token_logp, hidden_reward_scores, nthr_advantages, policy_loss,
                  prediction_errors, reweighted_advantages, token_hidden_reward, token_hidden_scores)
