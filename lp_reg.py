@@ -168,6 +168,8 @@ def train(args):
         t0 = time.time()
         lr = set_lr(optimizer, args, step)
         # 1. Rollouts: this rank's share of the step's B prompts, G completions each, from pi_old = the current weights.
+        #    keys [N]: one sampling key per completion, from (seed, step, its index), so a completion never depends on
+        #    the batching, the number of ranks or a resume.
         group, keys = step_groups(train_set, args, step, rank, world)  # [N = B / world * G] problems, groups contiguous
         samples = generate(model, tokenizer, [format_prompt(tokenizer, p) for p in group], keys,
                            args.max_new_tokens, args.temperature, args.top_p, engine=engine)
@@ -181,6 +183,7 @@ def train(args):
         # 4. Old log-probs log pi_old(o_t) (and the reference model's) from a no-grad forward of the training model.
         #    Lp-Reg always runs this pass: it also gives log pi_proxy(o_t) (Eq. 5) from pi_old's full distribution.
         ids, attn, mask, P = rollout_batch(samples, tokenizer.pad_token_id, device)  # [N, P+T], [N, P+T], [N, T]
+        #    (prompts left-padded to P tokens, so every completion starts at column P; mask: float, 1 on real tokens)
         rollout_logp = rollout_logprobs(samples, mask)  # [N, T]: the engine's log pi(o_t) (vLLM), None with HF
 
         def logprobs(rows, net=model, **kw):  # log pi(o_t | o_<t) and the entropy of pi(. | o_<t): [n, T] each
@@ -188,7 +191,7 @@ def train(args):
 
         def to_proxy(logits, targets):  # log pi_proxy(o_t) (Eq. 5) from the chunk's logits [n, V]: [n]
             return proxy_logprob(logits, targets, args.kappa, args.proxy)
-        micro = [slice(i, i + args.micro_batch_size) for i in range(0, len(samples), args.micro_batch_size)]
+        micro = [slice(i, i + args.micro_batch_size) for i in range(0, len(samples), args.micro_batch_size)]  # rows
         ref_logp = None
         with torch.no_grad(), autocast(device):
             old_logp, entropy, proxy_logp = map(torch.cat, zip(*[logprobs(m, row_fn=to_proxy) for m in micro]))
@@ -203,7 +206,7 @@ def train(args):
                                          batch_bottom_rho, world)
         for epoch in range(args.ppo_epochs):
             for mb in rows.chunk(args.mini_batches):
-                n = all_sum_dict({"tokens": mask[mb].sum().item(), "seqs": len(mb)}, device)  # over all ranks
+                totals = all_sum_dict({"tokens": mask[mb].sum().item(), "seqs": len(mb)}, device)  # all ranks
                 optimizer.zero_grad(set_to_none=True)
                 for m in micro_batches(model, mb, args.micro_batch_size, world):  # gradients reduced after the last
                     with autocast(device):
@@ -225,14 +228,15 @@ def train(args):
                     if args.entropy_coef > 0:
                         token_loss = token_loss - args.entropy_coef * ent
                     if args.token_mean == "microbatch":  # the authors' weighting
-                        loss = microbatch_token_mean(token_loss, mask[m], n["seqs"])
+                        loss = microbatch_token_mean(token_loss, mask[m], totals["seqs"])
                     else:
-                        loss = aggregate_loss(token_loss, mask[m], args.loss_agg, n["tokens"], n["seqs"],
+                        loss = aggregate_loss(token_loss, mask[m], args.loss_agg, totals["tokens"], totals["seqs"],
                                               args.max_new_tokens)
                     loss.backward()
-                    sums["loss"] += loss.item() / (args.ppo_epochs * world)
+                    sums["loss"] += loss.item() / (args.ppo_epochs * args.mini_batches * world)  # the mean over updates
                     sums["clipped"] += (clipped * mask[m]).sum().item()
-                grad_norm, skipped, streak = optimizer_step(model, optimizer, args, skipped, streak)  # non-finite: skip
+                # clip and apply the gradient (a non-finite one is skipped); grad_norm: the last mini-batch's
+                grad_norm, skipped, streak = optimizer_step(model, optimizer, args, skipped, streak)
         t_train = time.time() - t0 - t_rollout - t_reward
         # 6. Metrics (sums by name, added over ranks), evaluation, checkpoint.
         s = all_sum_dict({**rollout_sums(rewards, mask, entropy, samples, G), **sums}, device)

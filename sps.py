@@ -303,6 +303,8 @@ def train(args):
         t0 = time.time()
         lr = set_lr(optimizer, args, step)
         # 1. Rollouts: this rank's share of the step's B prompts, G completions each, from pi_old = the current weights.
+        #    keys [N]: one sampling key per completion, from (seed, step, its index), so a completion never depends on
+        #    the batching, the number of ranks or a resume.
         group, keys = step_groups(train_set, args, step, rank, world)  # [N = B / world * G] problems, groups contiguous
         samples = generate(model, tokenizer, [format_prompt(tokenizer, p) for p in group], keys,
                            args.max_new_tokens, args.temperature, args.top_p, engine=engine)
@@ -316,12 +318,13 @@ def train(args):
         # 4. Old log-probs log pi_old(o_t) (and the reference model's) from a no-grad forward of the training model.
         #    On-policy pi_old = pi_theta: the update's own forward gives them, detached, so this pass is skipped.
         ids, attn, mask, P = rollout_batch(samples, tokenizer.pad_token_id, device)  # [N, P+T], [N, P+T], [N, T]
+        #    (prompts left-padded to P tokens, so every completion starts at column P; mask: float, 1 on real tokens)
         rollout_logp = rollout_logprobs(samples, mask)  # [N, T]: the engine's log pi(o_t) (vLLM), None with HF
 
         def logprobs(rows, net=model):  # log pi(o_t | o_<t) and the entropy of pi(. | o_<t) of these rows: [n, T] each
             return token_logprobs(net, ids[rows], attn[rows], P, args.logprob_chunk)
-        micro = [slice(i, i + args.micro_batch_size) for i in range(0, len(samples), args.micro_batch_size)]
-        old_logp, entropy = torch.zeros_like(mask), torch.zeros_like(mask)  # [N, T]
+        micro = [slice(i, i + args.micro_batch_size) for i in range(0, len(samples), args.micro_batch_size)]  # rows
+        old_logp, entropy = torch.zeros_like(mask), torch.zeros_like(mask)  # [N, T] float
         ref_logp = None
         with torch.no_grad(), autocast(device):
             if not on_policy:
@@ -340,7 +343,7 @@ def train(args):
         sums = {"clipped": 0.0, "loss": 0.0}
         for epoch in range(args.ppo_epochs):
             for mb in rows.chunk(args.mini_batches):
-                n = all_sum_dict({"tokens": mask[mb].sum().item(), "seqs": len(mb)}, device)  # over all ranks
+                totals = all_sum_dict({"tokens": mask[mb].sum().item(), "seqs": len(mb)}, device)  # all ranks
                 optimizer.zero_grad(set_to_none=True)
                 for m in micro_batches(model, mb, args.micro_batch_size, world):  # gradients reduced after the last
                     with autocast(device):
@@ -355,15 +358,16 @@ def train(args):
                         token_loss = token_loss + args.kl_coef * kl_k3(logp, ref_logp[m])
                     if args.entropy_coef > 0:
                         token_loss = token_loss - args.entropy_coef * ent
-                    loss = aggregate_loss(token_loss, mask[m], args.loss_agg, n["tokens"], n["seqs"],
+                    loss = aggregate_loss(token_loss, mask[m], args.loss_agg, totals["tokens"], totals["seqs"],
                                           args.max_new_tokens)
                     loss.backward()
-                    sums["loss"] += loss.item() / (args.ppo_epochs * world)
+                    sums["loss"] += loss.item() / (args.ppo_epochs * args.mini_batches * world)  # the mean over updates
                     sums["clipped"] += (clipped * mask[m]).sum().item()
                 if irl_now and irl is None and args.irl_schedule == "summed":  # SPS: L_IRL joins the first RL step
                     irl = irl_gradients(model, samples, rewards, logprobs, mask, ref_logp, buffer, args,
                                         tokenizer.pad_token_id)
-                grad_norm, skipped, streak = optimizer_step(model, optimizer, args, skipped, streak)  # non-finite: skip
+                # clip and apply the gradient (a non-finite one is skipped); grad_norm: the last mini-batch's
+                grad_norm, skipped, streak = optimizer_step(model, optimizer, args, skipped, streak)
         probe_scores(model, probe, args, device)  # s1
         # 5b. SPS: the IRL step (S5) on the same rollouts, scores recomputed with the weights after the RL step.
         if irl_now and args.irl_schedule == "separate":
@@ -382,7 +386,7 @@ def train(args):
         s = all_sum_dict({**rollout_sums(rewards, mask, entropy, samples, G), **sums}, device)
         record = {"step": step + 1, **rollout_metrics(s, args.ppo_epochs), "grad_norm": grad_norm, "lr": lr,
                   "skipped_steps": skipped,
-                  **time_metrics(t_rollout, t_reward, t_train, s, args.ppo_epochs + (not on_policy))}
+                  **time_metrics(t_rollout, t_reward, t_train, s, args.ppo_epochs + (not on_policy))}  # forwards
         record.update(irl_metrics(irl, old_logp, rewards, mask, ref_logp, args, device))  # SPS
         record.update(probe_scores(model, probe, args, device))  # SPS: s2, and the probe's record
         record.update(system_metrics(engine, old_logp, rollout_logp, mask, args, device))
