@@ -18,7 +18,8 @@ update, under-explored ones a larger one, all-correct groups (A = 0; NOT dropped
     c(o_i|q) = exp(mean_{t in T_low} l_t)                                                                         (A2)
     c(q) = exp(mean_{t >= 2} log pi_old(q_t | q_<t)) = 1 / PPL(q)   over the prompt tokens as fed (chat template)  (A3)
     L_t = -min(rho_t A_i, clip(rho_t, 1 - eps_low, 1 + eps_high) A_i),   rho_t = pi_theta(o_t) / pi_old(o_t)
-    loss = aggregate(L_t + beta * k3(pi_ref, pi_theta)_t - c_H * H_t)         (token-mean by default, DAPO Eq. 8)
+    loss = aggregate(w_t L_t + beta * k3(pi_ref, pi_theta)_t - c_H * H_t)     (token-mean by default, DAPO Eq. 8)
+    w_t = min(pi_old(o_t) / pi_rollout(o_t), C) when vLLM sampled, else 1         (truncated IS, Yao et al. 2025)
 with A~_i in place of A_i, eps = --delta and clip-higher [0.8, 1.28] (A4); the labels A1-A4 are ours. Confirmed (the
 paper's LaTeX, quoted in a review): A1 and its gating; reported by summaries: T_low with rho ~ 20%. UNCONFIRMED, ours,
 each a flag: --alpha 0.2, --rho 0.2 and A2, --answer-confidence, --prompt-confidence (A3), --arm-scope correct|mixed.
@@ -35,30 +36,24 @@ from dataclasses import dataclass, field
 
 import torch
 
-from common import (BaseArgs, aggregate_loss, all_sum_dict, autocast, compute_rewards, due, evaluate_all, fault_point,
-                    format_prompt, generate, init_distributed, load_eval_sets, load_model, load_reference,
-                    load_train_set, log_step, loss_fault, main, micro_batches, optimizer_step, print_summary, progress,
-                    require, resume_or_evaluate, rollout_batch, rollout_engine, rollout_logprobs, rollout_metrics,
-                    rollout_sums, save_checkpoint, set_lr, shard_model, start_run, step_groups, system_metrics,
-                    time_metrics, token_logprobs, truncated_is_weight)
+from common import main, require  # the flags
+from common import init_distributed, load_model, load_reference, shard_model  # torchrun, FSDP2, models
+from common import load_eval_sets, load_train_set, progress, resume_or_evaluate, set_lr, start_run  # the run
+from common import format_prompt, generate, rollout_engine, step_groups  # 1. rollouts
+from common import compute_rewards  # 2. rewards
+from common import autocast, rollout_batch, rollout_logprobs, token_logprobs  # 4. log-probs
+from common import all_sum_dict, micro_batches, optimizer_step  # 5. the update
+from common import (due, evaluate_all, log_step, print_summary, rollout_metrics, rollout_sums,  # 6. metrics,
+                    save_checkpoint, system_metrics, time_metrics)  # evaluation, checkpoints
 from common import all_max_dict, answer_key  # arm_metrics
+from grpo import Args as GRPOArgs  # GRPO's flags; the method adds its own
+from grpo import aggregate_loss, group_advantages, kl_k3, policy_loss, truncated_is_weight  # GRPO's math
 
 
 @dataclass
-class Args(BaseArgs):
-    clip_low: float = field(default=0.2, metadata={"help": "PPO clip eps_low: ratio floor 1 - eps_low"})
+class Args(GRPOArgs):
     clip_high: float = field(default=0.28, metadata={"help": (
         "PPO clip eps_high: ratio ceiling 1 + eps_high (clip-higher 0.28, as in ProGRPO's setup; GRPO default 0.2)")})
-    loss_agg: str = field(default="token-mean", metadata={
-        "choices": ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"],
-        "help": "token-mean (DAPO) | seq-mean-token-mean (GRPO) | seq-mean-token-sum-norm (Dr. GRPO)"})
-    scale_rewards: str = field(default="group", metadata={
-        "choices": ["group", "none"], "help": "group: divide by the group std (GRPO) | none: Dr. GRPO"})
-    kl_coef: float = field(default=0.0, metadata={
-        "help": "beta of the k3 KL to the initial model (0: no reference model is loaded)"})
-    entropy_coef: float = field(default=0.0, metadata={"help": "entropy bonus coefficient"})
-    ppo_epochs: int = field(default=1, metadata={"help": "passes over each rollout batch"})
-    mini_batches: int = field(default=1, metadata={"help": "optimizer steps per pass (1 = strictly on-policy)"})
     alpha: float = field(default=0.2, metadata={"help": "A1's shift strength; UNCONFIRMED, sweep 0.05-0.5; 0 = GRPO"})
     rho: float = field(default=0.2, metadata={"help": "T_low: K = max(1, ceil(rho L)) lowest-probability tokens (A2)"})
     delta: float = field(default=1e-6, metadata={"help": "delta in A = (r - mean) / (std + delta)"})
@@ -70,37 +65,10 @@ class Args(BaseArgs):
         "c(q): ppl 1/PPL(q) (A3) | tlow (A2 on the prompt tokens) | group-mean mean_g c(o|q); UNCONFIRMED")})
 
     def __post_init__(self):
-        super().__post_init__()  # also checks every field's "choices"
-        require(self.clip_low >= 0 and self.clip_high >= 0, "--clip-low and --clip-high must be >= 0")
-        require(self.kl_coef >= 0 and self.entropy_coef >= 0, "--kl-coef and --entropy-coef must be >= 0")
-        require(self.ppo_epochs >= 1 and self.mini_batches >= 1, "--ppo-epochs and --mini-batches must be >= 1")
+        super().__post_init__()  # GRPO's checks
         require(0 <= self.alpha < math.inf, f"--alpha must be a finite number >= 0 (got {self.alpha})")
         require(0 < self.rho <= 1, f"--rho must be in (0, 1] (got {self.rho})")
         require(self.delta > 0 and math.isfinite(self.delta), f"--delta must be a finite number > 0 (got {self.delta})")
-
-
-def group_advantages(rewards, group_size, scale="group", eps=1e-6):
-    """A_i = (r_i - mean_g r) / (std_g r + eps) within each group of G consecutive completions. rewards: [N] -> [N]."""
-    r = rewards.view(-1, group_size)  # [N/G, G]
-    a = r - r.mean(-1, keepdim=True)
-    if scale == "group":
-        a = a / (r.std(-1, keepdim=True) + eps)  # unbiased std, as in the reference implementations
-    return a.flatten()
-
-
-def policy_loss(logp, old_logp, advantages, clip_low, clip_high):
-    """PPO clipped surrogate per token. logp, old_logp: [N, T]; advantages: [N, 1] or [N, T].
-    Returns (loss [N, T], clipped [N, T])."""
-    ratio = torch.exp(logp - old_logp)
-    unclipped = ratio * advantages
-    clipped = ratio.clamp(1 - clip_low, 1 + clip_high) * advantages
-    return -torch.min(unclipped, clipped), (clipped < unclipped).float()
-
-
-def kl_k3(logp, ref_logp):
-    """k3 estimator of KL(pi_theta || pi_ref) per token: exp(ref - logp) - (ref - logp) - 1 (Schulman 2020)."""
-    d = ref_logp - logp
-    return torch.exp(d) - d - 1
 
 
 def split_prompt_positions(logp, entropy, attn, P, first):
@@ -186,20 +154,23 @@ def train(args):
     ref_model = load_reference(args.model, device, rank, world) if args.kl_coef > 0 else None  # pi_ref for the KL
     model = shard_model(model, world, device, args.gradient_checkpointing).train()  # from_pretrained gives eval mode
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
-    train_set, eval_sets = load_train_set(args, tokenizer, model), load_eval_sets(args, tokenizer, model)
+    train_set = load_train_set(args, tokenizer, model)
+    eval_sets = load_eval_sets(args, tokenizer, model)
     engine = rollout_engine(args, model, tokenizer, rank)  # None: HF generate on the training model; else vLLM
     start, skipped, streak, history = resume_or_evaluate(run_dir, model, optimizer, tokenizer, eval_sets, args, device,
                                                          engine, rank)  # --resume: the checkpoint; else eval step 0
-    G, pad, on_policy = args.group_size, tokenizer.pad_token_id, False  # ARM: always the no-grad pass (c(q), c(o|q))
+    G = args.group_size
     bar = progress(start, args.steps, __file__, rank)
     for step in bar:
-        t0, lr = time.time(), set_lr(optimizer, args, step)
+        t0 = time.time()
+        lr = set_lr(optimizer, args, step)
         # 1. Rollouts: this rank's share of the step's B prompts, G completions each, from pi_old = the current weights.
+        #    keys [N]: one sampling key per completion, from (seed, step, its index), so a completion never depends on
+        #    the batching, the number of ranks or a resume.
         group, keys = step_groups(train_set, args, step, rank, world)  # [N = B / world * G] problems, groups contiguous
         samples = generate(model, tokenizer, [format_prompt(tokenizer, p) for p in group], keys,
                            args.max_new_tokens, args.temperature, args.top_p, engine=engine)
         t_rollout = time.time() - t0
-        fault_point("rollout", step + 1)  # test-only: SIGKILL here when $EXPLORE_RLVR_FAULT says so
         # 2. Rewards from the verifier.
         texts = tokenizer.batch_decode([s["completion_ids"] for s in samples], skip_special_tokens=True)
         rewards = torch.tensor(compute_rewards(group, texts), dtype=torch.float32, device=device)  # [N]
@@ -207,56 +178,59 @@ def train(args):
         # 3. Group-relative advantages, broadcast to every token of the completion.
         advantages = group_advantages(rewards, G, args.scale_rewards, args.delta)  # [N]
         # 4. Old log-probs log pi_old(o_t) (and the reference model's) from a no-grad forward of the training model.
-        #    On-policy (one optimizer step per rollout batch) pi_old = pi_theta: the update's forward gives them.
-        ids, attn, mask, P = rollout_batch(samples, pad, device)  # [N, P+T], [N, P+T], [N, T]
+        #    ARM always runs this pass: c(o|q) and c(q) must be known before the update. It starts at position
+        #    `first` to score the prompt tokens too (for c(q)); each prompt still runs once per group.
+        ids, attn, mask, P = rollout_batch(samples, tokenizer.pad_token_id, device)  # [N, P+T], [N, P+T], [N, T]
+        #    (prompts left-padded to P tokens, so every completion starts at column P; mask: float, 1 on real tokens)
         rollout_logp = rollout_logprobs(samples, mask)  # [N, T]: the engine's log pi(o_t) (vLLM), None with HF
-        micro = [slice(i, i + args.micro_batch_size) for i in range(0, len(samples), args.micro_batch_size)]
-        logprobs = lambda m, net=model, **kw: token_logprobs(net, ids[m], attn[m], P, args.logprob_chunk, **kw)  # noqa
-        old_logp, entropy = torch.zeros_like(mask), torch.zeros_like(mask)  # [N, T]
+
+        def logprobs(rows, net=model, start=P):  # log pi(x_t | x_<t) and the entropy for t >= start: [n, P+T-start]
+            return token_logprobs(net, ids[rows], attn[rows], start, args.logprob_chunk, prompt_len=P)
+        micro = [slice(i, i + args.micro_batch_size) for i in range(0, len(samples), args.micro_batch_size)]  # rows
         first = P if args.prompt_confidence == "group-mean" else 1  # ARM: from position 1, to score the prompt too
+        ref_logp = None
         with torch.no_grad(), autocast(device):
-            if not on_policy:
-                old_logp, entropy = map(torch.cat, zip(*[  # [N, P+T-first]; each prompt still runs once
-                    token_logprobs(model, ids[m], attn[m], first, args.logprob_chunk, prompt_len=P) for m in micro]))
-            ref_logp = torch.cat([logprobs(m, ref_model)[0] for m in micro]) if ref_model else None
+            old_logp, entropy = map(torch.cat, zip(*[logprobs(m, start=first) for m in micro]))  # [N, P+T-first]
+            if ref_model is not None:
+                ref_logp = torch.cat([logprobs(m, ref_model)[0] for m in micro])  # [N, T]
         # 4b. ARM: the detached confidences c(o|q) (A2) and c(q) (A3) shift the advantages (A1).
         prompt_logp, prompt_mask, old_logp, entropy = split_prompt_positions(old_logp, entropy, attn, P, first)
-        grpo_advantages, correct = advantages, rewards > 0.5  # [N] (for the diagnostics), [N]
+        grpo_advantages = advantages  # [N], for the diagnostics
+        correct = rewards > 0.5  # [N]
         c_answer = answer_confidence(old_logp, mask, args.rho, args.answer_confidence)  # [N]
         c_prompt = prompt_confidence(prompt_logp, prompt_mask, c_answer, G, args.rho, args.prompt_confidence)  # [N]
         advantages, shifted = arm_advantages(advantages, correct, c_prompt, c_answer, G, args.alpha, args.arm_scope)
         # 5. Policy update: ppo_epochs x mini_batches optimizer steps on the clipped surrogate.
-        rows, sums = torch.arange(len(samples), device=device), {"clipped": 0.0, "loss": 0.0}
+        rows = torch.arange(len(samples), device=device)
+        sums = {"clipped": 0.0, "loss": 0.0}
         for epoch in range(args.ppo_epochs):
             for mb in rows.chunk(args.mini_batches):
-                n = all_sum_dict({"tokens": mask[mb].sum().item(), "seqs": len(mb)}, device)
+                totals = all_sum_dict({"tokens": mask[mb].sum().item(), "seqs": len(mb)}, device)  # all ranks
                 optimizer.zero_grad(set_to_none=True)
                 for m in micro_batches(model, mb, args.micro_batch_size, world):  # gradients reduced after the last
                     with autocast(device):
                         logp, ent = logprobs(m)  # [n, T]
-                    if on_policy:  # ratio exp(logp - old_logp) = 1 in value, gradient of log pi
-                        old_logp[m], entropy[m] = logp.detach().float(), ent.detach().float()
                     token_loss, clipped = policy_loss(logp, old_logp[m], advantages[m, None], args.clip_low,
-                                                      args.clip_high)
-                    token_loss = token_loss * truncated_is_weight(old_logp[m], rollout_logp, m, args.tis_cap)  # TIS
+                                                      args.clip_high)  # [n, T]
+                    if rollout_logp is not None:  # vLLM sampled: correct for the engine/trainer mismatch
+                        token_loss = token_loss * truncated_is_weight(old_logp[m], rollout_logp[m], args.tis_cap)
                     if ref_model is not None:
                         token_loss = token_loss + args.kl_coef * kl_k3(logp, ref_logp[m])
                     if args.entropy_coef > 0:
                         token_loss = token_loss - args.entropy_coef * ent
-                    loss = aggregate_loss(token_loss, mask[m], args.loss_agg, n["tokens"], n["seqs"],
+                    loss = aggregate_loss(token_loss, mask[m], args.loss_agg, totals["tokens"], totals["seqs"],
                                           args.max_new_tokens)
-                    loss = loss * loss_fault(step + 1)  # test-only: inf on the steps $EXPLORE_RLVR_FAULT names, else 1
                     loss.backward()
-                    sums["loss"] += loss.item() / (args.ppo_epochs * world)
+                    sums["loss"] += loss.item() / (args.ppo_epochs * args.mini_batches * world)  # the mean over updates
                     sums["clipped"] += (clipped * mask[m]).sum().item()
-                grad_norm, skipped, streak = optimizer_step(model, optimizer, args, skipped, streak)  # non-finite: skip
-        fault_point("update", step + 1)
+                # clip and apply the gradient (a non-finite one is skipped); grad_norm: the last mini-batch's
+                grad_norm, skipped, streak = optimizer_step(model, optimizer, args, skipped, streak)
         t_train = time.time() - t0 - t_rollout - t_reward
         # 6. Metrics (sums by name, added over ranks), evaluation, checkpoint.
         s = all_sum_dict({**rollout_sums(rewards, mask, entropy, samples, G), **sums}, device)
         record = {"step": step + 1, **rollout_metrics(s, args.ppo_epochs), "grad_norm": grad_norm, "lr": lr,
                   "skipped_steps": skipped,
-                  **time_metrics(t_rollout, t_reward, t_train, s, args.ppo_epochs + (not on_policy))}
+                  **time_metrics(t_rollout, t_reward, t_train, s, args.ppo_epochs + 1)}  # + 1: the pi_old pass
         record.update(arm_metrics(advantages, grpo_advantages, shifted, correct, c_prompt, c_answer, prompt_mask,
                                   group, texts, G, device))
         record.update(system_metrics(engine, old_logp, rollout_logp, mask, args, device))

@@ -1,9 +1,9 @@
 """Plumbing shared by every method script, in the order a step calls it: arguments, torchrun/FSDP2 and models,
-rollouts (HF generate, or the colocated vLLM engine), rewards, per-token log-probs, loss aggregation, Pass@k
-evaluation, the loop's shared lines, logging and checkpoints. No method's math lives here: each script (grpo.py,
-lp_reg.py, thr.py, arm.py, sps.py) holds its own algorithm. The data side (the countdown task, datasets, the tiny
-model) is in tasks.py and the run-safety machinery (math-verify's worker pool, crash-safe files, trackers) in
-infra.py; the scripts import both through this file."""
+rollouts (HF generate, or the colocated vLLM engine), rewards, per-token log-probs, the update's micro-batches and
+optimizer step, metrics, Pass@k evaluation and checkpoints. No method's math lives here: grpo.py holds all of GRPO's
+(advantages, clipped surrogate, k3, loss aggregation, the truncated IS weight) and each method script its own. The
+data side (the countdown task, datasets, the tiny model) is in tasks.py and the run-safety machinery (math-verify's
+worker pool, crash-safe files, trackers) in infra.py; the scripts import both through this file."""
 import argparse
 import contextlib
 import json
@@ -32,9 +32,9 @@ from tqdm import tqdm
 from engine import (ENGINES, choose_backend, counter_gumbel, eos_ids, push_weights, rollout_engine,  # noqa: F401
                     sample_keys, sampling_processor, vllm_generate)
 from infra import (REPORT_TO, close_tracking, commit_checkpoint, count_skip,  # noqa: F401
-                   fault_point, log_jsonl, loss_fault, math_reward, math_rewards, newest_checkpoint_step,
-                   peak_memory_gib, print_summary, read_json, recover_checkpoint, remove_checkpoint, resolve_resume,
-                   resume_changes, save_hf_model, shutdown_reward_pool, start_tracking, truncate_metrics, write_config)
+                   fault_point, log_jsonl, math_reward, math_rewards, newest_checkpoint_step, peak_memory_gib,
+                   print_summary, read_json, recover_checkpoint, remove_checkpoint, resolve_resume, resume_changes,
+                   save_hf_model, shutdown_reward_pool, start_tracking, truncate_metrics, write_config)
 from tasks import (DATASET_PRESETS, UserError, answer_key, countdown_problems, countdown_reward,  # noqa: F401
                    dataset_name, dataset_names, fit_prompts, format_prompt, hub_reachable, last_boxed, load_eval_sets,
                    load_problems, load_train_set, parse_dataset_list, require, step_problems, tiny_model_dir)
@@ -438,6 +438,7 @@ def progress(start, steps, script, rank):
 def step_groups(problems, args, step, rank, world):
     """This rank's share of the step's --prompts-per-step problems, each repeated G times ([N = B / world * G], groups
     contiguous and whole on this rank), and one sampling key per completion from (seed, step, global index)."""
+    fault_point("rollout", step + 1)  # test-only: SIGKILL here when $EXPLORE_RLVR_FAULT says so (tests/test_crash.py)
     n_local, G = args.prompts_per_step // world, args.group_size
     mine = step_problems(problems, step, args.prompts_per_step, args.seed)[rank * n_local:(rank + 1) * n_local]
     group = [p for p in mine for _ in range(G)]
@@ -579,11 +580,20 @@ def _logprob_entropy(h, weight, targets):
 
 def token_logprobs(model, input_ids, attention_mask, start, chunk=1024, return_hidden=False, row_fn=None,
                    prompt_len=None):
-    """log pi(x_t | x_<t) and the entropy of pi(. | x_<t) for positions t >= start: ([N, L-start], [N, L-start]),
-    plus the LM-head inputs h_t [N, L-start, d] if asked, plus row_fn(logits [n, V], targets [n]) -> [n] gathered to
-    [N, L-start] if given (a method's own per-token statistic of the full distribution, computed while the chunk's
-    logits exist). The vocabulary projection runs on `chunk` valid rows at a time (recomputed in backward), so no
-    [N, L, V] float32 tensor ever exists. Rows with the same prompt (the first `prompt_len`, default `start`, tokens)
+    """log pi(x_t | x_<t) and the entropy of pi(. | x_<t) for positions t >= start: ([N, L-start], [N, L-start]).
+    In value (and gradient) it is the naive computation; everything below only saves memory and time:
+
+        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding does not shift positions
+        logits = model(input_ids, attention_mask=attention_mask, position_ids=positions).logits
+        logits = logits[:, start - 1:-1].float()  # [N, L-start, V]: position t - 1 predicts token t
+        logp_all = logits.log_softmax(-1)
+        logp = logp_all.gather(-1, input_ids[:, start:, None]).squeeze(-1) * attention_mask[:, start:]
+        entropy = -(logp_all.exp() * logp_all).sum(-1) * attention_mask[:, start:]
+
+    Also returns the LM-head inputs h_t [N, L-start, d] if asked, and row_fn(logits [n, V], targets [n]) -> [n]
+    gathered to [N, L-start] if given (a method's own per-token statistic of the full distribution, computed while the
+    chunk's logits exist). The vocabulary projection runs on `chunk` valid rows at a time (recomputed in backward), so
+    no [N, L, V] float32 tensor ever exists. Rows with the same prompt (the first `prompt_len`, default `start`, tokens)
     share one forward of it (shared_prefix_forward), with or without gradient."""
     L, s = input_ids.shape[1], prompt_len or start
     cut = max(s + 1, int(attention_mask.any(0).nonzero().max()) + 1)  # trailing columns that are padding in every row
@@ -625,43 +635,6 @@ def token_logprobs(model, input_ids, attention_mask, start, chunk=1024, return_h
 
 
 # ============================================================================ 5. the update
-def truncated_is_weight(old_logp, rollout_logp, rows, cap):
-    """Rollout/trainer mismatch correction: token-level truncated importance sampling (Yao et al., 2025, "Your efficient
-    RL framework secretly brings you off-policy RL training"): w_t = min(pi_old(o_t) / pi_rollout(o_t), C), detached,
-    multiplying each token's policy-gradient loss. pi_old is the trainer's log-prob at the rollout weights, pi_rollout
-    the engine's. Token-level rather than a sequence-level mask: it matches the token-level PPO loss, needs no
-    threshold on a product over thousands of tokens, and keeps every token's gradient (a mask drops whole responses).
-    HF rollouts (rollout_logp None) or cap 0: w = 1. old_logp [n, T], rollout_logp [N, T] of which `rows` -> [n, T]."""
-    if rollout_logp is None or cap == 0:
-        return torch.ones_like(old_logp)
-    return torch.exp(old_logp - rollout_logp[rows]).clamp(max=cap).detach()
-
-
-def gspo_token_logp(logp, old_logp, mask):
-    """GSPO-token's objective (arXiv:2507.18071; thr.py --objective gspo-token): a log-prob whose ratio to old_logp is
-    sg[s_i] pi(y_t) / sg[pi(y_t)], s_i = exp(mean_t (logp - old_logp)) the sequence ratio, so value s_i and gradient
-    s_i grad log pi(y_t); on-policy (s_i = 1) it is GRPO's token update. logp, old_logp, mask: [n, T] -> [n, T]."""
-    log_s = ((logp - old_logp) * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)  # [n, 1]
-    return old_logp + log_s.detach() + logp - logp.detach()
-
-
-def aggregate_loss(token_loss, mask, mode, n_tokens, n_seqs, max_new_tokens):
-    """Reduce a per-token loss [N, T] over one micro-batch so that summing micro-batches and averaging gradients
-    over ranks (as FSDP does) gives the same result as one big batch. n_tokens / n_seqs: valid tokens and sequences
-    of the whole optimizer batch over ALL ranks.
-      token-mean               sum_{i,t} l / #tokens                                (DAPO; default)
-      seq-mean-token-mean      mean_i (sum_t l / |o_i|)                             (original GRPO)
-      seq-mean-token-sum-norm  mean_i (sum_t l / max_new_tokens)                    (Dr. GRPO)"""
-    world = world_size()
-    if mode == "token-mean":
-        return (token_loss * mask).sum() / n_tokens * world
-    if mode == "seq-mean-token-mean":
-        return ((token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1)).sum() / n_seqs * world
-    if mode == "seq-mean-token-sum-norm":
-        return ((token_loss * mask).sum(-1) / max_new_tokens).sum() / n_seqs * world
-    raise UserError(f"unknown --loss-agg {mode}: use token-mean, seq-mean-token-mean or seq-mean-token-sum-norm")
-
-
 def micro_batches(model, rows, size, world):
     """The rows of one optimizer step in micro-batches of `size`; under FSDP2 the gradients are reduce-scattered only
     after the last one (gradient accumulation)."""
@@ -754,6 +727,7 @@ def system_metrics(engine, old_logp, rollout_logp, mask, args, device):
 
 def log_step(run_dir, record, history, rank, bar=None, samples=None):
     """Rank 0: one metrics.jsonl line (and the trackers), a few completions per eval set, the progress bar."""
+    fault_point("update", record["step"])  # test-only: SIGKILL after the update, before its metric line
     for name, recs in (samples or {}).items():
         log_jsonl(run_dir, "samples.jsonl", {"step": record["step"], "dataset": name, "problems": recs[:4]}, rank)
     history.append(record)

@@ -9,7 +9,8 @@ surrogate on those advantages, here strictly on-policy by default (one update pe
 
     A_i = (r_i - mean_g r) / (std_g r + eps)                                   group advantage (DeepSeekMath §4.1.2)
     L_t = -min(rho_t A_i, clip(rho_t, 1 - eps_low, 1 + eps_high) A_i),   rho_t = pi_theta(o_t) / pi_old(o_t)
-    loss = aggregate(L_t + beta * k3(pi_ref, pi_theta)_t - c_H * H_t)         (token-mean by default, DAPO Eq. 8)
+    loss = aggregate(w_t L_t + beta * k3(pi_ref, pi_theta)_t - c_H * H_t)     (token-mean by default, DAPO Eq. 8)
+    w_t = min(pi_old(o_t) / pi_rollout(o_t), C) when vLLM sampled, else 1         (truncated IS, Yao et al. 2025)
 
 Run it (SCRIPT: grpo.py or any method script, which takes the same flags plus the method's own):
     python SCRIPT                                                      # CPU demo: tiny model, countdown, a few minutes
@@ -22,12 +23,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from common import (BaseArgs, aggregate_loss, all_sum_dict, autocast, compute_rewards, due, evaluate_all, fault_point,
-                    format_prompt, generate, init_distributed, load_eval_sets, load_model, load_reference,
-                    load_train_set, log_step, loss_fault, main, micro_batches, optimizer_step, print_summary, progress,
-                    require, resume_or_evaluate, rollout_batch, rollout_engine, rollout_logprobs, rollout_metrics,
-                    rollout_sums, save_checkpoint, set_lr, shard_model, start_run, step_groups, system_metrics,
-                    time_metrics, token_logprobs, truncated_is_weight)
+from common import BaseArgs, main, require  # the flags
+from common import init_distributed, load_model, load_reference, shard_model, world_size  # torchrun, FSDP2, models
+from common import load_eval_sets, load_train_set, progress, resume_or_evaluate, set_lr, start_run  # the run
+from common import format_prompt, generate, rollout_engine, step_groups  # 1. rollouts
+from common import compute_rewards  # 2. rewards
+from common import autocast, rollout_batch, rollout_logprobs, token_logprobs  # 4. log-probs
+from common import all_sum_dict, micro_batches, optimizer_step  # 5. the update
+from common import (due, evaluate_all, log_step, print_summary, rollout_metrics, rollout_sums,  # 6. metrics,
+                    save_checkpoint, system_metrics, time_metrics)  # evaluation, checkpoints
 
 
 @dataclass
@@ -77,6 +81,34 @@ def kl_k3(logp, ref_logp):
     return torch.exp(d) - d - 1
 
 
+def truncated_is_weight(old_logp, rollout_logp, cap):
+    """w_t = min(pi_old(o_t) / pi_rollout(o_t), C), detached: token-level truncated importance sampling (Yao et al.
+    2025, "Your efficient RL framework secretly brings you off-policy RL training"). The engine that sampled (vLLM)
+    and the trainer compute the same policy with different kernels, so each token's policy loss is re-weighted by
+    how much likelier the trainer finds it. Token-level rather than a sequence-level mask: it matches the token-level
+    loss, needs no threshold on a product over thousands of tokens, and keeps every token's gradient.
+    old_logp, rollout_logp: [n, T] -> [n, T]; C = 0 (--tis-cap 0): w = 1. HF rollouts need none: the trainer sampled."""
+    if cap == 0:
+        return torch.ones_like(old_logp)
+    return torch.exp(old_logp - rollout_logp).clamp(max=cap).detach()
+
+
+def aggregate_loss(token_loss, mask, mode, n_tokens, n_seqs, max_new_tokens):
+    """Reduce a per-token loss [n, T] of one micro-batch so that summing the micro-batches' gradients and averaging
+    them over ranks (as FSDP does) gives one big batch's loss. n_tokens, n_seqs: valid tokens and sequences of the
+    whole optimizer batch over ALL ranks (hence the factor world_size(), which the rank average divides out).
+      token-mean               sum_{i,t} l_it / #tokens                                (DAPO Eq. 8; default)
+      seq-mean-token-mean      mean_i (sum_t l_it / |o_i|)                            (GRPO, DeepSeekMath Eq. 3)
+      seq-mean-token-sum-norm  mean_i (sum_t l_it / max_new_tokens)                   (Dr. GRPO)"""
+    if mode == "token-mean":
+        return (token_loss * mask).sum() / n_tokens * world_size()
+    if mode == "seq-mean-token-mean":
+        return ((token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1)).sum() / n_seqs * world_size()
+    if mode == "seq-mean-token-sum-norm":
+        return ((token_loss * mask).sum(-1) / max_new_tokens).sum() / n_seqs * world_size()
+    raise ValueError(f"unknown loss aggregation {mode!r}")
+
+
 def train(args):
     rank, world, device = init_distributed()
     run_dir = start_run(args, __file__, rank)
@@ -84,20 +116,24 @@ def train(args):
     ref_model = load_reference(args.model, device, rank, world) if args.kl_coef > 0 else None  # pi_ref for the KL
     model = shard_model(model, world, device, args.gradient_checkpointing).train()  # from_pretrained gives eval mode
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
-    train_set, eval_sets = load_train_set(args, tokenizer, model), load_eval_sets(args, tokenizer, model)
+    train_set = load_train_set(args, tokenizer, model)
+    eval_sets = load_eval_sets(args, tokenizer, model)
     engine = rollout_engine(args, model, tokenizer, rank)  # None: HF generate on the training model; else vLLM
     start, skipped, streak, history = resume_or_evaluate(run_dir, model, optimizer, tokenizer, eval_sets, args, device,
                                                          engine, rank)  # --resume: the checkpoint; else eval step 0
-    G, pad, on_policy = args.group_size, tokenizer.pad_token_id, args.ppo_epochs == args.mini_batches == 1
+    G = args.group_size
+    on_policy = args.ppo_epochs == args.mini_batches == 1  # one optimizer step per rollout batch: pi_old = pi_theta
     bar = progress(start, args.steps, __file__, rank)
     for step in bar:
-        t0, lr = time.time(), set_lr(optimizer, args, step)
+        t0 = time.time()
+        lr = set_lr(optimizer, args, step)
         # 1. Rollouts: this rank's share of the step's B prompts, G completions each, from pi_old = the current weights.
+        #    keys [N]: one sampling key per completion, from (seed, step, its index), so a completion never depends on
+        #    the batching, the number of ranks or a resume.
         group, keys = step_groups(train_set, args, step, rank, world)  # [N = B / world * G] problems, groups contiguous
         samples = generate(model, tokenizer, [format_prompt(tokenizer, p) for p in group], keys,
                            args.max_new_tokens, args.temperature, args.top_p, engine=engine)
         t_rollout = time.time() - t0
-        fault_point("rollout", step + 1)  # test-only: SIGKILL here when $EXPLORE_RLVR_FAULT says so
         # 2. Rewards from the verifier.
         texts = tokenizer.batch_decode([s["completion_ids"] for s in samples], skip_special_tokens=True)
         rewards = torch.tensor(compute_rewards(group, texts), dtype=torch.float32, device=device)  # [N]
@@ -105,21 +141,27 @@ def train(args):
         # 3. Group-relative advantages, broadcast to every token of the completion.
         advantages = group_advantages(rewards, G, args.scale_rewards)  # [N]
         # 4. Old log-probs log pi_old(o_t) (and the reference model's) from a no-grad forward of the training model.
-        #    On-policy (one optimizer step per rollout batch) pi_old = pi_theta: the update's forward gives them.
-        ids, attn, mask, P = rollout_batch(samples, pad, device)  # [N, P+T], [N, P+T], [N, T]
+        #    On-policy pi_old = pi_theta: the update's own forward gives them, detached, so this pass is skipped.
+        ids, attn, mask, P = rollout_batch(samples, tokenizer.pad_token_id, device)  # [N, P+T], [N, P+T], [N, T]
+        #    (prompts left-padded to P tokens, so every completion starts at column P; mask: float, 1 on real tokens)
         rollout_logp = rollout_logprobs(samples, mask)  # [N, T]: the engine's log pi(o_t) (vLLM), None with HF
-        micro = [slice(i, i + args.micro_batch_size) for i in range(0, len(samples), args.micro_batch_size)]
-        logprobs = lambda m, net=model, **kw: token_logprobs(net, ids[m], attn[m], P, args.logprob_chunk, **kw)  # noqa
-        old_logp, entropy = torch.zeros_like(mask), torch.zeros_like(mask)  # [N, T]
+
+        def logprobs(rows, net=model):  # log pi(o_t | o_<t) and the entropy of pi(. | o_<t) of these rows: [n, T] each
+            return token_logprobs(net, ids[rows], attn[rows], P, args.logprob_chunk)
+        micro = [slice(i, i + args.micro_batch_size) for i in range(0, len(samples), args.micro_batch_size)]  # rows
+        old_logp, entropy = torch.zeros_like(mask), torch.zeros_like(mask)  # [N, T] float
+        ref_logp = None
         with torch.no_grad(), autocast(device):
             if not on_policy:
                 old_logp, entropy = map(torch.cat, zip(*[logprobs(m) for m in micro]))
-            ref_logp = torch.cat([logprobs(m, ref_model)[0] for m in micro]) if ref_model else None
+            if ref_model is not None:
+                ref_logp = torch.cat([logprobs(m, ref_model)[0] for m in micro])  # [N, T]
         # 5. Policy update: ppo_epochs x mini_batches optimizer steps on the clipped surrogate.
-        rows, sums = torch.arange(len(samples), device=device), {"clipped": 0.0, "loss": 0.0}
+        rows = torch.arange(len(samples), device=device)
+        sums = {"clipped": 0.0, "loss": 0.0}
         for epoch in range(args.ppo_epochs):
             for mb in rows.chunk(args.mini_batches):
-                n = all_sum_dict({"tokens": mask[mb].sum().item(), "seqs": len(mb)}, device)
+                totals = all_sum_dict({"tokens": mask[mb].sum().item(), "seqs": len(mb)}, device)  # all ranks
                 optimizer.zero_grad(set_to_none=True)
                 for m in micro_batches(model, mb, args.micro_batch_size, world):  # gradients reduced after the last
                     with autocast(device):
@@ -127,26 +169,26 @@ def train(args):
                     if on_policy:  # ratio exp(logp - old_logp) = 1 in value, gradient of log pi
                         old_logp[m], entropy[m] = logp.detach().float(), ent.detach().float()
                     token_loss, clipped = policy_loss(logp, old_logp[m], advantages[m, None], args.clip_low,
-                                                      args.clip_high)
-                    token_loss = token_loss * truncated_is_weight(old_logp[m], rollout_logp, m, args.tis_cap)  # TIS
+                                                      args.clip_high)  # [n, T]
+                    if rollout_logp is not None:  # vLLM sampled: correct for the engine/trainer mismatch
+                        token_loss = token_loss * truncated_is_weight(old_logp[m], rollout_logp[m], args.tis_cap)
                     if ref_model is not None:
                         token_loss = token_loss + args.kl_coef * kl_k3(logp, ref_logp[m])
                     if args.entropy_coef > 0:
                         token_loss = token_loss - args.entropy_coef * ent
-                    loss = aggregate_loss(token_loss, mask[m], args.loss_agg, n["tokens"], n["seqs"],
+                    loss = aggregate_loss(token_loss, mask[m], args.loss_agg, totals["tokens"], totals["seqs"],
                                           args.max_new_tokens)
-                    loss = loss * loss_fault(step + 1)  # test-only: inf on the steps $EXPLORE_RLVR_FAULT names, else 1
                     loss.backward()
-                    sums["loss"] += loss.item() / (args.ppo_epochs * world)
+                    sums["loss"] += loss.item() / (args.ppo_epochs * args.mini_batches * world)  # the mean over updates
                     sums["clipped"] += (clipped * mask[m]).sum().item()
-                grad_norm, skipped, streak = optimizer_step(model, optimizer, args, skipped, streak)  # non-finite: skip
-        fault_point("update", step + 1)
+                # clip and apply the gradient (a non-finite one is skipped); grad_norm: the last mini-batch's
+                grad_norm, skipped, streak = optimizer_step(model, optimizer, args, skipped, streak)
         t_train = time.time() - t0 - t_rollout - t_reward
         # 6. Metrics (sums by name, added over ranks), evaluation, checkpoint.
         s = all_sum_dict({**rollout_sums(rewards, mask, entropy, samples, G), **sums}, device)
         record = {"step": step + 1, **rollout_metrics(s, args.ppo_epochs), "grad_norm": grad_norm, "lr": lr,
                   "skipped_steps": skipped,
-                  **time_metrics(t_rollout, t_reward, t_train, s, args.ppo_epochs + (not on_policy))}
+                  **time_metrics(t_rollout, t_reward, t_train, s, args.ppo_epochs + (not on_policy))}  # forwards
         record.update(system_metrics(engine, old_logp, rollout_logp, mask, args, device))
         samples_by_set = None
         if due(args.eval_every, step + 1, args.steps):

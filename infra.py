@@ -194,24 +194,19 @@ def write_json_atomic(path, obj):
 # ============================================================================ test-only fault injection
 
 
-FAULT_ENV = "EXPLORE_RLVR_FAULT"  # "STAGE:STEP" (rank 0), "STAGE:STEP@RANK", or "inf-loss:STEP[,STEP...]"
+FAULT_ENV = "EXPLORE_RLVR_FAULT"  # "STAGE:STEP" (rank 0) or "STAGE:STEP@RANK"
 
 
 def fault_point(stage, step):
     """Test-only: SIGKILL this process here when $EXPLORE_RLVR_FAULT names this stage and step (1-based: the step
-    whose metric line this is); does nothing otherwise. Stages: rollout, update, metrics (mid-line, in log_jsonl),
-    and save_checkpoint's checkpoint-partial, tmp-written, before-rename-old, between-renames, after-rename.
+    whose metric line this is); does nothing otherwise. The scripts' loops hold none: the helpers they call do.
+    Stages: rollout (common.step_groups, as the step's rollouts begin), update (common.log_step: after the update,
+    before its metric line), metrics (log_jsonl, mid-line), and save_checkpoint's checkpoint-partial, tmp-written,
+    before-rename-old, between-renames, after-rename.
     tests/test_crash.py kills runs at each of them and checks that --resume loses nothing."""
     spec, rank = os.environ.get(FAULT_ENV, ""), os.environ.get("RANK", "0")
     if spec in (f"{stage}:{step}@{rank}", f"{stage}:{step}" if rank == "0" else None):
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-def loss_fault(step):
-    """Test-only: inf on the steps $EXPLORE_RLVR_FAULT="inf-loss:STEP[,STEP...]" names, else 1 (the scripts multiply
-    the loss by it, which makes the gradient non-finite)."""
-    kind, _, steps = os.environ.get(FAULT_ENV, "").partition(":")
-    return math.inf if kind == "inf-loss" and str(step) in steps.split(",") else 1.0
 
 
 # ============================================================================ metric lines, trackers (--report-to)

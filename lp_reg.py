@@ -11,7 +11,8 @@ Authors' code: B per micro-batch, the k > 1 guard, --rho-pos. Reconstructed (our
 
     A_i = (r_i - mean_g r) / (std_g r + eps)                                   group advantage (DeepSeekMath §4.1.2)
     L_t = -min(rho_t A_i, clip(rho_t, 1 - eps_low, 1 + eps_high) A_i),   rho_t = pi_theta(o_t) / pi_old(o_t)
-    loss = aggregate(L_t + beta * k3(pi_ref, pi_theta)_t - c_H * H_t)         (token-mean by default, DAPO Eq. 8)
+    loss = aggregate(w_t L_t + beta * k3(pi_ref, pi_theta)_t - c_H * H_t)     (token-mean by default, DAPO Eq. 8)
+    w_t = min(pi_old(o_t) / pi_rollout(o_t), C) when vLLM sampled, else 1         (truncated IS, Yao et al. 2025)
     L_t = -rho_t A_i + beta_p clamp(exp(d_t) - d_t - 1, -10, 10) instead, on t in B with d_t > 0               (Eq. 6)
         d_t = log pi_proxy(o_t) - log pi_theta(o_t) (k3 of KL(pi_proxy || pi_theta)); beta_p: --beta, beta: --kl-coef
         B = the k = int(|S| rho) tokens of S = {valid t: A_i < 0} with the smallest log pi_theta, none unless k > 1
@@ -30,32 +31,27 @@ from dataclasses import dataclass, field
 
 import torch
 
-from common import (BaseArgs, aggregate_loss, all_sum_dict, autocast, compute_rewards, due, evaluate_all, fault_point,
-                    format_prompt, generate, init_distributed, load_eval_sets, load_model, load_reference,
-                    load_train_set, log_step, loss_fault, main, micro_batches, optimizer_step, print_summary, progress,
-                    require, resume_or_evaluate, rollout_batch, rollout_engine, rollout_logprobs, rollout_metrics,
-                    rollout_sums, save_checkpoint, set_lr, shard_model, start_run, step_groups, system_metrics,
-                    time_metrics, token_logprobs, truncated_is_weight)
-from common import all_sum, gather_objects  # batch_bottom_rho's global percentile
+from common import main, require  # the flags
+from common import init_distributed, load_model, load_reference, shard_model  # torchrun, FSDP2, models
+from common import load_eval_sets, load_train_set, progress, resume_or_evaluate, set_lr, start_run  # the run
+from common import format_prompt, generate, rollout_engine, step_groups  # 1. rollouts
+from common import compute_rewards  # 2. rewards
+from common import autocast, rollout_batch, rollout_logprobs, token_logprobs  # 4. log-probs
+from common import all_sum_dict, micro_batches, optimizer_step  # 5. the update
+from common import (due, evaluate_all, log_step, print_summary, rollout_metrics, rollout_sums,  # 6. metrics,
+                    save_checkpoint, system_metrics, time_metrics)  # evaluation, checkpoints
+from common import all_sum, gather_objects, world_size  # Lp-Reg: the global percentile, its weighting
+from grpo import Args as GRPOArgs  # GRPO's flags; the method adds its own
+from grpo import aggregate_loss, group_advantages, kl_k3, policy_loss, truncated_is_weight  # GRPO's math
 FILTERED = -1e4  # log pi_proxy of a token the filter removed (pi_proxy = 0): finite, so it never yields inf or nan
 
 
 @dataclass
-class Args(BaseArgs):
+class Args(GRPOArgs):
     clip_low: float = field(default=1.0, metadata={
         "help": "PPO clip eps_low: ratio floor 1 - eps_low (Lp-Reg: 1.0 and --clip-high 9.0, i.e. clip(r, 0, 10))"})
     clip_high: float = field(default=9.0, metadata={
         "help": "PPO clip eps_high: ratio ceiling 1 + eps_high (DAPO clip-higher: 0.28)"})
-    loss_agg: str = field(default="token-mean", metadata={
-        "choices": ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"],
-        "help": "token-mean (DAPO) | seq-mean-token-mean (GRPO) | seq-mean-token-sum-norm (Dr. GRPO)"})
-    scale_rewards: str = field(default="group", metadata={
-        "choices": ["group", "none"], "help": "group: divide by the group std (GRPO) | none: Dr. GRPO"})
-    kl_coef: float = field(default=0.0, metadata={
-        "help": "beta of the k3 KL to the initial model (0: no reference model is loaded)"})
-    entropy_coef: float = field(default=0.0, metadata={"help": "entropy bonus coefficient"})
-    ppo_epochs: int = field(default=1, metadata={"help": "passes over each rollout batch"})
-    mini_batches: int = field(default=1, metadata={"help": "optimizer steps per pass (1 = strictly on-policy)"})
     rho: float = field(default=0.01, metadata={"help": "fraction of negative-advantage tokens (lowest pi_theta) "
                        "considered for the pull; paper 0.01 (Qwen3-14B), 0.005 (Qwen2.5-32B); 0 = plain GRPO. The CPU "
                        "study uses 0.1: a micro-batch there has ~300 such tokens, 0.01 gives k = 0-5 (~0.1%% pulled)"})
@@ -68,57 +64,40 @@ class Args(BaseArgs):
     percentile_scope: str = field(default="microbatch", metadata={"choices": ["microbatch", "batch"], "help": (
         "microbatch: bottom-rho per micro-batch by current log-prob (authors' code) | batch: over the whole rollout "
         "batch on all ranks, by log pi_old (paper)")})
+    token_mean: str = field(default="batch", metadata={"choices": ["batch", "microbatch"], "help": (
+        "--loss-agg token-mean over: batch (ours: every token of the optimizer batch weighs the same, whatever the "
+        "micro-batching) | microbatch (authors' code: each micro-batch's token-mean x its share of the sequences)")})
 
     def __post_init__(self):
-        super().__post_init__()  # also checks every field's "choices"
-        require(self.clip_low >= 0 and self.clip_high >= 0, "--clip-low and --clip-high must be >= 0")
-        require(self.kl_coef >= 0 and self.entropy_coef >= 0, "--kl-coef and --entropy-coef must be >= 0")
-        require(self.ppo_epochs >= 1 and self.mini_batches >= 1, "--ppo-epochs and --mini-batches must be >= 1")
+        super().__post_init__()  # GRPO's checks
         require(0 <= self.rho <= 1 and 0 <= self.rho_pos <= 1,
                 f"--rho and --rho-pos must be in [0, 1] (got {self.rho}, {self.rho_pos})")
         require(0 < self.kappa < 1 and self.beta >= 0,
                 f"--kappa must be in (0, 1) and --beta >= 0 (got {self.kappa}, {self.beta})")
-
-
-def group_advantages(rewards, group_size, scale="group", eps=1e-6):
-    """A_i = (r_i - mean_g r) / (std_g r + eps) within each group of G consecutive completions. rewards: [N] -> [N]."""
-    r = rewards.view(-1, group_size)  # [N/G, G]
-    a = r - r.mean(-1, keepdim=True)
-    if scale == "group":
-        a = a / (r.std(-1, keepdim=True) + eps)  # unbiased std, as in the reference implementations
-    return a.flatten()
-
-
-def policy_loss(logp, old_logp, advantages, clip_low, clip_high):
-    """PPO clipped surrogate per token. logp, old_logp: [N, T]; advantages: [N, 1] or [N, T].
-    Returns (loss [N, T], clipped [N, T])."""
-    ratio = torch.exp(logp - old_logp)
-    unclipped = ratio * advantages
-    clipped = ratio.clamp(1 - clip_low, 1 + clip_high) * advantages
-    return -torch.min(unclipped, clipped), (clipped < unclipped).float()
-
-
-def kl_k3(logp, ref_logp):
-    """k3 estimator of KL(pi_theta || pi_ref) per token: exp(ref - logp) - (ref - logp) - 1 (Schulman 2020)."""
-    d = ref_logp - logp
-    return torch.exp(d) - d - 1
+        require(self.token_mean == "batch" or self.loss_agg == "token-mean",
+                "--token-mean microbatch needs --loss-agg token-mean (it is that aggregation, per micro-batch)")
 
 
 def proxy_logprob(logits, targets, kappa, proxy="minp"):
     """log pi_proxy(o_t) (Eq. 5) from pi_old's raw logits z (temperature 1), no gradient: pi(v) >= tau is z_v >= max z
-    + ln kappa (minp) or logsumexp z + ln kappa (fixed); then z_o - logsumexp_{kept} z. [n, V] float32, [n] -> [n]."""
+    + ln kappa (minp) or logsumexp z + ln kappa (fixed); then z_o - logsumexp_{kept} z. [n, V] float32, [n] -> [n].
+    fixed, where no token reaches tau: the uniform proxy -ln V (authors' code), which pulls tokens with pi < 1/V."""
     top = logits.max(-1, keepdim=True).values if proxy == "minp" else torch.logsumexp(logits, -1, keepdim=True)
     kept = logits >= top + math.log(kappa)  # [n, V]
     log_mass = torch.logsumexp(logits.masked_fill(~kept, float("-inf")), -1)  # [n]: log of the unnormalised kept mass
     z_o = logits.gather(-1, targets[:, None]).squeeze(-1)  # [n]
-    return torch.where(kept.gather(-1, targets[:, None]).squeeze(-1), z_o - log_mass, FILTERED)
+    proxy_logp = torch.where(kept.gather(-1, targets[:, None]).squeeze(-1), z_o - log_mass, FILTERED)  # [n]
+    if proxy == "fixed":  # minp always keeps the top token
+        proxy_logp = torch.where(kept.any(-1), proxy_logp, -math.log(logits.shape[-1]))
+    return proxy_logp
 
 
 def bottom_rho(logp, candidates, rho):
     """Eq. 6 steps 2-3 (authors' code): the k = int(|S| rho) tokens of S = candidates with the smallest log-prob, none
     unless k > 1. logp, candidates: [n, T] -> (bottom [n, T] bool, k, the k-th smallest log-prob or None)."""
     flat = candidates.flatten().nonzero().squeeze(-1)  # [|S|] flat indices of S
-    k, bottom = int(len(flat) * rho), torch.zeros_like(candidates, dtype=torch.bool)
+    k = int(len(flat) * rho)
+    bottom = torch.zeros_like(candidates, dtype=torch.bool)
     if k <= 1:
         return bottom, k, None
     values, idx = logp.detach().flatten()[flat].topk(k, largest=False)  # ascending
@@ -140,12 +119,14 @@ def batch_bottom_rho(old_logp, candidates, rho):
 def lp_reg_bottom(logp, advantages, mask, rho, rho_pos, sums, rank=bottom_rho, share=1):
     """Eq. 6 steps 1-3: the bottom-rho tokens [n, T] of valid A < 0 (rho) and, if rho_pos > 0, A > 0 (rho_pos; A = 0
     never), ranked apart; rank=batch_bottom_rho's numbers are global: each of `share` ranks adds 1/share to sums."""
-    valid, bottom = mask.bool(), torch.zeros_like(mask, dtype=torch.bool)  # [n, T] like logp; advantages: [n, 1]
+    valid = mask.bool()  # [n, T] like logp; advantages: [n, 1]
+    bottom = torch.zeros_like(valid)
     sets = [(valid & (advantages < 0), rho)] + ([(valid & (advantages > 0), rho_pos)] if rho_pos > 0 else [])
     for candidates, r in sets:  # [n, T] bool, its fraction
         b, k, delta = rank(logp, candidates, r)
         bottom |= b
-        sums["sets"], sums["fired"] = sums["sets"] + 1 / share, sums["fired"] + (k > 1) / share
+        sums["sets"] += 1 / share
+        sums["fired"] += (k > 1) / share
         sums["delta"] += math.exp(delta) / share if delta is not None else 0.0  # the rho-percentile probability
     return bottom
 
@@ -161,6 +142,14 @@ def lp_reg_loss(logp, old_logp, advantages, proxy_logp, bottom, clip_low, clip_h
     return torch.where(selected, pull, token_loss), clipped, selected, penalty
 
 
+def microbatch_token_mean(token_loss, mask, n_seqs):
+    """--token-mean microbatch, the authors' weighting (verl, dynamic batch size): the token-mean of one micro-batch
+    times its share of the optimizer batch's sequences, n_seqs over ALL ranks (x world_size(): ranks average their
+    gradients). It equals --token-mean batch (grpo.aggregate_loss) only when every micro-batch has as many valid
+    tokens per sequence on average as the whole batch. token_loss, mask: [n, T] -> scalar."""
+    return (token_loss * mask).sum() / mask.sum().clamp(min=1) * len(mask) / n_seqs * world_size()
+
+
 def train(args):
     rank, world, device = init_distributed()
     run_dir = start_run(args, __file__, rank)
@@ -168,20 +157,23 @@ def train(args):
     ref_model = load_reference(args.model, device, rank, world) if args.kl_coef > 0 else None  # pi_ref for the KL
     model = shard_model(model, world, device, args.gradient_checkpointing).train()  # from_pretrained gives eval mode
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
-    train_set, eval_sets = load_train_set(args, tokenizer, model), load_eval_sets(args, tokenizer, model)
+    train_set = load_train_set(args, tokenizer, model)
+    eval_sets = load_eval_sets(args, tokenizer, model)
     engine = rollout_engine(args, model, tokenizer, rank)  # None: HF generate on the training model; else vLLM
     start, skipped, streak, history = resume_or_evaluate(run_dir, model, optimizer, tokenizer, eval_sets, args, device,
                                                          engine, rank)  # --resume: the checkpoint; else eval step 0
-    G, pad, on_policy = args.group_size, tokenizer.pad_token_id, False  # always the no-grad pass: it gives log pi_proxy
+    G = args.group_size
     bar = progress(start, args.steps, __file__, rank)
     for step in bar:
-        t0, lr = time.time(), set_lr(optimizer, args, step)
+        t0 = time.time()
+        lr = set_lr(optimizer, args, step)
         # 1. Rollouts: this rank's share of the step's B prompts, G completions each, from pi_old = the current weights.
+        #    keys [N]: one sampling key per completion, from (seed, step, its index), so a completion never depends on
+        #    the batching, the number of ranks or a resume.
         group, keys = step_groups(train_set, args, step, rank, world)  # [N = B / world * G] problems, groups contiguous
         samples = generate(model, tokenizer, [format_prompt(tokenizer, p) for p in group], keys,
                            args.max_new_tokens, args.temperature, args.top_p, engine=engine)
         t_rollout = time.time() - t0
-        fault_point("rollout", step + 1)  # test-only: SIGKILL here when $EXPLORE_RLVR_FAULT says so
         # 2. Rewards from the verifier.
         texts = tokenizer.batch_decode([s["completion_ids"] for s in samples], skip_special_tokens=True)
         rewards = torch.tensor(compute_rewards(group, texts), dtype=torch.float32, device=device)  # [N]
@@ -189,64 +181,74 @@ def train(args):
         # 3. Group-relative advantages, broadcast to every token of the completion.
         advantages = group_advantages(rewards, G, args.scale_rewards)  # [N]
         # 4. Old log-probs log pi_old(o_t) (and the reference model's) from a no-grad forward of the training model.
-        #    On-policy (one optimizer step per rollout batch) pi_old = pi_theta: the update's forward gives them.
-        ids, attn, mask, P = rollout_batch(samples, pad, device)  # [N, P+T], [N, P+T], [N, T]
+        #    Lp-Reg always runs this pass: it also gives log pi_proxy(o_t) (Eq. 5) from pi_old's full distribution.
+        ids, attn, mask, P = rollout_batch(samples, tokenizer.pad_token_id, device)  # [N, P+T], [N, P+T], [N, T]
+        #    (prompts left-padded to P tokens, so every completion starts at column P; mask: float, 1 on real tokens)
         rollout_logp = rollout_logprobs(samples, mask)  # [N, T]: the engine's log pi(o_t) (vLLM), None with HF
-        micro = [slice(i, i + args.micro_batch_size) for i in range(0, len(samples), args.micro_batch_size)]
-        logprobs = lambda m, net=model, **kw: token_logprobs(net, ids[m], attn[m], P, args.logprob_chunk, **kw)  # noqa
-        to_proxy = lambda logits, targets: proxy_logprob(logits, targets, args.kappa, args.proxy)  # Eq. 5  # noqa
-        old_logp, entropy = torch.zeros_like(mask), torch.zeros_like(mask)  # [N, T]
+
+        def logprobs(rows, net=model, **kw):  # log pi(o_t | o_<t) and the entropy of pi(. | o_<t): [n, T] each
+            return token_logprobs(net, ids[rows], attn[rows], P, args.logprob_chunk, **kw)
+
+        def to_proxy(logits, targets):  # log pi_proxy(o_t) (Eq. 5) from the chunk's logits [n, V]: [n]
+            return proxy_logprob(logits, targets, args.kappa, args.proxy)
+        micro = [slice(i, i + args.micro_batch_size) for i in range(0, len(samples), args.micro_batch_size)]  # rows
+        ref_logp = None
         with torch.no_grad(), autocast(device):
-            if not on_policy:
-                old_logp, entropy, proxy_logp = map(torch.cat, zip(*[logprobs(m, row_fn=to_proxy) for m in micro]))
-            ref_logp = torch.cat([logprobs(m, ref_model)[0] for m in micro]) if ref_model else None
+            old_logp, entropy, proxy_logp = map(torch.cat, zip(*[logprobs(m, row_fn=to_proxy) for m in micro]))
+            if ref_model is not None:
+                ref_logp = torch.cat([logprobs(m, ref_model)[0] for m in micro])  # [N, T]
         # 5. Policy update: ppo_epochs x mini_batches optimizer steps on the clipped surrogate.
-        rows, sums = torch.arange(len(samples), device=device), {"clipped": 0.0, "loss": 0.0}
+        rows = torch.arange(len(samples), device=device)
+        sums = {"clipped": 0.0, "loss": 0.0}
         sums.update(dict.fromkeys(["selected", "bottom", "fired", "sets", "delta", "kl"], 0.0))  # Lp-Reg diagnostics
         if args.percentile_scope == "batch":  # the paper: one bottom-rho over the rollout batch of all ranks, by pi_old
             batch_bottom = lp_reg_bottom(old_logp, advantages[:, None], mask, args.rho, args.rho_pos, sums,
                                          batch_bottom_rho, world)
         for epoch in range(args.ppo_epochs):
             for mb in rows.chunk(args.mini_batches):
-                n = all_sum_dict({"tokens": mask[mb].sum().item(), "seqs": len(mb)}, device)
+                totals = all_sum_dict({"tokens": mask[mb].sum().item(), "seqs": len(mb)}, device)  # all ranks
                 optimizer.zero_grad(set_to_none=True)
                 for m in micro_batches(model, mb, args.micro_batch_size, world):  # gradients reduced after the last
                     with autocast(device):
                         logp, ent = logprobs(m)  # [n, T]
-                    if on_policy:  # ratio exp(logp - old_logp) = 1 in value, gradient of log pi
-                        old_logp[m], entropy[m] = logp.detach().float(), ent.detach().float()
-                    bottom = batch_bottom[m] if args.percentile_scope == "batch" else lp_reg_bottom(
-                        logp, advantages[m, None], mask[m], args.rho, args.rho_pos, sums)  # authors': per micro-batch
+                    if args.percentile_scope == "batch":
+                        bottom = batch_bottom[m]
+                    else:  # the authors' code: the bottom-rho of this micro-batch, by the current log-prob
+                        bottom = lp_reg_bottom(logp, advantages[m, None], mask[m], args.rho, args.rho_pos, sums)
                     token_loss, clipped, selected, penalty = lp_reg_loss(logp, old_logp[m], advantages[m, None],
                                                                          proxy_logp[m], bottom, args.clip_low,
-                                                                         args.clip_high, args.beta)
-                    token_loss = token_loss * truncated_is_weight(old_logp[m], rollout_logp, m, args.tis_cap)  # TIS
-                    for key, x in ("selected", selected), ("bottom", bottom), ("kl", penalty.detach()[selected]):
-                        sums[key] += x.sum().item()  # Lp-Reg diagnostics
+                                                                         args.clip_high, args.beta)  # Eq. 6
+                    if rollout_logp is not None:  # vLLM sampled: correct for the engine/trainer mismatch (pull too)
+                        token_loss = token_loss * truncated_is_weight(old_logp[m], rollout_logp[m], args.tis_cap)
+                    sums["selected"] += selected.sum().item()  # Lp-Reg diagnostics
+                    sums["bottom"] += bottom.sum().item()
+                    sums["kl"] += penalty.detach()[selected].sum().item()
                     if ref_model is not None:
                         token_loss = token_loss + args.kl_coef * kl_k3(logp, ref_logp[m])
                     if args.entropy_coef > 0:
                         token_loss = token_loss - args.entropy_coef * ent
-                    loss = aggregate_loss(token_loss, mask[m], args.loss_agg, n["tokens"], n["seqs"],
-                                          args.max_new_tokens)
-                    loss = loss * loss_fault(step + 1)  # test-only: inf on the steps $EXPLORE_RLVR_FAULT names, else 1
+                    if args.token_mean == "microbatch":  # the authors' weighting
+                        loss = microbatch_token_mean(token_loss, mask[m], totals["seqs"])
+                    else:
+                        loss = aggregate_loss(token_loss, mask[m], args.loss_agg, totals["tokens"], totals["seqs"],
+                                              args.max_new_tokens)
                     loss.backward()
-                    sums["loss"] += loss.item() / (args.ppo_epochs * world)
+                    sums["loss"] += loss.item() / (args.ppo_epochs * args.mini_batches * world)  # the mean over updates
                     sums["clipped"] += (clipped * mask[m]).sum().item()
-                grad_norm, skipped, streak = optimizer_step(model, optimizer, args, skipped, streak)  # non-finite: skip
-        fault_point("update", step + 1)
+                # clip and apply the gradient (a non-finite one is skipped); grad_norm: the last mini-batch's
+                grad_norm, skipped, streak = optimizer_step(model, optimizer, args, skipped, streak)
         t_train = time.time() - t0 - t_rollout - t_reward
         # 6. Metrics (sums by name, added over ranks), evaluation, checkpoint.
         s = all_sum_dict({**rollout_sums(rewards, mask, entropy, samples, G), **sums}, device)
         record = {"step": step + 1, **rollout_metrics(s, args.ppo_epochs), "grad_norm": grad_norm, "lr": lr,
                   "skipped_steps": skipped,
-                  **time_metrics(t_rollout, t_reward, t_train, s, args.ppo_epochs + (not on_policy))}
+                  **time_metrics(t_rollout, t_reward, t_train, s, args.ppo_epochs + 1)}  # + 1: the pi_old pass
         ratios = {"threshold_prob": ("delta", "fired"),  # Lp-Reg: the rho-percentile probability, mean over k > 1
                   "frac_pass_filter": ("selected", "bottom"),  # share of the bottom-rho tokens the filter keeps
                   "kl_mean": ("kl", "selected")}  # mean clamped k3 penalty over the selected tokens
-        record.update({"lp_reg/frac_regularized": s["selected"] / (s["tokens"] * args.ppo_epochs),  # of valid tokens
-                       "lp_reg/frac_fired": s["fired"] / max(s["sets"], 1),  # share of the rankings with k > 1
-                       **{f"lp_reg/{name}": s[a] / s[b] for name, (a, b) in ratios.items() if s[b] > 0}})  # if defined
+        record["lp_reg/frac_regularized"] = s["selected"] / (s["tokens"] * args.ppo_epochs)  # of the valid tokens
+        record["lp_reg/frac_fired"] = s["fired"] / max(s["sets"], 1)  # share of the rankings with k > 1
+        record.update({f"lp_reg/{name}": s[a] / s[b] for name, (a, b) in ratios.items() if s[b] > 0})  # if defined
         record.update(system_metrics(engine, old_logp, rollout_logp, mask, args, device))
         samples_by_set = None
         if due(args.eval_every, step + 1, args.steps):

@@ -19,7 +19,8 @@ reward, and fits the group's Boltzmann distribution to them by forward KL: dz_i 
 
     A_i = (r_i - mean_g r) / (std_g r + eps)                                   group advantage (DeepSeekMath §4.1.2)
     L_t = -min(rho_t A_i, clip(rho_t, 1 - eps_low, 1 + eps_high) A_i),   rho_t = pi_theta(o_t) / pi_old(o_t)
-    loss = aggregate(L_t + beta * k3(pi_ref, pi_theta)_t - c_H * H_t)         (token-mean by default, DAPO Eq. 8)
+    loss = aggregate(w_t L_t + beta * k3(pi_ref, pi_theta)_t - c_H * H_t)     (token-mean by default, DAPO Eq. 8)
+    w_t = min(pi_old(o_t) / pi_rollout(o_t), C) when vLLM sampled, else 1         (truncated IS, Yao et al. 2025)
   the RL step above is grpo.py's, unchanged; the IRL step follows on the same rollouts, with the updated weights:
     s_i   = (1/|o_i|) sum_t log pi_theta(o_{i,t} | .)                                 implicit reward            (S1)
     p     = softmax(s / T_s) over the group's demonstrations (its correct rollouts)   Boltzmann distribution     (S2)
@@ -39,30 +40,22 @@ from dataclasses import dataclass, field
 
 import torch
 
-from common import (BaseArgs, aggregate_loss, all_sum_dict, autocast, compute_rewards, due, evaluate_all, fault_point,
-                    format_prompt, generate, init_distributed, load_eval_sets, load_model, load_reference,
-                    load_train_set, log_step, loss_fault, main, micro_batches, optimizer_step, print_summary, progress,
-                    require, resume_or_evaluate, rollout_batch, rollout_engine, rollout_logprobs, rollout_metrics,
-                    rollout_sums, save_checkpoint, set_lr, shard_model, start_run, step_groups, system_metrics,
-                    time_metrics, token_logprobs, truncated_is_weight)
+from common import main, require  # the flags
+from common import init_distributed, load_model, load_reference, shard_model  # torchrun, FSDP2, models
+from common import load_eval_sets, load_train_set, progress, resume_or_evaluate, set_lr, start_run  # the run
+from common import format_prompt, generate, rollout_engine, step_groups  # 1. rollouts
+from common import compute_rewards  # 2. rewards
+from common import autocast, rollout_batch, rollout_logprobs, token_logprobs  # 4. log-probs
+from common import all_sum_dict, micro_batches, optimizer_step  # 5. the update
+from common import (due, evaluate_all, log_step, print_summary, rollout_metrics, rollout_sums,  # 6. metrics,
+                    save_checkpoint, system_metrics, time_metrics)  # evaluation, checkpoints
 from common import all_sum, answer_key, clip_grad_norm, count_skip, gather_objects, sample_keys, world_size  # SPS
+from grpo import Args as GRPOArgs  # GRPO's flags; the method adds its own
+from grpo import aggregate_loss, group_advantages, kl_k3, policy_loss, truncated_is_weight  # GRPO's math
 
 
 @dataclass
-class Args(BaseArgs):
-    clip_low: float = field(default=0.2, metadata={"help": "PPO clip eps_low: ratio floor 1 - eps_low"})
-    clip_high: float = field(default=0.2, metadata={
-        "help": "PPO clip eps_high: ratio ceiling 1 + eps_high (DAPO clip-higher: 0.28)"})
-    loss_agg: str = field(default="token-mean", metadata={
-        "choices": ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"],
-        "help": "token-mean (DAPO) | seq-mean-token-mean (GRPO) | seq-mean-token-sum-norm (Dr. GRPO)"})
-    scale_rewards: str = field(default="group", metadata={
-        "choices": ["group", "none"], "help": "group: divide by the group std (GRPO) | none: Dr. GRPO"})
-    kl_coef: float = field(default=0.0, metadata={
-        "help": "beta of the k3 KL to the initial model (0: no reference model is loaded)"})
-    entropy_coef: float = field(default=0.0, metadata={"help": "entropy bonus coefficient"})
-    ppo_epochs: int = field(default=1, metadata={"help": "passes over each rollout batch"})
-    mini_batches: int = field(default=1, metadata={"help": "optimizer steps per pass (1 = strictly on-policy)"})
+class Args(GRPOArgs):
     irl_every: int = field(default=1, metadata={"help": "SPS: IRL step every K-th RL step (0: never, exactly grpo.py)"})
     irl_coef: float = field(default=1.0, metadata={
         "help": "SPS: lambda_irl, weight of the IRL loss: the IRL step's size relative to the RL step's"})
@@ -91,40 +84,13 @@ class Args(BaseArgs):
         "help": "SPS diagnostics: fixed training prompts (x G rollouts) probed at every eval (0 = off)"})
 
     def __post_init__(self):
-        super().__post_init__()  # also checks every field's "choices"
-        require(self.clip_low >= 0 and self.clip_high >= 0, "--clip-low and --clip-high must be >= 0")
-        require(self.kl_coef >= 0 and self.entropy_coef >= 0, "--kl-coef and --entropy-coef must be >= 0")
-        require(self.ppo_epochs >= 1 and self.mini_batches >= 1, "--ppo-epochs and --mini-batches must be >= 1")
+        super().__post_init__()  # GRPO's checks
         require(min(self.irl_every, self.probe_prompts) >= 0, "--irl-every and --probe-prompts must be >= 0")
         require(0 <= self.irl_coef < math.inf, f"--irl-coef must be finite and >= 0 (got {self.irl_coef})")
         require(0 < self.irl_lr_scale < math.inf, f"--irl-lr-scale must be finite and > 0 (got {self.irl_lr_scale})")
         require(self.irl_temperature > 0 and self.irl_buffer >= 1, "--irl-temperature must be > 0, --irl-buffer >= 1")
         require(not (self.irl_variant == "nll" and self.irl_schedule == "summed"),
                 "--irl-variant nll needs --irl-schedule separate")
-
-
-def group_advantages(rewards, group_size, scale="group", eps=1e-6):
-    """A_i = (r_i - mean_g r) / (std_g r + eps) within each group of G consecutive completions. rewards: [N] -> [N]."""
-    r = rewards.view(-1, group_size)  # [N/G, G]
-    a = r - r.mean(-1, keepdim=True)
-    if scale == "group":
-        a = a / (r.std(-1, keepdim=True) + eps)  # unbiased std, as in the reference implementations
-    return a.flatten()
-
-
-def policy_loss(logp, old_logp, advantages, clip_low, clip_high):
-    """PPO clipped surrogate per token. logp, old_logp: [N, T]; advantages: [N, 1] or [N, T].
-    Returns (loss [N, T], clipped [N, T])."""
-    ratio = torch.exp(logp - old_logp)
-    unclipped = ratio * advantages
-    clipped = ratio.clamp(1 - clip_low, 1 + clip_high) * advantages
-    return -torch.min(unclipped, clipped), (clipped < unclipped).float()
-
-
-def kl_k3(logp, ref_logp):
-    """k3 estimator of KL(pi_theta || pi_ref) per token: exp(ref - logp) - (ref - logp) - 1 (Schulman 2020)."""
-    d = ref_logp - logp
-    return torch.exp(d) - d - 1
 
 
 def implicit_reward(logp, mask, score="mean", ref_logp=None):
@@ -143,7 +109,8 @@ def first_copy(completions, group_size):
 def irl_target(demos, first, target="uniform"):
     """q [B, G], the target over each group's rollouts (S3), and D [B], its number of distinct demonstrations. demos:
     [B, G] bool (correct or all). uniform: each distinct one 1/D, split over its copies (first_copy) | counts: 1/|C|."""
-    demos, same = demos.float(), first[:, :, None] == first[:, None, :]  # same: [B, G, G], i and j the same trajectory
+    demos = demos.float()
+    same = first[:, :, None] == first[:, None, :]  # [B, G, G]: rollouts i and j are the same trajectory
     copies = (same.float() * demos[:, None, :]).sum(-1).clamp(min=1)  # [B, G]: multiplicity among the demonstrations
     distinct = (demos / copies).sum(-1)  # [B]: D
     counts = demos / demos.sum(-1, keepdim=True).clamp(min=1)  # [B, G]
@@ -176,14 +143,17 @@ def irl_gradients(model, samples, rewards, logprobs, mask, ref_logp, buffer, arg
     """Accumulate the gradient of lambda_irl * L_IRL into the parameters (no optimizer step); None if no rank has
     anything to fit (all skip together), else this step's IRL loss BEFORE the update. Every rank runs as many
     micro-batches as the busiest one (zero-weight extras; micro_batches reduces the gradients after the last)."""
-    G, mb, world, device = args.group_size, args.micro_batch_size, world_size(), rewards.device
+    G, mb = args.group_size, args.micro_batch_size
+    world, device = world_size(), rewards.device
     if args.irl_variant == "nll":  # token-mean NLL on earlier correct rollouts
         n_tokens = all_sum([sum(len(s["completion_ids"]) for s in buffer)], device)[0]
         if n_tokens == 0:
             return None
-        parts, loss_sum = [buffer[i:i + mb] for i in range(0, len(buffer), mb)], 0.0
+        parts = [buffer[i:i + mb] for i in range(0, len(buffer), mb)]
+        loss_sum = 0.0
         for j in map(int, micro_batches(model, torch.arange(max(gather_objects(len(parts)))), 1, world)):
-            part, weight = (parts[j], 1.0) if j < len(parts) else (samples[:1], 0.0)  # as many as the busiest rank
+            part = parts[j] if j < len(parts) else samples[:1]  # as many micro-batches as the busiest rank:
+            weight = 1.0 if j < len(parts) else 0.0  # the extras weigh nothing
             ids, attn, part_mask, P = rollout_batch(part, pad, device)
             with autocast(device):
                 logp, _ = token_logprobs(model, ids, attn, P, args.logprob_chunk)  # [n, T]
@@ -199,11 +169,14 @@ def irl_gradients(model, samples, rewards, logprobs, mask, ref_logp, buffer, arg
     if n_groups == 0:
         return None
     n_norm = n_all if args.irl_norm == "batch" else n_groups  # batch: groups without demonstrations contribute 0
-    groups, per = eligible.nonzero().squeeze(-1).tolist(), max(1, mb // G)  # micro-batches of whole groups
-    chunks, loss_sum = [groups[i:i + per] for i in range(0, len(groups), per)], 0.0
+    groups = eligible.nonzero().squeeze(-1).tolist()
+    per = max(1, mb // G)  # micro-batches of whole groups
+    chunks = [groups[i:i + per] for i in range(0, len(groups), per)]
+    loss_sum = 0.0
     scores = torch.zeros(q.shape, device=device)  # [N/G, G]: s with the weights after the RL step (eligible groups)
     for j in map(int, micro_batches(model, torch.arange(max(gather_objects(len(chunks)))), 1, world)):
-        chunk, weight = (chunks[j], 1.0) if j < len(chunks) else ([0], 0.0)  # as many as the busiest rank
+        chunk = chunks[j] if j < len(chunks) else [0]  # as many micro-batches as the busiest rank:
+        weight = 1.0 if j < len(chunks) else 0.0  # the extras weigh nothing
         rows = torch.tensor([g * G + i for g in chunk for i in range(G)], device=device)
         with autocast(device):
             logp, _ = logprobs(rows)  # [n, T]
@@ -224,7 +197,8 @@ def squeezing(scores, first, keep, temperature=1.0):
     rollouts among `keep` (all, or correct only). scores, first, keep: [B, G] -> ([B], [B]), NaN if none."""
     live = keep & (first == torch.arange(first.shape[1], device=first.device))  # one entry per distinct trajectory
     p = torch.nan_to_num(torch.softmax((scores / temperature).masked_fill(~live, float("-inf")), -1))  # [B, G]
-    n_eff, empty = torch.exp(-(p * p.clamp_min(1e-30).log()).sum(-1)), ~live.any(-1)
+    n_eff = torch.exp(-(p * p.clamp_min(1e-30).log()).sum(-1))  # [B]
+    empty = ~live.any(-1)  # [B]
     return p.max(-1).values.masked_fill(empty, float("nan")), n_eff.masked_fill(empty, float("nan"))
 
 
@@ -233,7 +207,8 @@ def irl_metrics(irl, old_logp, rewards, mask, ref_logp, args, device):
     eligible groups caused by the RL step (irl_gradients' scores, after it, minus those under pi_old), over ranks."""
     out = {k: v for k, v in (irl or {}).items() if k.startswith("sps/")}
     if irl and "scores" in irl and args.irl_schedule == "separate":  # summed: irl_gradients scored pi_old
-        ok, correct, T = irl["eligible"], (rewards > 0).view(-1, args.group_size), args.irl_temperature
+        ok, T = irl["eligible"], args.irl_temperature
+        correct = (rewards > 0).view(-1, args.group_size)  # [N/G, G]
         s_old = implicit_reward(old_logp.float(), mask, args.irl_score, ref_logp).view(-1, args.group_size)
         d = squeezing(irl["scores"], irl["first"], correct, T)[0] - squeezing(s_old, irl["first"], correct, T)[0]
         s = all_sum_dict({"d": d[ok].nansum().item(), "n": (ok & ~d.isnan()).sum().item()}, device)
@@ -244,7 +219,8 @@ def irl_metrics(irl, old_logp, rewards, mask, ref_logp, args, device):
 def sample_probe(model, tokenizer, train_set, args, device, ref_model):
     """The probe set (None if --probe-prompts is 0): the first training prompts x G rollouts, sampled with keys fixed
     for the whole run, so that evaluations differ only by the weights."""
-    G, group = args.group_size, [p for p in train_set[:args.probe_prompts] for _ in range(args.group_size)]
+    G = args.group_size
+    group = [p for p in train_set[:args.probe_prompts] for _ in range(G)]
     if not group:
         return None
     keys = torch.stack([sample_keys(args.seed, 1 << 29, i) for i in range(len(group))])
@@ -262,7 +238,11 @@ def sample_probe(model, tokenizer, train_set, args, device, ref_model):
 
 def probe_logprobs(model, batch, args, device):
     """log pi(o_t) of the probe rollouts and the probability of the top-1 token at each position: [P * G, T] each."""
-    (ids, attn, _, P), mb, top1 = batch, args.micro_batch_size, lambda logits, t: logits.softmax(-1).max(-1).values
+    ids, attn, _, P = batch
+    mb = args.micro_batch_size
+
+    def top1(logits, targets):  # the top-1 token's probability of each row [n, V] -> [n]
+        return logits.softmax(-1).max(-1).values
     with torch.no_grad(), autocast(device):
         out = [token_logprobs(model, ids[i:i + mb], attn[i:i + mb], P, args.logprob_chunk, row_fn=top1)
                for i in range(0, len(ids), mb)]
@@ -274,22 +254,27 @@ def probe_scores(model, probe, args, device):
     after it, s2 after the IRL step; at step 0 only one) and return their sps/probe/* record ({} without a probe)."""
     if probe is None:
         return {}
-    (logp, top1), s = probe_logprobs(model, probe["batch"], args, device), probe["scores"]
+    logp, top1 = probe_logprobs(model, probe["batch"], args, device)  # [P * G, T] each
+    s = probe["scores"]
     mask, correct, first, T = probe["batch"][2], probe["correct"], probe["first"], args.irl_temperature
     s.append(implicit_reward(logp, mask, args.irl_score, probe["ref"]).view(-1, args.group_size))
-    nanmean = lambda x: float(x[~x.isnan()].double().mean()) if (~x.isnan()).any() else math.nan  # noqa: E731
+
+    def nanmean(x):
+        return float(x[~x.isnan()].double().mean()) if (~x.isnan()).any() else math.nan
     rec = {f"sps/probe/{k}": nanmean(v) for k, v in zip(["top_share", "n_eff", "top_share_correct", "n_eff_correct"],
            [*squeezing(s[-1], first, torch.ones_like(correct), T), *squeezing(s[-1], first, correct, T)])}
     rec.update({"sps/probe/distinct_correct": probe["distinct_correct"],  # and token-level squeezing
                 "sps/probe/top1_token_prob": float((top1 * mask).sum() / mask.sum()),
                 "sps/probe/frac_top1_gt_0.99": float(((top1 > 0.99) * mask).sum() / mask.sum())})
     q, distinct = irl_target(correct, first, args.irl_target)
-    ok, sup = distinct >= 2, correct[distinct >= 2] if args.irl_support == "demos" else None
+    ok = distinct >= 2
+    sup = correct[ok] if args.irl_support == "demos" else None
     if len(s) == 3 and ok.any():  # the IRL loss before/after the IRL step; what each step did to the top share
         rec["sps/probe/irl_loss_before"] = float(irl_loss(s[1][ok], q[ok], T, args.irl_sign, sup).mean())
         rec["sps/probe/irl_loss_after"] = float(irl_loss(s[2][ok], q[ok], T, args.irl_sign, sup).mean())
         top = [squeezing(x, first, correct, T)[0][ok] for x in s]  # correct-only top share at s0, s1, s2
-        rec["sps/probe/d_top_rl"], rec["sps/probe/d_top_irl"] = nanmean(top[1] - top[0]), nanmean(top[2] - top[1])
+        rec["sps/probe/d_top_rl"] = nanmean(top[1] - top[0])
+        rec["sps/probe/d_top_irl"] = nanmean(top[2] - top[1])
     return {k: v for k, v in rec.items() if not math.isnan(v)}  # NaN: no probe group with (two) correct rollouts
 
 
@@ -302,23 +287,28 @@ def train(args):
         ref_model = load_reference(args.model, device, rank, world)
     model = shard_model(model, world, device, args.gradient_checkpointing).train()  # from_pretrained gives eval mode
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
-    train_set, eval_sets = load_train_set(args, tokenizer, model), load_eval_sets(args, tokenizer, model)
+    train_set = load_train_set(args, tokenizer, model)
+    eval_sets = load_eval_sets(args, tokenizer, model)
     engine = rollout_engine(args, model, tokenizer, rank)  # None: HF generate on the training model; else vLLM
-    probe0 = lambda: probe_scores(model, sample_probe(model, tokenizer, train_set, args, device, ref_model),  # noqa
-                                  args, device)  # SPS: the step-0 line also has the probe's diagnostics
+
+    def probe_at_step_0():  # SPS: the step-0 metric line also has the probe's diagnostics
+        return probe_scores(model, sample_probe(model, tokenizer, train_set, args, device, ref_model), args, device)
     start, skipped, streak, history = resume_or_evaluate(run_dir, model, optimizer, tokenizer, eval_sets, args, device,
-                                                         engine, rank, probe0)  # --resume: the checkpoint; else step 0
+                                                         engine, rank, probe_at_step_0)  # --resume, else step 0
     buffer = []  # SPS --irl-variant nll: correct rollouts of earlier steps (not checkpointed)
-    G, pad, on_policy = args.group_size, tokenizer.pad_token_id, args.ppo_epochs == args.mini_batches == 1
+    G = args.group_size
+    on_policy = args.ppo_epochs == args.mini_batches == 1  # one optimizer step per rollout batch: pi_old = pi_theta
     bar = progress(start, args.steps, __file__, rank)
     for step in bar:
-        t0, lr = time.time(), set_lr(optimizer, args, step)
+        t0 = time.time()
+        lr = set_lr(optimizer, args, step)
         # 1. Rollouts: this rank's share of the step's B prompts, G completions each, from pi_old = the current weights.
+        #    keys [N]: one sampling key per completion, from (seed, step, its index), so a completion never depends on
+        #    the batching, the number of ranks or a resume.
         group, keys = step_groups(train_set, args, step, rank, world)  # [N = B / world * G] problems, groups contiguous
         samples = generate(model, tokenizer, [format_prompt(tokenizer, p) for p in group], keys,
                            args.max_new_tokens, args.temperature, args.top_p, engine=engine)
         t_rollout = time.time() - t0
-        fault_point("rollout", step + 1)  # test-only: SIGKILL here when $EXPLORE_RLVR_FAULT says so
         # 2. Rewards from the verifier.
         texts = tokenizer.batch_decode([s["completion_ids"] for s in samples], skip_special_tokens=True)
         rewards = torch.tensor(compute_rewards(group, texts), dtype=torch.float32, device=device)  # [N]
@@ -326,26 +316,34 @@ def train(args):
         # 3. Group-relative advantages, broadcast to every token of the completion.
         advantages = group_advantages(rewards, G, args.scale_rewards)  # [N]
         # 4. Old log-probs log pi_old(o_t) (and the reference model's) from a no-grad forward of the training model.
-        #    On-policy (one optimizer step per rollout batch) pi_old = pi_theta: the update's forward gives them.
-        ids, attn, mask, P = rollout_batch(samples, pad, device)  # [N, P+T], [N, P+T], [N, T]
+        #    On-policy pi_old = pi_theta: the update's own forward gives them, detached, so this pass is skipped.
+        ids, attn, mask, P = rollout_batch(samples, tokenizer.pad_token_id, device)  # [N, P+T], [N, P+T], [N, T]
+        #    (prompts left-padded to P tokens, so every completion starts at column P; mask: float, 1 on real tokens)
         rollout_logp = rollout_logprobs(samples, mask)  # [N, T]: the engine's log pi(o_t) (vLLM), None with HF
-        micro = [slice(i, i + args.micro_batch_size) for i in range(0, len(samples), args.micro_batch_size)]
-        logprobs = lambda m, net=model, **kw: token_logprobs(net, ids[m], attn[m], P, args.logprob_chunk, **kw)  # noqa
-        old_logp, entropy = torch.zeros_like(mask), torch.zeros_like(mask)  # [N, T]
+
+        def logprobs(rows, net=model):  # log pi(o_t | o_<t) and the entropy of pi(. | o_<t) of these rows: [n, T] each
+            return token_logprobs(net, ids[rows], attn[rows], P, args.logprob_chunk)
+        micro = [slice(i, i + args.micro_batch_size) for i in range(0, len(samples), args.micro_batch_size)]  # rows
+        old_logp, entropy = torch.zeros_like(mask), torch.zeros_like(mask)  # [N, T] float
+        ref_logp = None
         with torch.no_grad(), autocast(device):
             if not on_policy:
                 old_logp, entropy = map(torch.cat, zip(*[logprobs(m) for m in micro]))
-            ref_logp = torch.cat([logprobs(m, ref_model)[0] for m in micro]) if ref_model else None
+            if ref_model is not None:
+                ref_logp = torch.cat([logprobs(m, ref_model)[0] for m in micro])  # [N, T]
         # 4b. SPS: is this an IRL step; at evaluations, the probe set and its scores s0.
-        irl, irl_now = None, args.irl_every > 0 and (step + 1) % args.irl_every == 0
-        probe = (sample_probe(model, tokenizer, train_set, args, device, ref_model)
-                 if due(args.eval_every, step + 1, args.steps) else None)  # at evaluations only
+        irl = None
+        irl_now = args.irl_every > 0 and (step + 1) % args.irl_every == 0
+        probe = None
+        if due(args.eval_every, step + 1, args.steps):  # the probe's diagnostics: at evaluations only
+            probe = sample_probe(model, tokenizer, train_set, args, device, ref_model)
         probe_scores(model, probe, args, device)  # s0
         # 5. Policy update: ppo_epochs x mini_batches optimizer steps on the clipped surrogate.
-        rows, sums = torch.arange(len(samples), device=device), {"clipped": 0.0, "loss": 0.0}
+        rows = torch.arange(len(samples), device=device)
+        sums = {"clipped": 0.0, "loss": 0.0}
         for epoch in range(args.ppo_epochs):
             for mb in rows.chunk(args.mini_batches):
-                n = all_sum_dict({"tokens": mask[mb].sum().item(), "seqs": len(mb)}, device)
+                totals = all_sum_dict({"tokens": mask[mb].sum().item(), "seqs": len(mb)}, device)  # all ranks
                 optimizer.zero_grad(set_to_none=True)
                 for m in micro_batches(model, mb, args.micro_batch_size, world):  # gradients reduced after the last
                     with autocast(device):
@@ -353,26 +351,28 @@ def train(args):
                     if on_policy:  # ratio exp(logp - old_logp) = 1 in value, gradient of log pi
                         old_logp[m], entropy[m] = logp.detach().float(), ent.detach().float()
                     token_loss, clipped = policy_loss(logp, old_logp[m], advantages[m, None], args.clip_low,
-                                                      args.clip_high)
-                    token_loss = token_loss * truncated_is_weight(old_logp[m], rollout_logp, m, args.tis_cap)  # TIS
-                    if args.kl_coef > 0:
+                                                      args.clip_high)  # [n, T]
+                    if rollout_logp is not None:  # vLLM sampled: correct for the engine/trainer mismatch
+                        token_loss = token_loss * truncated_is_weight(old_logp[m], rollout_logp[m], args.tis_cap)
+                    if args.kl_coef > 0:  # not `ref_model is not None`: --irl-score ratio loads pi_ref for s alone
                         token_loss = token_loss + args.kl_coef * kl_k3(logp, ref_logp[m])
                     if args.entropy_coef > 0:
                         token_loss = token_loss - args.entropy_coef * ent
-                    loss = aggregate_loss(token_loss, mask[m], args.loss_agg, n["tokens"], n["seqs"],
+                    loss = aggregate_loss(token_loss, mask[m], args.loss_agg, totals["tokens"], totals["seqs"],
                                           args.max_new_tokens)
-                    loss = loss * loss_fault(step + 1)  # test-only: inf on the steps $EXPLORE_RLVR_FAULT names, else 1
                     loss.backward()
-                    sums["loss"] += loss.item() / (args.ppo_epochs * world)
+                    sums["loss"] += loss.item() / (args.ppo_epochs * args.mini_batches * world)  # the mean over updates
                     sums["clipped"] += (clipped * mask[m]).sum().item()
                 if irl_now and irl is None and args.irl_schedule == "summed":  # SPS: L_IRL joins the first RL step
-                    irl = irl_gradients(model, samples, rewards, logprobs, mask, ref_logp, buffer, args, pad)
-                grad_norm, skipped, streak = optimizer_step(model, optimizer, args, skipped, streak)  # non-finite: skip
+                    irl = irl_gradients(model, samples, rewards, logprobs, mask, ref_logp, buffer, args,
+                                        tokenizer.pad_token_id)
+                # clip and apply the gradient (a non-finite one is skipped); grad_norm: the last mini-batch's
+                grad_norm, skipped, streak = optimizer_step(model, optimizer, args, skipped, streak)
         probe_scores(model, probe, args, device)  # s1
         # 5b. SPS: the IRL step (S5) on the same rollouts, scores recomputed with the weights after the RL step.
         if irl_now and args.irl_schedule == "separate":
             optimizer.zero_grad(set_to_none=True)
-            irl = irl_gradients(model, samples, rewards, logprobs, mask, ref_logp, buffer, args, pad)
+            irl = irl_gradients(model, samples, rewards, logprobs, mask, ref_logp, buffer, args, tokenizer.pad_token_id)
             if irl is not None:
                 irl["sps/irl_grad_norm"] = clip_grad_norm(model, args.max_grad_norm)
                 if math.isfinite(irl["sps/irl_grad_norm"]):
@@ -381,13 +381,12 @@ def train(args):
                     skipped, streak = count_skip(irl["sps/irl_grad_norm"], skipped, streak, args.max_skipped_steps)
         if args.irl_variant == "nll":  # earlier correct rollouts only: this step's join the buffer after its IRL step
             buffer = (buffer + [s for s, r in zip(samples, rewards.tolist()) if r > 0])[-args.irl_buffer:]
-        fault_point("update", step + 1)
         t_train = time.time() - t0 - t_rollout - t_reward
         # 6. Metrics (sums by name, added over ranks), evaluation, checkpoint.
         s = all_sum_dict({**rollout_sums(rewards, mask, entropy, samples, G), **sums}, device)
         record = {"step": step + 1, **rollout_metrics(s, args.ppo_epochs), "grad_norm": grad_norm, "lr": lr,
                   "skipped_steps": skipped,
-                  **time_metrics(t_rollout, t_reward, t_train, s, args.ppo_epochs + (not on_policy))}
+                  **time_metrics(t_rollout, t_reward, t_train, s, args.ppo_epochs + (not on_policy))}  # forwards
         record.update(irl_metrics(irl, old_logp, rewards, mask, ref_logp, args, device))  # SPS
         record.update(probe_scores(model, probe, args, device))  # SPS: s2, and the probe's record
         record.update(system_metrics(engine, old_logp, rollout_logp, mask, args, device))

@@ -26,7 +26,7 @@ EXERCISES = {  # name -> the file and function holding its solution region, the 
         hint="with d = ref_logp - logp: exp(d) - d - 1",
         tests=["tests/test_grpo_math.py::test_kl_k3_is_zero_at_equality_and_positive_elsewhere"]),
     "loss-aggregation": dict(
-        file="common.py", function="aggregate_loss", difficulty="medium",
+        file="grpo.py", function="aggregate_loss", difficulty="medium",
         hint="divide by the GLOBAL n_tokens / n_seqs and multiply by world_size(): ranks average their gradients",
         tests=["tests/test_grpo_math.py::test_aggregate_loss_hand_worked",
                "tests/test_grpo_math.py::test_aggregate_loss_invariant_to_micro_batching"]),

@@ -18,12 +18,15 @@ greedy accuracy), < 0 keeps mass on alternatives (explore: pass@k); large-|THR| 
     tau = beta_tau min_{i in P} mean_k THR_ik;  dominant <=> |THR_jk'| > tau                                      (T4)
     A'_jk' = A_j (1 + p sign THR_jk') on dominant tokens, A_j elsewhere (0 with --mask-nondominant)               (T5)
     tau = beta min_{i in P} mean_k s_ik;  selected <=> j incorrect and s_jk' > tau;  A'_jk' = eta A_j if selected (N1)
+        eta = 2 |0.5 - p_hat| per group, p_hat its accuracy (--eta adaptive, NTHR's training runs), or a constant
     L_t = -min(rho_t A_i, clip(rho_t, 1 - eps_low, 1 + eps_high) A_i),   rho_t = pi_theta(o_t) / pi_old(o_t)
-    loss = aggregate(L_t + beta * k3(pi_ref, pi_theta)_t - c_H * H_t)         (token-mean by default, DAPO Eq. 8)
+    loss = aggregate(w_t L_t + beta * k3(pi_ref, pi_theta)_t - c_H * H_t)     (token-mean by default, DAPO Eq. 8)
+    w_t = min(pi_old(o_t) / pi_rollout(o_t), C) when vLLM sampled, else 1         (truncated IS, Yao et al. 2025)
 with A' (T5; N1 with --selection nthr) for A_i; labels ours; h: LM-head input; P: responses with r > 0.5; all from
 pi_old, detached; GRPO's A in groups without a correct response. Confirmed: what THR measures, p's signs; N1 is NTHR's
-rule (§5.2, Algorithm 1; beta = 1, eta = 0). Ours, UNCONFIRMED: T1-T2 (NTHR's V* and sum-first, every token),
---thr-advantage, --selection thr (two-sided T4-T5: --tau-beta, --p, --mask-nondominant), --objective gspo-token.
+rule (§5.2, Algorithm 1; beta = 1; the adaptive eta of App. 7.3). Ours, UNCONFIRMED: T1-T2 (NTHR's V* and
+sum-first, every token), --thr-advantage, --selection thr (two-sided T4-T5: --tau-beta, --p, --mask-nondominant).
+--objective gspo-token is GSPO-token's objective (gspo_token_logp), which THR's paper also runs.
 
 Run it (SCRIPT: grpo.py or any method script, which takes the same flags plus the method's own):
     python SCRIPT                                                      # CPU demo: tiny model, countdown, a few minutes
@@ -31,35 +34,27 @@ Run it (SCRIPT: grpo.py or any method script, which takes the same flags plus th
         --prompts-per-step 128 --max-new-tokens 3072 --lr 1e-6 --steps 500 --micro-batch-size 8     # one GPU
     torchrun --nproc_per_node 8 SCRIPT --model Qwen/Qwen2.5-7B ...                                  # FSDP2, 8 GPUs
 """
+import math
 import time
 from dataclasses import dataclass, field
 
 import torch
 
-from common import (BaseArgs, aggregate_loss, all_sum_dict, autocast, compute_rewards, due, evaluate_all, fault_point,
-                    format_prompt, generate, init_distributed, load_eval_sets, load_model, load_reference,
-                    load_train_set, log_step, loss_fault, main, micro_batches, optimizer_step, print_summary, progress,
-                    require, resume_or_evaluate, rollout_batch, rollout_engine, rollout_logprobs, rollout_metrics,
-                    rollout_sums, save_checkpoint, set_lr, shard_model, start_run, step_groups, system_metrics,
-                    time_metrics, token_logprobs, truncated_is_weight)
-from common import gspo_token_logp  # --objective gspo-token
+from common import main, require  # the flags
+from common import init_distributed, load_model, load_reference, shard_model  # torchrun, FSDP2, models
+from common import load_eval_sets, load_train_set, progress, resume_or_evaluate, set_lr, start_run  # the run
+from common import format_prompt, generate, rollout_engine, step_groups  # 1. rollouts
+from common import compute_rewards  # 2. rewards
+from common import autocast, rollout_batch, rollout_logprobs, token_logprobs  # 4. log-probs
+from common import all_sum_dict, micro_batches, optimizer_step  # 5. the update
+from common import (due, evaluate_all, log_step, print_summary, rollout_metrics, rollout_sums,  # 6. metrics,
+                    save_checkpoint, system_metrics, time_metrics)  # evaluation, checkpoints
+from grpo import Args as GRPOArgs  # GRPO's flags; the method adds its own
+from grpo import aggregate_loss, group_advantages, kl_k3, policy_loss, truncated_is_weight  # GRPO's math
 
 
 @dataclass
-class Args(BaseArgs):
-    clip_low: float = field(default=0.2, metadata={"help": "PPO clip eps_low: ratio floor 1 - eps_low"})
-    clip_high: float = field(default=0.2, metadata={
-        "help": "PPO clip eps_high: ratio ceiling 1 + eps_high (DAPO clip-higher: 0.28)"})
-    loss_agg: str = field(default="token-mean", metadata={
-        "choices": ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"],
-        "help": "token-mean (DAPO) | seq-mean-token-mean (GRPO) | seq-mean-token-sum-norm (Dr. GRPO)"})
-    scale_rewards: str = field(default="group", metadata={
-        "choices": ["group", "none"], "help": "group: divide by the group std (GRPO) | none: Dr. GRPO"})
-    kl_coef: float = field(default=0.0, metadata={
-        "help": "beta of the k3 KL to the initial model (0: no reference model is loaded)"})
-    entropy_coef: float = field(default=0.0, metadata={"help": "entropy bonus coefficient"})
-    ppo_epochs: int = field(default=1, metadata={"help": "passes over each rollout batch"})
-    mini_batches: int = field(default=1, metadata={"help": "optimizer steps per pass (1 = strictly on-policy)"})
+class Args(GRPOArgs):
     p: float = field(default=-0.2, metadata={"help": "THR steering strength, |p| < 1: < 0 explore (pass@k), > 0 "
                      "exploit (greedy); -0.2: we target collapse, and p < 0 helped pass@k on every model"})
     mask_nondominant: bool = field(default=False, metadata={"help": "zero non-dominant tokens' advantage (THR-only)"})
@@ -68,44 +63,22 @@ class Args(BaseArgs):
     selection: str = field(default="thr", metadata={"choices": ["thr", "nthr"], "help": "thr: |THR| > tau on every "
                            "response, A (1 + p sign THR) (our two-sided extension) | nthr: NTHR's rule, tokens of "
                            "incorrect responses with s > tau get eta A (--p unused)"})
-    eta: float = field(default=0.0, metadata={"help": "N1's scale of selected tokens' advantage, in [0, 1] (NTHR: 0)"})
+    eta: str = field(default="adaptive", metadata={"help": "N1's scale of the selected tokens' advantage: adaptive "
+                     "(NTHR's training runs: 2 |0.5 - p_hat| per group, p_hat its accuracy) or a number in [0, 1]"})
     thr_advantage: str = field(default="sign", metadata={"choices": ["sign", "value"], "help": "advantage factor of "
                                "THR = a_j * s: sign(A_j) (NTHR's |s| threshold) | value A_j"})
     objective: str = field(default="grpo", metadata={"choices": ["grpo", "gspo-token"], "help": "grpo: token ratio | "
                            "gspo-token: sequence ratio, token advantages (pass --clip-low 3e-4 --clip-high 4e-4)"})
 
     def __post_init__(self):
-        super().__post_init__()  # also checks every field's "choices"
-        require(self.clip_low >= 0 and self.clip_high >= 0, "--clip-low and --clip-high must be >= 0")
-        require(self.kl_coef >= 0 and self.entropy_coef >= 0, "--kl-coef and --entropy-coef must be >= 0")
-        require(self.ppo_epochs >= 1 and self.mini_batches >= 1, "--ppo-epochs and --mini-batches must be >= 1")
+        super().__post_init__()  # GRPO's checks
         require(-1 < self.p < 1, f"--p must be in (-1, 1) so that no advantage changes sign (got {self.p})")
         require(0 <= self.tau_beta < torch.inf, f"--tau-beta must be a finite number >= 0 (got {self.tau_beta})")
-        require(0 <= self.eta <= 1, f"--eta must be in [0, 1] (got {self.eta})")
-
-
-def group_advantages(rewards, group_size, scale="group", eps=1e-6):
-    """A_i = (r_i - mean_g r) / (std_g r + eps) within each group of G consecutive completions. rewards: [N] -> [N]."""
-    r = rewards.view(-1, group_size)  # [N/G, G]
-    a = r - r.mean(-1, keepdim=True)
-    if scale == "group":
-        a = a / (r.std(-1, keepdim=True) + eps)  # unbiased std, as in the reference implementations
-    return a.flatten()
-
-
-def policy_loss(logp, old_logp, advantages, clip_low, clip_high):
-    """PPO clipped surrogate per token. logp, old_logp: [N, T]; advantages: [N, 1] or [N, T].
-    Returns (loss [N, T], clipped [N, T])."""
-    ratio = torch.exp(logp - old_logp)
-    unclipped = ratio * advantages
-    clipped = ratio.clamp(1 - clip_low, 1 + clip_high) * advantages
-    return -torch.min(unclipped, clipped), (clipped < unclipped).float()
-
-
-def kl_k3(logp, ref_logp):
-    """k3 estimator of KL(pi_theta || pi_ref) per token: exp(ref - logp) - (ref - logp) - 1 (Schulman 2020)."""
-    d = ref_logp - logp
-    return torch.exp(d) - d - 1
+        try:
+            eta = 0.0 if self.eta == "adaptive" else float(self.eta)
+        except ValueError:
+            eta = math.nan
+        require(0 <= eta <= 1, f"--eta must be adaptive or a number in [0, 1] (got {self.eta})")
 
 
 def prediction_errors(logits, logz, targets, vocab):
@@ -157,8 +130,21 @@ def reweighted_advantages(advantages, thr, dominant, p, mask_nondominant):
     return torch.where(dominant, A * (1 + p * thr.sign()), torch.zeros_like(A) if mask_nondominant else A)
 
 
+def nthr_eta(correct, group_size, eta="adaptive"):
+    """N1's eta per response [N]: adaptive 2 |0.5 - p_hat|, p_hat the group's accuracy (NTHR App. 7.3, Table 5: its
+    training runs; a group at 50% accuracy drops its selected tokens' penalty, one at 0% or 100% keeps it), or one
+    constant. correct: [N] bool."""
+    if eta != "adaptive":
+        return torch.full(correct.shape, float(eta), device=correct.device)
+    p_hat = correct.float().view(-1, group_size).mean(-1)  # [N/G]
+    return (2 * (0.5 - p_hat).abs()).repeat_interleave(group_size)  # [N]
+
+
 def nthr_advantages(advantages, selected, eta):
-    """A' = eta A on NTHR's selected tokens, A elsewhere (N1). advantages: [N]; selected: [N, T] bool -> [N, T]."""
+    """A' = eta A on NTHR's selected tokens, A elsewhere (N1). advantages, eta: [N] (or eta a number); selected:
+    [N, T] bool -> [N, T]."""
+    eta = torch.as_tensor(eta, dtype=advantages.dtype, device=advantages.device)
+    eta = eta[:, None] if eta.dim() else eta
     return torch.where(selected, eta * advantages[:, None], advantages[:, None])
 
 
@@ -166,20 +152,35 @@ def entropy_overlap(thr, entropy, mask, frac=0.2):
     """(|top-frac by |THR| & top-frac by entropy|, frac * n) over the n valid tokens with THR != 0 (chance: frac)."""
     keep = mask.bool() & (thr != 0)
     k = int(frac * keep.sum().item())
-    top = lambda v: set(v[keep].topk(k).indices.tolist())  # noqa: E731
-    return (len(top(thr.abs()) & top(entropy)), k) if k else (0, 0)
+    if k == 0:
+        return 0, 0
+    top_thr, top_entropy = (set(v[keep].topk(k).indices.tolist()) for v in (thr.abs(), entropy))
+    return len(top_thr & top_entropy), k
 
 
 def thr_metrics(thr, dominant, correct, entropy, mask, t_thr, world, device):
     """THR's diagnostics over all ranks (dominant share, up/down fractions by answer, entropy overlap, compute time)."""
-    (overlap, top_k), parts = entropy_overlap(thr, entropy, mask), ("", "/correct", "/incorrect")
+    overlap, top_k = entropy_overlap(thr, entropy, mask)
+    parts = ("", "/correct", "/incorrect")
     s = {"tokens": mask.sum().item(), "t_thr": t_thr, "overlap": overlap, "top_k": top_k}
     for part, dom in zip(parts, (dominant, dominant & correct[:, None], dominant & ~correct[:, None])):  # [N, T] each
         s.update({k + part: (dom & c).sum().item() for k, c in (("dom", dom), ("pos", thr > 0), ("neg", thr < 0))})
-    s, div = all_sum_dict(s, device), lambda a, b: a / b if b else 0.0
-    return {"thr/dominant_frac": s["dom"] / s["tokens"], "thr/entropy_overlap": div(s["overlap"], s["top_k"]),
-            "thr/time_s": s["t_thr"] / world, **{f"thr/{sign}_frac{part}": div(s[sign + part], s["dom" + part])
+    s = all_sum_dict(s, device)
+
+    def ratio(a, b):  # 0 where nothing was counted
+        return s[a] / s[b] if s[b] else 0.0
+    return {"thr/dominant_frac": s["dom"] / s["tokens"], "thr/entropy_overlap": ratio("overlap", "top_k"),
+            "thr/time_s": s["t_thr"] / world, **{f"thr/{sign}_frac{part}": ratio(sign + part, "dom" + part)
                                                  for part in parts for sign in ("pos", "neg")}}
+
+
+def gspo_token_logp(logp, old_logp, mask):
+    """--objective gspo-token (GSPO-token, arXiv:2507.18071, the objective THR's paper also runs): a log-prob whose
+    ratio to old_logp is sg[s_i] pi(y_t) / sg[pi(y_t)], s_i = exp(mean_t (logp - old_logp)) the sequence ratio, so value
+    s_i and gradient s_i grad log pi(y_t); on-policy (s_i = 1) it is GRPO's token update. logp, old_logp, mask: [n, T]
+    -> [n, T]."""
+    log_s = ((logp - old_logp) * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)  # [n, 1]
+    return old_logp + log_s.detach() + logp - logp.detach()
 
 
 def train(args):
@@ -189,20 +190,23 @@ def train(args):
     ref_model = load_reference(args.model, device, rank, world) if args.kl_coef > 0 else None  # pi_ref for the KL
     model = shard_model(model, world, device, args.gradient_checkpointing).train()  # from_pretrained gives eval mode
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
-    train_set, eval_sets = load_train_set(args, tokenizer, model), load_eval_sets(args, tokenizer, model)
+    train_set = load_train_set(args, tokenizer, model)
+    eval_sets = load_eval_sets(args, tokenizer, model)
     engine = rollout_engine(args, model, tokenizer, rank)  # None: HF generate on the training model; else vLLM
     start, skipped, streak, history = resume_or_evaluate(run_dir, model, optimizer, tokenizer, eval_sets, args, device,
                                                          engine, rank)  # --resume: the checkpoint; else eval step 0
-    G, pad, on_policy = args.group_size, tokenizer.pad_token_id, False  # THR: always the no-grad pass (its h, logz)
+    G = args.group_size
     bar = progress(start, args.steps, __file__, rank)
     for step in bar:
-        t0, lr = time.time(), set_lr(optimizer, args, step)
+        t0 = time.time()
+        lr = set_lr(optimizer, args, step)
         # 1. Rollouts: this rank's share of the step's B prompts, G completions each, from pi_old = the current weights.
+        #    keys [N]: one sampling key per completion, from (seed, step, its index), so a completion never depends on
+        #    the batching, the number of ranks or a resume.
         group, keys = step_groups(train_set, args, step, rank, world)  # [N = B / world * G] problems, groups contiguous
         samples = generate(model, tokenizer, [format_prompt(tokenizer, p) for p in group], keys,
                            args.max_new_tokens, args.temperature, args.top_p, engine=engine)
         t_rollout = time.time() - t0
-        fault_point("rollout", step + 1)  # test-only: SIGKILL here when $EXPLORE_RLVR_FAULT says so
         # 2. Rewards from the verifier.
         texts = tokenizer.batch_decode([s["completion_ids"] for s in samples], skip_special_tokens=True)
         rewards = torch.tensor(compute_rewards(group, texts), dtype=torch.float32, device=device)  # [N]
@@ -210,60 +214,75 @@ def train(args):
         # 3. Group-relative advantages, broadcast to every token of the completion.
         advantages = group_advantages(rewards, G, args.scale_rewards)  # [N]
         # 4. Old log-probs log pi_old(o_t) (and the reference model's) from a no-grad forward of the training model.
-        #    On-policy (one optimizer step per rollout batch) pi_old = pi_theta: the update's forward gives them.
-        ids, attn, mask, P = rollout_batch(samples, pad, device)  # [N, P+T], [N, P+T], [N, T]
+        #    THR always runs this pass, on whole groups: the scores need the group's h and logz before the update.
+        ids, attn, mask, P = rollout_batch(samples, tokenizer.pad_token_id, device)  # [N, P+T], [N, P+T], [N, T]
+        #    (prompts left-padded to P tokens, so every completion starts at column P; mask: float, 1 on real tokens)
         rollout_logp = rollout_logprobs(samples, mask)  # [N, T]: the engine's log pi(o_t) (vLLM), None with HF
-        mbs, correct = max(G, args.micro_batch_size // G * G), rewards > 0.5  # whole groups; [N] the set P of each
-        micro = [slice(i, i + mbs) for i in range(0, len(samples), mbs)]
-        logprobs = lambda m, net=model, **kw: token_logprobs(net, ids[m], attn[m], P, args.logprob_chunk, **kw)  # noqa
-        old_logp, entropy = torch.zeros_like(mask), torch.zeros_like(mask)  # [N, T]
-        scores, t_thr = torch.zeros_like(mask), 0.0  # [N, T] s (T2)
+
+        def logprobs(rows, net=model, **kw):  # log pi(o_t | o_<t) and the entropy of pi(. | o_<t): [n, T] each
+            return token_logprobs(net, ids[rows], attn[rows], P, args.logprob_chunk, **kw)
+
+        def logsumexp(logits, targets):  # the full-vocabulary log-normaliser logz of each row [n, V] -> [n]
+            return logits.logsumexp(-1)
+        correct = rewards > 0.5  # [N]: the set P of each group
+        groups_per_micro = max(G, args.micro_batch_size // G * G)  # rows per micro-batch of the pass: whole groups
+        micro = [slice(i, i + groups_per_micro) for i in range(0, len(samples), groups_per_micro)]
+        old_logp, entropy = torch.zeros_like(mask), torch.zeros_like(mask)  # [N, T] float
+        scores = torch.zeros_like(mask)  # [N, T] s (T2)
+        t_thr = 0.0
+        ref_logp = None
         with torch.no_grad(), autocast(device):
             for m in micro:  # THR: whole groups; h [n, T, d] LM-head inputs, logz [n, T] the full-vocabulary logsumexp
-                old_logp[m], entropy[m], h, logz = logprobs(m, return_hidden=True, row_fn=lambda x, t: x.logsumexp(-1))
-                t1, weight = time.time(), model.get_output_embeddings().weight  # [V, d], unsharded after the forward
+                old_logp[m], entropy[m], h, logz = logprobs(m, return_hidden=True, row_fn=logsumexp)
+                t1 = time.time()
+                weight = model.get_output_embeddings().weight  # [V, d], unsharded after the forward
                 scores[m] = token_hidden_scores(h, logz, ids[m, P:], mask[m], correct[m], weight, G)  # [n, T] (T2)
                 t_thr += time.time() - t1
-            ref_logp = torch.cat([logprobs(m, ref_model)[0] for m in micro]) if ref_model else None
-        t1, nthr = time.time(), args.selection == "nthr"  # 4b. THR's token advantages A' (T3-T5, or N1)
+            if ref_model is not None:
+                ref_logp = torch.cat([logprobs(m, ref_model)[0] for m in micro])  # [N, T]
+        # 4b. THR's token advantages A' (T3-T5, or N1).
+        t1 = time.time()
         thr = token_hidden_reward(scores, advantages, args.thr_advantage)  # [N, T] (T3)
-        dominant = dominant_tokens(scores if nthr else thr, mask, correct, G, args.tau_beta, args.selection)  # T4 | N1
-        token_adv = (nthr_advantages(advantages, dominant, args.eta) if nthr else
-                     reweighted_advantages(advantages, thr, dominant, args.p, args.mask_nondominant))  # [N, T] N1 | T5
+        if args.selection == "nthr":  # NTHR's rule: eta A on incorrect responses' tokens with s > tau (N1)
+            dominant = dominant_tokens(scores, mask, correct, G, args.tau_beta, "nthr")  # [N, T]
+            token_adv = nthr_advantages(advantages, dominant, nthr_eta(correct, G, args.eta))  # [N, T]
+        else:  # our two-sided rule: A (1 + p sign THR) where |THR| > tau (T4, T5)
+            dominant = dominant_tokens(thr, mask, correct, G, args.tau_beta, "thr")  # [N, T]
+            token_adv = reweighted_advantages(advantages, thr, dominant, args.p, args.mask_nondominant)  # [N, T]
         t_thr += time.time() - t1
         # 5. Policy update: ppo_epochs x mini_batches optimizer steps on the clipped surrogate.
-        rows, sums = torch.arange(len(samples), device=device), {"clipped": 0.0, "loss": 0.0}
+        rows = torch.arange(len(samples), device=device)
+        sums = {"clipped": 0.0, "loss": 0.0}
         for epoch in range(args.ppo_epochs):
             for mb in rows.chunk(args.mini_batches):
-                n = all_sum_dict({"tokens": mask[mb].sum().item(), "seqs": len(mb)}, device)
+                totals = all_sum_dict({"tokens": mask[mb].sum().item(), "seqs": len(mb)}, device)  # all ranks
                 optimizer.zero_grad(set_to_none=True)
                 for m in micro_batches(model, mb, args.micro_batch_size, world):  # gradients reduced after the last
                     with autocast(device):
                         logp, ent = logprobs(m)  # [n, T]
-                    if on_policy:  # ratio exp(logp - old_logp) = 1 in value, gradient of log pi
-                        old_logp[m], entropy[m] = logp.detach().float(), ent.detach().float()
-                    logp = gspo_token_logp(logp, old_logp[m], mask[m]) if args.objective == "gspo-token" else logp
+                    if args.objective == "gspo-token":  # the sequence ratio, token advantages
+                        logp = gspo_token_logp(logp, old_logp[m], mask[m])
                     token_loss, clipped = policy_loss(logp, old_logp[m], token_adv[m], args.clip_low,
-                                                      args.clip_high)
-                    token_loss = token_loss * truncated_is_weight(old_logp[m], rollout_logp, m, args.tis_cap)  # TIS
+                                                      args.clip_high)  # [n, T]
+                    if rollout_logp is not None:  # vLLM sampled: correct for the engine/trainer mismatch
+                        token_loss = token_loss * truncated_is_weight(old_logp[m], rollout_logp[m], args.tis_cap)
                     if ref_model is not None:
                         token_loss = token_loss + args.kl_coef * kl_k3(logp, ref_logp[m])
                     if args.entropy_coef > 0:
                         token_loss = token_loss - args.entropy_coef * ent
-                    loss = aggregate_loss(token_loss, mask[m], args.loss_agg, n["tokens"], n["seqs"],
+                    loss = aggregate_loss(token_loss, mask[m], args.loss_agg, totals["tokens"], totals["seqs"],
                                           args.max_new_tokens)
-                    loss = loss * loss_fault(step + 1)  # test-only: inf on the steps $EXPLORE_RLVR_FAULT names, else 1
                     loss.backward()
-                    sums["loss"] += loss.item() / (args.ppo_epochs * world)
+                    sums["loss"] += loss.item() / (args.ppo_epochs * args.mini_batches * world)  # the mean over updates
                     sums["clipped"] += (clipped * mask[m]).sum().item()
-                grad_norm, skipped, streak = optimizer_step(model, optimizer, args, skipped, streak)  # non-finite: skip
-        fault_point("update", step + 1)
+                # clip and apply the gradient (a non-finite one is skipped); grad_norm: the last mini-batch's
+                grad_norm, skipped, streak = optimizer_step(model, optimizer, args, skipped, streak)
         t_train = time.time() - t0 - t_rollout - t_reward
         # 6. Metrics (sums by name, added over ranks), evaluation, checkpoint.
         s = all_sum_dict({**rollout_sums(rewards, mask, entropy, samples, G), **sums}, device)
         record = {"step": step + 1, **rollout_metrics(s, args.ppo_epochs), "grad_norm": grad_norm, "lr": lr,
                   "skipped_steps": skipped,
-                  **time_metrics(t_rollout, t_reward, t_train, s, args.ppo_epochs + (not on_policy))}
+                  **time_metrics(t_rollout, t_reward, t_train, s, args.ppo_epochs + 1)}  # + 1: the pi_old pass
         record.update(thr_metrics(thr, dominant, correct, entropy, mask, t_thr, world, device))
         record.update(system_metrics(engine, old_logp, rollout_logp, mask, args, device))
         samples_by_set = None

@@ -12,7 +12,8 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 import grpo
 from arm import (answer_confidence, arm_advantages, group_advantages, low_probability_tokens, policy_loss,
                  prompt_confidence, split_prompt_positions)
-from common import aggregate_loss, rollout_batch, token_logprobs
+from common import rollout_batch, token_logprobs
+from grpo import aggregate_loss
 from test_grpo_script import SMALL, metrics, run, weights
 
 A = 0.5 / (math.sqrt(1 / 3) + 1e-6)  # GRPO advantage of rewards 1,1,0,0: mean 0.5, unbiased std sqrt(1/3)

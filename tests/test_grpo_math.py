@@ -6,9 +6,9 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 import common
-from common import (aggregate_loss, counter_gumbel, ks_up_to, pass_at_k, rollout_batch, sample_keys,
+from common import (counter_gumbel, ks_up_to, pass_at_k, rollout_batch, sample_keys,
                     sampling_processor, shard_model, shared_prefix_forward, token_logprobs)
-from grpo import group_advantages, kl_k3, policy_loss
+from grpo import aggregate_loss, group_advantages, kl_k3, policy_loss
 
 
 def test_group_advantages_hand_worked():

@@ -7,21 +7,25 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from common import aggregate_loss, token_logprobs
+from common import token_logprobs
+from grpo import aggregate_loss
 from grpo import policy_loss as grpo_policy_loss
 from lp_reg import FILTERED, batch_bottom_rho, bottom_rho, lp_reg_bottom, lp_reg_loss, proxy_logprob
 from test_grpo_script import SMALL, metrics, run, weights
 
 
 def brute_force_proxy(logits, kappa, proxy):
-    """Min-p filter + renormalise over the full vocabulary, in probability space: [n, V] -> pi_proxy [n, V]."""
+    """Min-p filter + renormalise over the full vocabulary, in probability space: [n, V] -> pi_proxy [n, V]; a row
+    where no token reaches tau (fixed only) gets the uniform distribution, as the authors' code does."""
     p = torch.softmax(logits.double(), -1)
     tau = kappa * p.max(-1, keepdim=True).values if proxy == "minp" else torch.full_like(p[:, :1], kappa)
     kept = p * (p >= tau)
-    return kept / kept.sum(-1, keepdim=True)
+    none = kept.sum(-1, keepdim=True) == 0
+    return torch.where(none, 1 / p.shape[-1], kept / kept.sum(-1, keepdim=True).clamp(min=1e-300))
 
 
-@pytest.mark.parametrize("proxy, kappa", [("minp", 0.02), ("minp", 0.3), ("fixed", 0.02), ("fixed", 0.1)])
+@pytest.mark.parametrize("proxy, kappa", [("minp", 0.02), ("minp", 0.3), ("fixed", 0.02), ("fixed", 0.1),
+                                          ("fixed", 0.5)])
 def test_proxy_logprob_equals_brute_force_min_p(proxy, kappa):
     g = torch.Generator().manual_seed(0)
     scale = torch.linspace(0.5, 6, 64, dtype=torch.float64)[:, None]
@@ -33,6 +37,27 @@ def test_proxy_logprob_equals_brute_force_min_p(proxy, kappa):
     assert 0 < kept.sum() < len(kept)  # both branches are exercised
     assert torch.allclose(got[kept], want[kept].log(), atol=1e-12)
     assert (got[~kept] == FILTERED).all()
+    if proxy == "fixed" and kappa == 0.5:  # some rows have no token with pi >= 0.5: the uniform fallback is exercised
+        none = torch.softmax(logits, -1).max(-1).values < kappa
+        assert 0 < none.sum() < len(none) and torch.allclose(got[none], torch.tensor(-math.log(40), dtype=got.dtype))
+
+
+def test_fixed_proxy_without_a_token_above_tau_pulls_tokens_below_uniform():
+    """--proxy fixed, no token reaches tau: log pi_proxy = -ln V (authors' code), so exactly the bottom tokens with
+    pi_theta < 1/V are selected for the pull, and their penalty raises them toward 1/V."""
+    logits = torch.tensor([[0.0, 0.0, 0.0, 0.0], [2.0, 1.0, -1.0, -3.0]])  # pi = 1/4 each | max pi 0.70
+    proxy = proxy_logprob(logits, torch.tensor([1, 3]), 0.6, "fixed")
+    assert proxy[0].item() == pytest.approx(-math.log(4)) and proxy[1].item() == FILTERED  # row 1: kept, not o_t
+    logp = torch.tensor([[-2.0, -1.0]], requires_grad=True)  # pi_theta 0.135 < 1/4 and 0.37 > 1/4
+    bottom = torch.tensor([[True, True]])
+    uniform = torch.full((1, 2), -math.log(4))
+    grads = []
+    for beta in (1.0, 0.0):
+        loss, _, selected, _ = lp_reg_loss(logp, logp.detach(), torch.tensor([[-1.0]]), uniform, bottom, 1.0, 9.0, beta)
+        assert selected.tolist() == [[True, False]]
+        grads.append(torch.autograd.grad(loss.sum(), logp)[0])
+    pull = grads[0] - grads[1]  # the penalty's gradient: -(pi_proxy / pi_theta - 1) on the selected token
+    assert pull[0, 0].item() == pytest.approx(-(math.exp(2.0) / 4 - 1), rel=1e-5) and pull[0, 1] == 0
 
 
 def test_proxy_through_token_logprobs_row_fn_is_chunked_and_exact():
@@ -161,6 +186,41 @@ def test_rho_zero_equals_grpo_loss_bit_for_bit():
                                               theirs)
 
 
+def test_microbatch_token_mean_is_the_authors_weighting_hand_worked():
+    """--token-mean microbatch: each micro-batch's token-mean times its share of the sequences (verl's dynamic batch
+    size); --token-mean batch (grpo.aggregate_loss): one token-mean over the whole optimizer batch. Equal with one
+    micro-batch or equal tokens per sequence, different otherwise."""
+    from lp_reg import microbatch_token_mean
+    loss = torch.tensor([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0], [5.0, 6.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0], [1.0, 1.0, 0.0]])  # 3 + 1 + 2 = 6 tokens, 3 sequences
+    a = microbatch_token_mean(loss[:2], mask[:2], 3) + microbatch_token_mean(loss[2:], mask[2:], 3)
+    assert a.item() == pytest.approx((1 + 2 + 3 + 4) / 4 * 2 / 3 + (5 + 6) / 2 * 1 / 3)  # 10/6 + 11/6 = 3.5
+    ours = sum(aggregate_loss(loss[m], mask[m], "token-mean", 6, 3, 3) for m in (slice(0, 2), slice(2, 3)))
+    assert ours.item() == pytest.approx(21 / 6)  # 3.5 as well here, by coincidence of the sums; gradients differ:
+    w = torch.ones(3, 3, requires_grad=True)
+    g_authors, = torch.autograd.grad(sum(microbatch_token_mean((w * loss)[m], mask[m], 3)
+                                         for m in (slice(0, 2), slice(2, 3))), w)
+    g_ours, = torch.autograd.grad(sum(aggregate_loss((w * loss)[m], mask[m], "token-mean", 6, 3, 3)
+                                      for m in (slice(0, 2), slice(2, 3))), w)
+    assert g_authors[0, 0].item() == pytest.approx(1 / 4 * 2 / 3) and g_ours[0, 0].item() == pytest.approx(1 / 6)
+    assert g_authors[2, 0].item() == pytest.approx(5 / 2 * 1 / 3) and g_ours[2, 0].item() == pytest.approx(5 / 6)
+    whole = microbatch_token_mean(loss, mask, 3)  # one micro-batch: the two weightings agree
+    assert whole.item() == pytest.approx(aggregate_loss(loss, mask, "token-mean", 6, 3, 3).item())
+
+
+def test_end_to_end_microbatch_token_mean_runs_and_equals_batch_with_one_micro_batch(tiny_dir, tmp_path):
+    run(["--model", tiny_dir, "--run-dir", tmp_path / "a", "--rho", "0.2", "--token-mean", "microbatch"] + SMALL,
+        script="lp_reg.py")
+    run(["--model", tiny_dir, "--run-dir", tmp_path / "b", "--rho", "0.2"] + SMALL, script="lp_reg.py")
+    run(["--model", tiny_dir, "--run-dir", tmp_path / "c", "--rho", "0.2", "--token-mean", "microbatch",
+         "--micro-batch-size", "3"] + SMALL, script="lp_reg.py")
+    a, b, c = metrics(tmp_path / "a"), metrics(tmp_path / "b"), metrics(tmp_path / "c")
+    for x, y in zip(a[1:], b[1:]):  # one micro-batch per step (SMALL's 16 rows < 64): the same update
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-6) and x["grad_norm"] == pytest.approx(y["grad_norm"],
+                                                                                                 rel=1e-5)
+    assert any(x["grad_norm"] != pytest.approx(z["grad_norm"], rel=1e-4) for x, z in zip(a[1:], c[1:]))
+
+
 def test_end_to_end_rho_zero_trains_exactly_like_grpo(tiny_dir, tmp_path):
     run(["--model", tiny_dir, "--run-dir", tmp_path / "lp", "--rho", "0"] + SMALL, script="lp_reg.py")
     run(["--model", tiny_dir, "--run-dir", tmp_path / "grpo", "--clip-low", "1.0", "--clip-high", "9.0"] + SMALL)
@@ -191,7 +251,9 @@ def test_end_to_end_regularises_and_logs(tiny_dir, tmp_path):
 
 @pytest.mark.parametrize("flags, message", [(["--rho", "2"], "--rho"), (["--proxy", "topk"], "--proxy"),
                                             (["--percentile-scope", "step"], "--percentile-scope"),
-                                            (["--kappa", "0"], "--kappa")])
+                                            (["--kappa", "0"], "--kappa"),
+                                            (["--token-mean", "microbatch", "--loss-agg", "seq-mean-token-mean"],
+                                             "--token-mean microbatch needs --loss-agg token-mean")])
 def test_bad_flags_name_the_flag(flags, message, capsys):
     from common import parse_args
     from lp_reg import Args

@@ -4,9 +4,10 @@ import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from common import aggregate_loss, token_logprobs
+from common import token_logprobs
+from grpo import aggregate_loss, policy_loss
 from test_grpo_script import SMALL, metrics, run
-from thr import (dominant_tokens, entropy_overlap, gspo_token_logp, hidden_reward_scores, nthr_advantages, policy_loss,
+from thr import (dominant_tokens, entropy_overlap, gspo_token_logp, hidden_reward_scores, nthr_advantages, nthr_eta,
                  prediction_errors, reweighted_advantages, token_hidden_reward, token_hidden_scores)
 
 GROUPS = SMALL + ["--prompts-per-step", "8", "--group-size", "8"]  # enough mixed groups for a learning signal
@@ -199,6 +200,19 @@ def test_nthr_selection_hand_worked():
     assert dom[:4].tolist() == [[False, True, False], [False, True, False], [True, False, True], [False, True, False]]
 
 
+def test_nthr_adaptive_eta_hand_worked():
+    """eta = 2 |0.5 - p_hat| per group (NTHR App. 7.3): accuracy 1/4 -> 0.5, 2/4 -> 0, 0/4 and 4/4 -> 1."""
+    correct = torch.tensor([1, 0, 0, 0, 1, 1, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1], dtype=torch.bool)
+    eta = nthr_eta(correct, 4)
+    assert eta.tolist() == [0.5] * 4 + [0.0] * 4 + [1.0] * 8
+    assert nthr_eta(correct, 4, "0.3").tolist() == pytest.approx([0.3] * 16)
+    adv = torch.tensor([1.5, -0.5, -0.5, -0.5, 0.87, 0.87, -0.87, -0.87])
+    sel = torch.tensor([[False, True], [True, False]]).repeat(4, 1)  # [8, 2]
+    out = nthr_advantages(adv, sel, eta[:8])
+    assert out[1].tolist() == [-0.25, -0.5] and out[2].tolist() == [-0.5, -0.25]  # group 1: eta 0.5
+    assert out[6].tolist() == pytest.approx([-0.87, 0.0]) and out[7].tolist() == pytest.approx([0.0, -0.87])  # eta 0
+
+
 def test_gspo_token_ratio_is_the_sequence_ratio_with_token_gradients():
     logp = torch.tensor([[-1.0, -2.0, -3.0]], requires_grad=True)
     old = torch.tensor([[-1.2, -1.9, -9.0]])
@@ -253,7 +267,9 @@ def test_script_p_zero_matches_grpo_and_thr_runs_end_to_end(tiny_dir, tmp_path):
 
 @pytest.mark.parametrize("flags, message", [(["--p", "1.5"], "--p must be in (-1, 1)"),
                                             (["--tau-beta", "-1"], "--tau-beta"),
-                                            (["--selection", "nthr", "--eta", "2"], "--eta must be in [0, 1]"),
+                                            (["--selection", "nthr", "--eta", "2"],
+                                             "--eta must be adaptive or a number in [0, 1]"),
+                                            (["--selection", "nthr", "--eta", "half"], "--eta must be adaptive"),
                                             (["--objective", "ppo"], "--objective")])
 def test_bad_flags_are_one_line_errors(tmp_path, flags, message):
     p = run(flags + ["--run-dir", tmp_path / "r"], script="thr.py", check=False)

@@ -16,7 +16,8 @@ import torch
 
 import common
 from common import (choose_backend, generate, rollout_batch, rollout_engine, rollout_logprobs,
-                    rollout_mismatch, token_logprobs, truncated_is_weight)
+                    rollout_mismatch, token_logprobs)
+from grpo import truncated_is_weight
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAS_VLLM = __import__("importlib").util.find_spec("vllm") is not None
@@ -81,10 +82,9 @@ def test_vllm_backend_without_vllm_is_one_line_naming_the_install(tiny_dir, tmp_
 def test_truncated_is_weight_hand_worked():
     old = torch.tensor([[-1.0, -2.0, -0.5]])
     rollout = torch.tensor([[-1.0, -1.0, -2.0], [0.0, 0.0, 0.0]])  # two rows; row 0 is the micro-batch's
-    w = truncated_is_weight(old, rollout, torch.tensor([0]), cap=2.0)
+    w = truncated_is_weight(old, rollout[:1], cap=2.0)
     assert torch.allclose(w, torch.tensor([[1.0, math.exp(-1.0), 2.0]]))  # exp(0), exp(-1), exp(1.5) = 4.48 -> 2
-    assert torch.equal(truncated_is_weight(old, None, torch.tensor([0]), 2.0), torch.ones(1, 3))  # HF rollouts
-    assert torch.equal(truncated_is_weight(old, rollout, torch.tensor([0]), 0.0), torch.ones(1, 3))  # off
+    assert torch.equal(truncated_is_weight(old, rollout[:1], 0.0), torch.ones(1, 3))  # --tis-cap 0: off
     mask = torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
     m = rollout_mismatch(torch.cat([old, old]), rollout, mask, 2.0, 10.0, torch.device("cpu"))
     assert m == {"rollout/logprob_diff": pytest.approx(0.5), "rollout/is_capped_frac": 0.0}
@@ -197,8 +197,8 @@ def grpo_gradient(model, tok, samples, rewards, rollout_logp, cap):
     logp, _ = token_logprobs(model, ids, attn, P)
     old = logp.detach()
     token_loss, _ = grpo.policy_loss(logp, old, adv[:, None], 0.2, 0.2)
-    w = truncated_is_weight(old, rollout_logp, torch.arange(len(samples)), cap)
-    common.aggregate_loss(token_loss * w, mask, "token-mean", mask.sum().item(), len(samples), 16).backward()
+    w = truncated_is_weight(old, rollout_logp, cap) if rollout_logp is not None else torch.ones_like(old)  # HF: 1
+    grpo.aggregate_loss(token_loss * w, mask, "token-mean", mask.sum().item(), len(samples), 16).backward()
     return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]), w, mask
 
 
