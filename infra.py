@@ -74,6 +74,12 @@ def _kill(pool):
     pool.shutdown(wait=False, cancel_futures=True)
 
 
+def _ignore_ctrl_c():
+    """Worker initializer: Ctrl-C reaches the whole process group; the main process ends the run (one line, see
+    common.main) and the pool with it, so a worker prints no KeyboardInterrupt traceback of its own."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _get_pool():
     """The shared worker pool, started on first use. Workers fork from a server that has imported the main
     script (which needs an `if __name__ == "__main__":` guard), this module and math_verify: restarts are cheap."""
@@ -82,7 +88,7 @@ def _get_pool():
         if _POOL is None:
             ctx = multiprocessing.get_context("forkserver")
             ctx.set_forkserver_preload(["__main__", __name__, "math_verify"])  # workers re-import nothing
-            pool = ProcessPoolExecutor(_WORKERS, mp_context=ctx)
+            pool = ProcessPoolExecutor(_WORKERS, mp_context=ctx, initializer=_ignore_ctrl_c)
             try:  # pay the start-up cost here, and fail loudly rather than score every answer 0
                 works = pool.submit(_verify_one, "1", "1", 60.0).result(timeout=120) == 1.0
             except Exception:
