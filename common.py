@@ -128,7 +128,9 @@ class BaseArgs:
         require(self.lr > 0 and math.isfinite(self.lr), f"--lr must be a positive number (got {self.lr})")
         require(self.steps >= 0, f"--steps must be >= 0 (got {self.steps})")
         require(self.temperature > 0, f"--temperature must be > 0 for sampling (got {self.temperature})")
-        require(0 < self.top_p <= 1 and 0 < self.eval_top_p <= 1, "--top-p and --eval-top-p must be in (0, 1]")
+        require(0 < self.eval_top_p <= 1, f"--eval-top-p must be in (0, 1] (got {self.eval_top_p})")
+        require(self.top_p == 1, f"--top-p {self.top_p}: training samples at --top-p 1 (the loss's log-probs are of "
+                "the full tempered distribution): drop --top-p, or lower --temperature")
         require(self.eval_temperature >= 0, f"--eval-temperature must be >= 0 (got {self.eval_temperature})")
         require(self.eval_samples >= 1, f"--eval-samples must be >= 1 (got {self.eval_samples})")
         require(self.micro_batch_size >= 1 and self.logprob_chunk >= 1,
@@ -466,13 +468,14 @@ def shared_prefix_forward(model, input_ids, attention_mask, split):
     return cache, h, inv
 
 
-def _chunk_logits(h, weight):
+def _chunk_logits(h, weight, temperature=1.0):
     logits = h @ weight.T  # [n, V] for a chunk of n token rows only
-    return logits.float() if logits.element_size() < 4 else logits  # bf16 -> fp32; fp64 stays (tests)
+    logits = logits.float() if logits.element_size() < 4 else logits  # bf16 -> fp32; fp64 stays (tests)
+    return logits / temperature if temperature != 1.0 else logits  # the sampling policy softmax(z / T)
 
 
-def _logprob_entropy(h, weight, targets):
-    logits = _chunk_logits(h, weight)  # [n, V]
+def _logprob_entropy(h, weight, targets, temperature=1.0):
+    logits = _chunk_logits(h, weight, temperature)  # [n, V]
     logz = logits.logsumexp(-1)  # [n]
     logp = logits.gather(-1, targets[:, None]).squeeze(-1) - logz
     p = logits.softmax(-1)  # [n, V]
@@ -482,22 +485,25 @@ def _logprob_entropy(h, weight, targets):
 
 
 def token_logprobs(model, input_ids, attention_mask, start, chunk=1024, return_hidden=False, row_fn=None,
-                   prompt_len=None):
-    """log pi(x_t | x_<t) and the entropy of pi(. | x_<t) for positions t >= start: ([N, L-start], [N, L-start]).
-    In value (and gradient) it is the naive computation; everything below only saves memory and time:
+                   prompt_len=None, temperature=1.0):
+    """log pi(x_t | x_<t) and the entropy of pi(. | x_<t) for positions t >= start: ([N, L-start], [N, L-start]),
+    where pi = softmax(logits / temperature) is the policy that samples at --temperature (verl divides the logits
+    the same way; vLLM's processed log-probs are of this distribution, engine.py). In value (and gradient) it is the
+    naive computation; everything below only saves memory and time:
 
         positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding does not shift positions
         logits = model(input_ids, attention_mask=attention_mask, position_ids=positions).logits
-        logits = logits[:, start - 1:-1].float()  # [N, L-start, V]: position t - 1 predicts token t
+        logits = logits[:, start - 1:-1].float() / temperature  # [N, L-start, V]: position t - 1 predicts token t
         logp_all = logits.log_softmax(-1)
         logp = logp_all.gather(-1, input_ids[:, start:, None]).squeeze(-1) * attention_mask[:, start:]
         entropy = -(logp_all.exp() * logp_all).sum(-1) * attention_mask[:, start:]
 
     Also returns the LM-head inputs h_t [N, L-start, d] if asked, and row_fn(logits [n, V], targets [n]) -> [n]
     gathered to [N, L-start] if given (a method's own per-token statistic of the full distribution, computed while the
-    chunk's logits exist). The vocabulary projection runs on `chunk` valid rows at a time (recomputed in backward), so
-    no [N, L, V] float32 tensor ever exists. Rows with the same prompt (the first `prompt_len`, default `start`, tokens)
-    share one forward of it (shared_prefix_forward), with or without gradient."""
+    chunk's logits, divided by the temperature too, exist). The vocabulary projection runs on `chunk` valid rows at a
+    time (recomputed in backward), so no [N, L, V] float32 tensor ever exists. Rows with the same prompt (the first
+    `prompt_len`, default `start`, tokens) share one forward of it (shared_prefix_forward), with or without
+    gradient."""
     L, s = input_ids.shape[1], prompt_len or start
     cut = max(s + 1, int(attention_mask.any(0).nonzero().max()) + 1)  # trailing columns that are padding in every row
     ids, mask = input_ids[:, :cut], attention_mask[:, :cut]  # are not run (a micro-batch's longest completion rules)
@@ -516,10 +522,10 @@ def token_logprobs(model, input_ids, attention_mask, start, chunk=1024, return_h
     h_rows, t_rows = hidden.reshape(-1, hidden.shape[-1])[rows], targets.flatten()[rows]
     logp_parts, ent_parts, extra_parts = [], [], []
     for i in range(0, len(rows), chunk):
-        args = (h_rows[i:i + chunk], weight, t_rows[i:i + chunk])
+        args = (h_rows[i:i + chunk], weight, t_rows[i:i + chunk], temperature)
         if torch.is_grad_enabled():  # keep only h for backward; the chunk's logits are recomputed there
             lp, ent = checkpoint(lambda *a: _logprob_entropy(*a)[:2], *args, use_reentrant=False)
-            logits = _chunk_logits(*args[:2]).detach() if row_fn is not None else None
+            logits = _chunk_logits(*args[:2], temperature).detach() if row_fn is not None else None
         else:
             lp, ent, logits = _logprob_entropy(*args)
         logp_parts.append(lp), ent_parts.append(ent)
