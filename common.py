@@ -106,8 +106,9 @@ class BaseArgs:
     tis_cap: float = field(default=2.0, metadata={"help": (
         "vllm: cap C of the truncated importance weight min(pi_old / pi_rollout, C) on each token's policy loss "
         "(Yao et al. 2025: 2; 0 = off)")})
-    mismatch_tol: float = field(default=0.05, metadata={
-        "help": "vllm: stop with an error when the mean |log-prob difference| per sampled token exceeds this"})
+    vllm_seeds: str = field(default="auto", metadata={"choices": ["auto", "on", "off"], "help": (
+        "vllm: seed each completion by its key; auto = on for CPU (samples then independent of batching and world "
+        "size) | off for CUDA, where seeded requests are sampled one by one and still not batch-invariant (README)")})
     gradient_checkpointing: str = field(default="auto", metadata={
         "choices": ["auto", "on", "off"],
         "help": "auto (on with CUDA) | on | off"})
@@ -142,7 +143,6 @@ class BaseArgs:
         require(0 < self.vllm_gpu_memory < 1, f"--vllm-gpu-memory must be in (0, 1) (got {self.vllm_gpu_memory})")
         require(self.vllm_cpu_kv_gib > 0, f"--vllm-cpu-kv-gib must be > 0 (got {self.vllm_cpu_kv_gib})")
         require(self.tis_cap == 0 or self.tis_cap >= 1, f"--tis-cap must be 0 (off) or >= 1 (got {self.tis_cap})")
-        require(self.mismatch_tol > 0, f"--mismatch-tol must be > 0 (got {self.mismatch_tol})")
         require(set(parse_dataset_list(self.report_to)) <= set(REPORT_TO),
                 f"--report-to must be none, tensorboard, wandb or a comma-separated list of them "
                 f"(got {self.report_to})")
@@ -611,26 +611,30 @@ def time_metrics(t_rollout, t_reward, t_train, s, passes):
             "tokens_per_s/train": s["tokens"] * passes / t_train}
 
 
-def rollout_mismatch(old_logp, rollout_logp, mask, cap, tol, device):
-    """Metrics of the engine/trainer mismatch over every sampled token of the step (summed over ranks):
-    rollout/logprob_diff = mean |log pi_old - log pi_rollout| and rollout/is_capped_frac (tokens whose weight hit the
-    cap). Stops with an error above --mismatch-tol: the engine is not running the training weights. {} for HF."""
+def rollout_mismatch(old_logp, rollout_logp, mask, cap, device):
+    """Metrics of the engine/trainer mismatch over every sampled token of the step, logged and never a stop:
+    rollout/logprob_diff = mean |log pi_old - log pi_rollout| (all ranks), rollout/logprob_diff_max (its largest
+    token, all ranks) and rollout/is_capped_frac (tokens whose truncated IS weight hit the cap). {} for HF rollouts.
+    Why no threshold (TRL and verl also only log it and correct with the weight): on CPU (fp32 engine and trainer) it
+    is ~1e-6; a bf16 trainer against an fp32 one already differs by 0.0X nats/token (README, "The mismatch"), and bf16
+    engines on GPU by 0.011-0.036 over 30 steps, growing with training, while an engine one step stale at lr 1e-6
+    differs by less than that. A stale engine is caught directly instead: engine.push_weights checks a fingerprint of
+    the weights on the engine after every push, before the step's update."""
     if rollout_logp is None:
         return {}
     d = (old_logp - rollout_logp) * mask  # [N, T]
     diff_sum, capped, n = all_sum([d.abs().sum().item(), ((d.exp() > cap) * mask).sum().item() if cap else 0.0,
                                    mask.sum().item()], device)
-    diff = diff_sum / max(n, 1)
-    if diff > tol:
-        raise RuntimeError(f"vLLM log-probs differ from the trainer's by {diff:.3f} nats/token on average (tolerance "
-                           f"--mismatch-tol {tol}): the engine is not running the training weights")
-    return {"rollout/logprob_diff": diff, "rollout/is_capped_frac": capped / max(n, 1)}
+    worst = all_max_dict({"max": d.abs().max().item() if d.numel() else 0.0}, device)["max"]
+    return {"rollout/logprob_diff": diff_sum / max(n, 1), "rollout/logprob_diff_max": worst,
+            "rollout/is_capped_frac": capped / max(n, 1)}
 
 
 def system_metrics(engine, old_logp, rollout_logp, mask, args, device):
-    """time/sync (vLLM's weight push), the engine/trainer mismatch (rollout/*, vLLM only), this rank's peak memory."""
+    """time/sync (vLLM's wake and weight push), rollout/weights_verified (tensors whose pushed values the engine was
+    checked to hold), the engine/trainer mismatch (rollout/*, vLLM only), this rank's peak memory."""
     return {**(engine["metrics"] if engine else {}),
-            **rollout_mismatch(old_logp, rollout_logp, mask, args.tis_cap, args.mismatch_tol, device),
+            **rollout_mismatch(old_logp, rollout_logp, mask, args.tis_cap, device),
             "memory/peak_gib": peak_memory_gib(device)}  # since the previous step's record
 
 
