@@ -109,7 +109,8 @@ def test_token_logprobs_at_a_temperature_are_the_tempered_policy_values_and_grad
     """temperature T: log softmax(z / T) of the sampled tokens (the policy that samples at --temperature T), its
     entropy, and the gradient of their sum, against the naive full softmax; T = 1 is the plain policy."""
     model = tiny_random_model()
-    samples = [{"prompt_ids": [5, 6, 7], "completion_ids": [8, 9, 10, 11]}, {"prompt_ids": [12], "completion_ids": [13]}]
+    samples = [{"prompt_ids": [5, 6, 7], "completion_ids": [8, 9, 10, 11]},
+               {"prompt_ids": [12], "completion_ids": [13]}]
     ids, attn, mask, P = rollout_batch(samples, 0, "cpu")
     logp, ent = token_logprobs(model, ids, attn, P, chunk=2, temperature=0.7)
     (logp * mask).sum().backward()
