@@ -232,7 +232,6 @@ def push_weights(engine, model):
             numels[e] = numels.get(e, 0) + t.numel()
             yield name, t
     engine["llm"].collective_rpc("reload_weights", kwargs={"weights_iterator": tensors()})
-    engine["llm"].reset_prefix_cache()  # cached KV blocks were computed with the old weights
     compared, bad = weight_fingerprint(engine, sums, numels)
     if bad or not compared:
         raise RuntimeError(f"the vLLM engine does not hold the pushed training weights ({len(bad)} of {compared} "
@@ -256,6 +255,7 @@ def wake(engine, model):
     if engine["sleep"]:
         torch.cuda.empty_cache()
         engine["llm"].wake_up(tags=["kv_cache"])
+    engine["llm"].reset_prefix_cache()  # cached KV blocks were computed with the old weights
     engine["metrics"]["time/sync"] = time.time() - t0  # the wake and the weight push (part of time/rollout)
 
 

@@ -199,9 +199,24 @@ def test_every_wake_pushes_in_trl_and_verl_order_and_sleeps_at_level_2(engine_se
     for push in (True, False):  # push=False (the greedy evaluation) still pushes: a level-2 wake holds no weights
         calls.clear()
         generate(model, tok, prompts, keys, 4, 1.0, 1.0, engine=engine, push=push)
-        assert calls == [("wake_up", ("weights",)), ("collective_rpc", "reload_weights"), ("reset_prefix_cache", None),
-                         ("collective_rpc", None), ("empty_cache", None), ("wake_up", ("kv_cache",)),
-                         ("generate", None), ("sleep", 2)], calls
+        assert calls == [("wake_up", ("weights",)), ("collective_rpc", "reload_weights"), ("collective_rpc", None),
+                         ("empty_cache", None), ("wake_up", ("kv_cache",)), ("reset_prefix_cache", None),
+                         ("generate", None), ("sleep", 2)], calls  # collective_rpc(None): the weight fingerprint
+
+
+@pytest.mark.vllm
+def test_seeds_off_sends_unseeded_requests(engine_setup, monkeypatch):
+    """--vllm-seeds off (the CUDA default): no request carries a seed; on (the CPU default) each carries its key."""
+    model, tok, engine = engine_setup
+    llm, seen = engine["llm"], []
+    real = llm.generate
+    monkeypatch.setattr(llm, "generate", lambda prompts, params, **k: (seen.append([p.seed for p in params]),
+                                                                        real(prompts, params, **k))[1])
+    _, prompts, keys = prompts_and_keys(tok, 4)
+    generate(model, tok, prompts, keys, 4, 1.0, 1.0, engine=engine)
+    monkeypatch.setitem(engine, "seeds", False)
+    generate(model, tok, prompts, keys, 4, 1.0, 1.0, engine=engine)
+    assert seen == [keys.tolist(), [None] * 4]
 
 @pytest.mark.vllm
 def test_a_training_step_then_push_changes_outputs_and_keeps_parity(engine_setup):
