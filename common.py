@@ -358,7 +358,8 @@ def generate(model, tokenizer, prompts, keys, max_new_tokens, temperature=1.0, t
     """Sample one completion per prompt string. keys: [N] int64 from sample_keys; temperature 0 = greedy.
     Returns a list of dicts {prompt_ids, completion_ids (incl. EOS if it stopped), finished}.
     engine: None = HF generate on the training model (counter-based sampling); else the colocated vLLM engine of
-    rollout_engine(), into which the training weights are first pushed (push=False: they are known to be there)."""
+    rollout_engine(), into which the training weights are first pushed (push=False: they are known to be there; an
+    engine that sleeps at level 2 is pushed anyway)."""
     if engine is not None:
         return vllm_generate(engine, model, tokenizer, prompts, keys, max_new_tokens, temperature, top_p, push)
     eos = set(eos_ids(model, tokenizer))
