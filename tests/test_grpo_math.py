@@ -105,6 +105,35 @@ def test_token_logprobs_match_naive_full_softmax_values_and_gradients():
     assert torch.allclose(grad_chunked, model.lm_head.weight.grad, atol=1e-9)
 
 
+def test_token_logprobs_at_a_temperature_are_the_tempered_policy_values_and_gradients():
+    """temperature T: log softmax(z / T) of the sampled tokens (the policy that samples at --temperature T), its
+    entropy, and the gradient of their sum, against the naive full softmax; T = 1 is the plain policy."""
+    model = tiny_random_model()
+    samples = [{"prompt_ids": [5, 6, 7], "completion_ids": [8, 9, 10, 11]},
+               {"prompt_ids": [12], "completion_ids": [13]}]
+    ids, attn, mask, P = rollout_batch(samples, 0, "cpu")
+    logp, ent = token_logprobs(model, ids, attn, P, chunk=2, temperature=0.7)
+    (logp * mask).sum().backward()
+    grad = model.lm_head.weight.grad.clone()
+    model.zero_grad()
+    logits = model(ids, attention_mask=attn, position_ids=(attn.cumsum(-1) - 1).clamp(min=0)).logits[:, P - 1:-1]
+    lsm = (logits / 0.7).log_softmax(-1)  # [N, T, V]
+    want = lsm.gather(-1, ids[:, P:, None]).squeeze(-1) * mask
+    assert torch.allclose(logp, want, atol=1e-9)
+    assert torch.allclose(ent, -(lsm.exp() * lsm).sum(-1) * mask, atol=1e-9)
+    want.sum().backward()
+    assert torch.allclose(grad, model.lm_head.weight.grad, atol=1e-9)
+    with torch.no_grad():
+        plain, _ = token_logprobs(model, ids, attn, P)
+        assert not torch.allclose(plain, logp, atol=1e-3)  # the temperature matters on these tokens
+
+
+def test_training_top_p_below_one_is_refused_with_the_flag_named():
+    with pytest.raises(common.UserError, match="--top-p 0.9"):
+        common.BaseArgs(top_p=0.9)
+    assert common.BaseArgs(eval_top_p=0.9).eval_top_p == 0.9  # evaluation keeps its nucleus
+
+
 def test_token_logprobs_hidden_is_lm_head_input():
     model = tiny_random_model()
     ids, attn, mask, P = rollout_batch([{"prompt_ids": [1, 2], "completion_ids": [3, 4, 5]}], 0, "cpu")
