@@ -185,7 +185,8 @@ def train(args):
         rollout_logp = rollout_logprobs(samples, mask)  # [N, T]: the engine's log pi(o_t) (vLLM), None with HF
 
         def logprobs(rows, net=model, start=P):  # log pi(x_t | x_<t) and the entropy for t >= start: [n, P+T-start]
-            return token_logprobs(net, ids[rows], attn[rows], start, args.logprob_chunk, prompt_len=P)
+            return token_logprobs(net, ids[rows], attn[rows], start, args.logprob_chunk, prompt_len=P,
+                                  temperature=args.temperature)
         micro = [slice(i, i + args.micro_batch_size) for i in range(0, len(samples), args.micro_batch_size)]  # rows
         first = P if args.prompt_confidence == "group-mean" else 1  # ARM: from position 1, to score the prompt too
         ref_logp = None

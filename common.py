@@ -157,14 +157,14 @@ class BaseArgs:
 FLAG_GROUPS = {  # --help's sections, in this order; a script's own fields go under "<script>'s own flags"
     "model and data": ["model", "dataset", "prompt_field", "answer_field", "train_size", "max_prompt_tokens"],
     "rollouts": ["prompts_per_step", "group_size", "max_new_tokens", "temperature", "top_p"],
-    "the objective": ["clip_low", "clip_high", "loss_agg", "scale_rewards", "kl_coef", "entropy_coef", "ppo_epochs",
-                      "mini_batches"],
+    "the objective": ["clip_low", "clip_high", "loss_agg", "scale_rewards", "kl_coef", "entropy_coef", "tis_cap",
+                      "ppo_epochs", "mini_batches"],
     "the optimizer": ["lr", "warmup_steps", "weight_decay", "max_grad_norm", "max_skipped_steps"],
     "evaluation": ["eval_datasets", "eval_every", "eval_samples", "eval_problems", "eval_temperature", "eval_top_p"],
     "the run": ["steps", "seed", "run_dir", "resume", "save_every", "report_to"],
     "the engine (speed and memory; not the math)": [
         "rollout_backend", "micro_batch_size", "logprob_chunk", "gradient_checkpointing", "vllm_gpu_memory",
-        "vllm_cpu_kv_gib", "tis_cap", "mismatch_tol"],
+        "vllm_cpu_kv_gib", "vllm_seeds"],
 }
 
 
@@ -667,11 +667,13 @@ def clip_grad_norm(model, max_norm):
 
 
 def optimizer_step(model, optimizer, args, skipped, streak):
-    """Clip the accumulated gradient to --max-grad-norm and apply it. A non-finite one (a non-finite loss gives one) is
-    skipped and counted; --max-skipped-steps of them in a row stop the run. Returns (grad norm, skipped, streak)."""
+    """Clip the accumulated gradient to --max-grad-norm and apply it, then free it (set to None: its memory is free
+    for the next rollout's engine and KV cache). A non-finite one (a non-finite loss gives one) is skipped and
+    counted; --max-skipped-steps of them in a row stop the run. Returns (grad norm, skipped, streak)."""
     grad_norm = clip_grad_norm(model, args.max_grad_norm)
     if math.isfinite(grad_norm):
         optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
     return (grad_norm, *count_skip(grad_norm, skipped, streak, args.max_skipped_steps))
 
 

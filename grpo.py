@@ -147,7 +147,7 @@ def train(args):
         rollout_logp = rollout_logprobs(samples, mask)  # [N, T]: the engine's log pi(o_t) (vLLM), None with HF
 
         def logprobs(rows, net=model):  # log pi(o_t | o_<t) and the entropy of pi(. | o_<t) of these rows: [n, T] each
-            return token_logprobs(net, ids[rows], attn[rows], P, args.logprob_chunk)
+            return token_logprobs(net, ids[rows], attn[rows], P, args.logprob_chunk, temperature=args.temperature)
         micro = [slice(i, i + args.micro_batch_size) for i in range(0, len(samples), args.micro_batch_size)]  # rows
         old_logp, entropy = torch.zeros_like(mask), torch.zeros_like(mask)  # [N, T] float
         ref_logp = None

@@ -187,7 +187,8 @@ def train(args):
         rollout_logp = rollout_logprobs(samples, mask)  # [N, T]: the engine's log pi(o_t) (vLLM), None with HF
 
         def logprobs(rows, net=model, **kw):  # log pi(o_t | o_<t) and the entropy of pi(. | o_<t): [n, T] each
-            return token_logprobs(net, ids[rows], attn[rows], P, args.logprob_chunk, **kw)
+            return token_logprobs(net, ids[rows], attn[rows], P, args.logprob_chunk, temperature=args.temperature,
+                                  **kw)
 
         def to_proxy(logits, targets):  # log pi_proxy(o_t) (Eq. 5) from the chunk's logits [n, V]: [n]
             return proxy_logprob(logits, targets, args.kappa, args.proxy)

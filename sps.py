@@ -156,7 +156,8 @@ def irl_gradients(model, samples, rewards, logprobs, mask, ref_logp, buffer, arg
             weight = 1.0 if j < len(parts) else 0.0  # the extras weigh nothing
             ids, attn, part_mask, P = rollout_batch(part, pad, device)
             with autocast(device):
-                logp, _ = token_logprobs(model, ids, attn, P, args.logprob_chunk)  # [n, T]
+                logp, _ = token_logprobs(model, ids, attn, P, args.logprob_chunk,
+                                         temperature=args.temperature)  # [n, T]
             nll = -(logp * part_mask).sum() * weight * (1 if args.irl_sign == "kl" else -1)
             (args.irl_coef * nll / n_tokens * world).backward()
             loss_sum += nll.item()
@@ -244,7 +245,8 @@ def probe_logprobs(model, batch, args, device):
     def top1(logits, targets):  # the top-1 token's probability of each row [n, V] -> [n]
         return logits.softmax(-1).max(-1).values
     with torch.no_grad(), autocast(device):
-        out = [token_logprobs(model, ids[i:i + mb], attn[i:i + mb], P, args.logprob_chunk, row_fn=top1)
+        out = [token_logprobs(model, ids[i:i + mb], attn[i:i + mb], P, args.logprob_chunk, row_fn=top1,
+                              temperature=args.temperature)
                for i in range(0, len(ids), mb)]
     return [torch.cat([o[k].float() for o in out]) for k in (0, 2)]
 
@@ -322,7 +324,7 @@ def train(args):
         rollout_logp = rollout_logprobs(samples, mask)  # [N, T]: the engine's log pi(o_t) (vLLM), None with HF
 
         def logprobs(rows, net=model):  # log pi(o_t | o_<t) and the entropy of pi(. | o_<t) of these rows: [n, T] each
-            return token_logprobs(net, ids[rows], attn[rows], P, args.logprob_chunk)
+            return token_logprobs(net, ids[rows], attn[rows], P, args.logprob_chunk, temperature=args.temperature)
         micro = [slice(i, i + args.micro_batch_size) for i in range(0, len(samples), args.micro_batch_size)]  # rows
         old_logp, entropy = torch.zeros_like(mask), torch.zeros_like(mask)  # [N, T] float
         ref_logp = None
@@ -379,6 +381,7 @@ def train(args):
                     preconditioned_step(optimizer, lr * args.irl_lr_scale)  # eta_irl
                 else:  # skipped like a non-finite RL update
                     skipped, streak = count_skip(irl["sps/irl_grad_norm"], skipped, streak, args.max_skipped_steps)
+            optimizer.zero_grad(set_to_none=True)  # free the IRL gradient before the next rollout
         if args.irl_variant == "nll":  # earlier correct rollouts only: this step's join the buffer after its IRL step
             buffer = (buffer + [s for s, r in zip(samples, rewards.tolist()) if r > 0])[-args.irl_buffer:]
         t_train = time.time() - t0 - t_rollout - t_reward

@@ -220,7 +220,8 @@ def train(args):
         rollout_logp = rollout_logprobs(samples, mask)  # [N, T]: the engine's log pi(o_t) (vLLM), None with HF
 
         def logprobs(rows, net=model, **kw):  # log pi(o_t | o_<t) and the entropy of pi(. | o_<t): [n, T] each
-            return token_logprobs(net, ids[rows], attn[rows], P, args.logprob_chunk, **kw)
+            return token_logprobs(net, ids[rows], attn[rows], P, args.logprob_chunk, temperature=args.temperature,
+                                  **kw)
 
         def logsumexp(logits, targets):  # the full-vocabulary log-normaliser logz of each row [n, V] -> [n]
             return logits.logsumexp(-1)
