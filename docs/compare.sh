@@ -14,5 +14,6 @@ run arm       arm.py
 run sps       sps.py
 run grpo+ent  grpo.py --entropy-coef 0.05    # the baseline Lp-Reg compares with; 0.05: entropy visibly higher (README)
 run grpo+ch2  grpo.py --clip-high 0.28 --ppo-epochs 2  # clip-higher (ARM's baseline), off-policy so the clip acts
-run thr-nthr  thr.py --selection nthr        # NTHR's confirmed rule: beta = 1, eta = 0
+run thr-nthr  thr.py --selection nthr --eta 0   # NTHR's rule with eta = 0 (the table's row; README)
+run thr-nthr-adaptive thr.py --selection nthr  # NTHR's training runs: the adaptive eta 2|0.5 - p_hat|
 run arm-mixed arm.py --arm-scope mixed       # the ablation: ARM also off in all-correct groups
