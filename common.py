@@ -10,8 +10,6 @@ import json
 import math
 import os
 import re
-import shlex
-import shutil
 import sys
 import time
 import warnings
@@ -31,7 +29,8 @@ from tqdm import tqdm
 # the run-safety machinery from infra.py.
 from engine import (ENGINES, choose_backend, counter_gumbel, eos_ids, push_weights, rollout_engine,  # noqa: F401
                     sample_keys, sampling_processor, vllm_generate)
-from infra import (REPORT_TO, close_tracking, commit_checkpoint, count_skip,  # noqa: F401
+from infra import (REPORT_TO, checkpoint_note, checkpoint_write_error, close_tracking, commit_checkpoint,  # noqa: F401
+                   count_skip, resume_command,
                    fault_point, log_jsonl, math_reward, math_rewards, newest_checkpoint_step, peak_memory_gib,
                    print_summary, read_json, recover_checkpoint, remove_checkpoint, resolve_resume, resume_changes,
                    save_hf_model, shutdown_reward_pool, start_tracking, truncate_metrics, write_config)
@@ -210,30 +209,6 @@ def parse_args(cls, argv=None):
         if os.environ.get("RANK", "0") == "0":
             print(f"{parser.prog}: error: {e}", file=sys.stderr)
         sys.exit(2)
-
-
-def resume_command(run_dir):
-    """The exact command that continues `run_dir`: this one's flags, with --resume --run-dir DIR in place of any."""
-    argv, skip = [], 0
-    for i, a in enumerate(sys.argv[1:], 1):
-        if skip:
-            skip -= 1
-        elif a in ("--run-dir", "--resume") or a.startswith(("--run-dir=", "--resume=")):
-            nxt = sys.argv[i + 1] if i + 1 < len(sys.argv) else ""
-            skip = int(a == "--run-dir" or (a == "--resume" and nxt in ("yes", "auto")))
-        else:
-            argv.append(a)
-    world = os.environ.get("WORLD_SIZE")
-    launcher = ["torchrun", "--nproc_per_node", world] if world and world != "1" else ["python"]
-    return shlex.join(launcher + [os.path.basename(sys.argv[0]), *argv, "--resume", "--run-dir", run_dir])
-
-
-def checkpoint_note(run_dir):
-    """What --resume would continue in run_dir, for the line a stopped run ends with."""
-    step = newest_checkpoint_step(run_dir)
-    if step is None:
-        return "no checkpoint was written yet, so a new run starts over (`--save-every N` saves every N steps)"
-    return f"checkpoint/ holds step {step}; continue from it with: {resume_command(run_dir)}"
 
 
 def main(train, args_cls):
@@ -854,21 +829,6 @@ def save_checkpoint(run_dir, step, model, optimizer, tokenizer, rank, skipped=0,
             raise KeyboardInterrupt from e  # Ctrl-C while DCP wrote: main's line, not a disk's
         raise UserError(checkpoint_write_error(run_dir, step, e)) from e
     barrier()
-
-
-def checkpoint_write_error(run_dir, step, error):
-    """The line a failed checkpoint write ends the run with: the cause, the space left, and what --resume continues
-    (the checkpoint being written is checkpoint.tmp; the complete one before it is untouched until the swap)."""
-    tmp = os.path.join(run_dir, "checkpoint.tmp")
-    with contextlib.suppress(OSError):
-        remove_checkpoint(tmp)  # the partial one: its space back
-    cause = (str(error).strip().splitlines() or [type(error).__name__])[-1][:160]
-    free = shutil.disk_usage(run_dir).free / 2 ** 30
-    last = newest_checkpoint_step(run_dir)
-    kept = (f"the previous checkpoint (step {last}) is intact and --resume continues from it: {resume_command(run_dir)}"
-            if last is not None else "no earlier checkpoint exists, so a new run starts over")
-    return (f"could not write the checkpoint of step {step} to {tmp} ({type(error).__name__}: {cause}; "
-            f"{free:.1f} GiB free there): is the disk full? Free space, then: {kept}")
 
 
 def load_checkpoint(run_dir, model, optimizer):

@@ -7,14 +7,17 @@ needs to open this file, and the scripts reach all of it through common.py.
 - test-only fault injection ($EXPLORE_RLVR_FAULT), which tests/test_crash.py uses to kill runs at every stage;
 - metric lines (metrics.jsonl, samples.jsonl), the --report-to trackers they feed, peak memory, the final summary."""
 import atexit
+import contextlib
 import functools
 import json
 import logging
 import math
 import multiprocessing
 import os
+import shlex
 import shutil
 import signal
+import sys
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, TimeoutError as FutureTimeout
@@ -447,6 +450,45 @@ def truncate_metrics(run_dir, after_step, rank=0):
             os.fsync(f.fileno())
         os.replace(path + ".tmp", path)
         _fsync(run_dir)
+
+
+def resume_command(run_dir):
+    """The exact command that continues `run_dir`: this one's flags, with --resume --run-dir DIR in place of any."""
+    argv, skip = [], 0
+    for i, a in enumerate(sys.argv[1:], 1):
+        if skip:
+            skip -= 1
+        elif a in ("--run-dir", "--resume") or a.startswith(("--run-dir=", "--resume=")):
+            nxt = sys.argv[i + 1] if i + 1 < len(sys.argv) else ""
+            skip = int(a == "--run-dir" or (a == "--resume" and nxt in ("yes", "auto")))
+        else:
+            argv.append(a)
+    world = os.environ.get("WORLD_SIZE")
+    launcher = ["torchrun", "--nproc_per_node", world] if world and world != "1" else ["python"]
+    return shlex.join(launcher + [os.path.basename(sys.argv[0]), *argv, "--resume", "--run-dir", run_dir])
+
+
+def checkpoint_note(run_dir):
+    """What --resume would continue in run_dir, for the line a stopped run ends with."""
+    step = newest_checkpoint_step(run_dir)
+    if step is None:
+        return "no checkpoint was written yet, so a new run starts over (`--save-every N` saves every N steps)"
+    return f"checkpoint/ holds step {step}; continue from it with: {resume_command(run_dir)}"
+
+
+def checkpoint_write_error(run_dir, step, error):
+    """The line a failed checkpoint write ends the run with: the cause, the space left, and what --resume continues
+    (the checkpoint being written is checkpoint.tmp; the complete one before it is untouched until the swap)."""
+    tmp = os.path.join(run_dir, "checkpoint.tmp")
+    with contextlib.suppress(OSError):
+        remove_checkpoint(tmp)  # the partial one: its space back
+    cause = (str(error).strip().splitlines() or [type(error).__name__])[-1][:160]
+    free = shutil.disk_usage(run_dir).free / 2 ** 30
+    last = newest_checkpoint_step(run_dir)
+    kept = (f"the previous checkpoint (step {last}) is intact and --resume continues from it: {resume_command(run_dir)}"
+            if last is not None else "no earlier checkpoint exists, so a new run starts over")
+    return (f"could not write the checkpoint of step {step} to {tmp} ({type(error).__name__}: {cause}; "
+            f"{free:.1f} GiB free there): is the disk full? Free space, then: {kept}")
 
 
 # flags that change speed, memory, evaluation or logging, not what is trained: --resume accepts new values for them
