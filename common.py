@@ -27,10 +27,10 @@ from tqdm import tqdm
 # datasets in tasks.py and math_verify in infra.py: `--help` and a mistyped flag answer in about torch's import time.
 # The scripts import everything through this file: the data side from tasks.py, the vLLM engine from engine.py,
 # the run-safety machinery from infra.py.
-from engine import (ENGINES, choose_backend, counter_gumbel, eos_ids, push_weights, rollout_engine,  # noqa: F401
-                    sample_keys, sampling_processor, vllm_generate)
+from engine import (ENGINES, StaleEngine, choose_backend, counter_gumbel, eos_ids, push_weights,  # noqa: F401
+                    rollout_engine, sample_keys, sampling_processor, vllm_generate)
 from infra import (REPORT_TO, checkpoint_note, checkpoint_write_error, close_tracking, commit_checkpoint,  # noqa: F401
-                   count_skip, resume_command,
+                   count_skip, log_stop, resume_command,
                    fault_point, log_jsonl, math_reward, math_rewards, newest_checkpoint_step, peak_memory_gib,
                    print_summary, read_json, recover_checkpoint, remove_checkpoint, resolve_resume, resume_changes,
                    save_hf_model, shutdown_reward_pool, start_tracking, truncate_metrics, write_config)
@@ -218,6 +218,8 @@ def main(train, args_cls):
     try:
         train(args)
     except UserError as e:
+        if isinstance(e, StaleEngine) and os.environ.get("RANK", "0") == "0":  # before the step's update: its line
+            log_stop(args.run_dir, str(e))
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

@@ -12,6 +12,11 @@ import torch
 from tasks import UserError, require
 
 
+
+class StaleEngine(UserError):
+    """The engine does not hold the training weights just pushed into it (push_weights' check): the run stops in that
+    step's rollout, before its update, and main() writes the step's metric line with the reason."""
+
 # ============================================================================ counter-based sampling (HF generate)
 def _mix32(x):
     """A 32-bit integer hash (x: int64 tensor of values in [0, 2^32))."""
@@ -234,7 +239,7 @@ def push_weights(engine, model):
     engine["llm"].collective_rpc("reload_weights", kwargs={"weights_iterator": tensors()})
     compared, bad = weight_fingerprint(engine, sums, numels)
     if bad or not compared:
-        raise RuntimeError(f"the vLLM engine does not hold the pushed training weights ({len(bad)} of {compared} "
+        raise StaleEngine(f"the vLLM engine does not hold the pushed training weights ({len(bad)} of {compared} "
                            f"tensors differ, e.g. {bad[:1]}): check the vLLM version against README's (vllm==0.32.0)")
     engine["metrics"]["rollout/weights_verified"] = compared
 

@@ -237,6 +237,17 @@ def log_jsonl(run_dir, name, record, rank=0):
         track(record)
 
 
+def log_stop(run_dir, reason):
+    """Rank 0, a run stopped inside a step before its update (a stale engine): that step's metrics.jsonl line, with
+    the reason in place of the metrics ({"step": N, "stopped": reason}); --resume drops it with the step's others."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        steps = [json.loads(line).get("step", 0) for line in f if line.strip()]
+    log_jsonl(run_dir, "metrics.jsonl", {"step": max(steps, default=-1) + 1, "stopped": reason})
+
+
 REPORT_TO = ("none", "tensorboard", "wandb")
 
 

@@ -228,3 +228,27 @@ def test_eval_help_names_its_subcommands_and_why_n_is_64():
     assert out.returncode == 0, out.stderr
     assert "eval.py compare RUN..." in out.stdout and "eval.py golds DATASET..." in out.stdout
     assert "not training's --eval-samples 16" in out.stdout and "(default: None)" not in out.stdout
+
+
+def test_a_stale_engine_stops_before_the_update_with_the_steps_metric_line(tmp_path, monkeypatch, capsys):
+    """push_weights' check raises StaleEngine inside a step's rollout, before its update: main() ends the run with one
+    line and writes that step's metric line with the reason (the earlier lines untouched)."""
+    import json
+    import common
+    from infra import log_jsonl
+    run_dir = tmp_path / "r"
+
+    def train(args):  # steps 0 and 1 logged, then step 2's rollout finds the engine stale
+        os.makedirs(args.run_dir)
+        for step in (0, 1):
+            log_jsonl(args.run_dir, "metrics.jsonl", {"step": step, "reward/mean": 0.5})
+        raise common.StaleEngine("the vLLM engine does not hold the pushed training weights (3 of 13 tensors differ)")
+    monkeypatch.setattr(sys, "argv", ["grpo.py", "--run-dir", str(run_dir)])
+    with pytest.raises(SystemExit) as stop:
+        common.main(train, common.BaseArgs)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: the vLLM engine does not hold") and "\n" not in err
+    rows = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+    assert rows[:2] == [{"step": 0, "reward/mean": 0.5}, {"step": 1, "reward/mean": 0.5}]
+    assert rows[2] == {"step": 2, "stopped": err[len("error: "):]}

@@ -277,7 +277,7 @@ def test_a_push_that_does_not_land_is_caught_before_the_update(engine_setup, mon
             for p in model.parameters():
                 p.add_(1e-6 * torch.randn_like(p))  # one lr-1e-6 step's worth of change
         monkeypatch.setattr(engine["llm"], "collective_rpc", lost_push)
-        with pytest.raises(RuntimeError, match="does not hold the pushed training weights"):
+        with pytest.raises(common.StaleEngine, match="does not hold the pushed training weights"):
             generate(model, tok, prompts, keys, 4, 1.0, 1.0, engine=engine)
         monkeypatch.undo()
         generate(model, tok, prompts, keys, 4, 1.0, 1.0, engine=engine)  # a real push passes the check
