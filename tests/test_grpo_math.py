@@ -45,6 +45,11 @@ def test_aggregate_loss_hand_worked():
     assert aggregate_loss(l, m, "seq-mean-token-sum-norm", 5, 2, 4).item() == pytest.approx((6 / 4 + 9 / 4) / 2)
 
 
+def test_aggregate_loss_refuses_an_unknown_mode():
+    with pytest.raises(ValueError, match="unknown loss aggregation"):
+        aggregate_loss(torch.ones(1, 2), torch.ones(1, 2), "token-sum", 2, 1, 2)
+
+
 @pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
 def test_aggregate_loss_invariant_to_micro_batching(mode):
     g = torch.Generator().manual_seed(0)

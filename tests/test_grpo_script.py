@@ -103,6 +103,37 @@ def test_on_policy_update_needs_no_old_log_prob_pass(tiny_dir, tmp_path):
         [r.get("entropy/mean") for r in metrics(tmp_path / "pass")], abs=1e-6)
 
 
+NEUTRAL = {"lp_reg.py": ["--rho", "0", "--clip-low", "0.2", "--clip-high", "0.2", "--percentile-scope", "batch"],
+           "thr.py": ["--p", "0"], "arm.py": ["--alpha", "0", "--clip-high", "0.2"],
+           "sps.py": ["--irl-every", "0", "--probe-prompts", "0"]}  # each method's setting that is GRPO exactly
+
+
+@pytest.fixture(scope="module")
+def grpo_off_policy(tiny_dir, tmp_path_factory):
+    """grpo.py off-policy with every term of its loss: 2 epochs x 2 mini-batches (the separate pi_old pass, the clip
+    acting), the k3 KL to the reference model and the entropy bonus."""
+    flags = ["--model", tiny_dir, "--steps", "2", "--ppo-epochs", "2", "--mini-batches", "2", "--kl-coef", "0.05",
+             "--entropy-coef", "0.01", "--micro-batch-size", "4", "--eval-every", "0"] + SMALL[2:]
+    run_dir = tmp_path_factory.mktemp("grpo") / "r"
+    run(flags + ["--run-dir", run_dir])
+    return flags, metrics(run_dir)
+
+
+@pytest.mark.parametrize("script", sorted(NEUTRAL))
+def test_each_method_at_its_neutral_setting_is_grpo_off_policy_with_kl_and_entropy(grpo_off_policy, tmp_path, script):
+    """GRPO plus this, literally: each method's loop at its neutral setting (Lp-Reg rho 0, THR p 0, ARM alpha 0, SPS no
+    IRL step) trains exactly like grpo.py's loop, off-policy, with the KL and entropy terms: the same loss, clip
+    fraction and gradient norm at every step (float rounding apart: the methods' pi_old passes batch rows their own
+    way)."""
+    flags, grpo = grpo_off_policy
+    run(flags + NEUTRAL[script] + ["--run-dir", tmp_path / "r"], script=script)
+    ours = metrics(tmp_path / "r")
+    assert any(r["clip/frac"] > 0 for r in grpo[1:]), "the clip never acted: the comparison would be weaker"
+    for a, b in zip(grpo[1:], ours[1:]):
+        for key in ("reward/mean", "loss", "clip/frac", "grad_norm", "entropy/mean"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-7), (script, a["step"], key)
+
+
 def test_update_runs_in_training_mode_so_checkpointing_acts(tiny_dir, tmp_path, monkeypatch):
     """from_pretrained returns eval mode, where transformers never checkpoints activations: the update's forward must
     run in training mode, or --gradient-checkpointing (on by default with CUDA) silently does nothing."""

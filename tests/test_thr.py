@@ -232,6 +232,7 @@ def test_entropy_overlap_hand_worked():
     # 8 valid tokens with THR != 0 -> k = 1: top |THR| is 5.0, top entropy 9.0: the same token
     assert entropy_overlap(thr, ent, mask) == (1, 1)
     assert entropy_overlap(thr, ent, mask, frac=0.25) == (1, 2)  # {5, -4} vs {9, 8}
+    assert entropy_overlap(thr, ent, mask * 0) == (0, 0)  # no valid token: nothing to compare
 
 
 # ------------------------------------------------------------------ the script
