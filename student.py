@@ -172,7 +172,12 @@ for e in EXERCISES.values():
     e.setdefault("expect", DEFAULT_RUN)
 
 # Expressions outside the exercises that would give one away; in the copy they call the exercise's function instead.
-REWRITES = {"lp_reg.py": [
+REWRITES = {"grpo.py": [
+    ('"""k3 estimator of KL(pi_theta || pi_ref) per token: exp(ref - logp) - (ref - logp) - 1 (Schulman 2020)."""',
+     '"""k3 estimator of KL(pi_theta || pi_ref) per token (Schulman 2020). logp, ref_logp: [n, T] -> [n, T]."""'),
+    ("whole optimizer batch over ALL ranks (hence the factor world_size(), which the rank average divides out).",
+     "whole optimizer batch over ALL ranks; FSDP averages the ranks' gradients.")],
+    "lp_reg.py": [
     ("penalty = (torch.exp(d) - d - 1).clamp(-bound, bound)  # sampled-token forward-KL estimator, clamped as the code",
      "penalty = kl_k3(-d, torch.zeros_like(d)).clamp(-bound, bound)  # k3 of the proxy's forward KL, clamped"),
     ("pull = -torch.exp(logp - old_logp) * advantages + beta * penalty  # unclipped -A r plus the pull toward the proxy",
