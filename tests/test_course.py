@@ -108,17 +108,17 @@ LOOP_CONFIGS = {
 
 @pytest.mark.parametrize("config", list(LOOP_CONFIGS))
 def test_update_gradient_is_the_batch_loss_gradient(config, tiny_dir, tmp_path, monkeypatch):
-    """One step of grpo.train: every optimizer step's accumulated gradient equals the gradient of the loss (grpo.py
+    """Two steps of grpo.train: every optimizer step's accumulated gradient equals the gradient of the loss (grpo.py
     docstring) computed in one piece over its mini-batch, with pi_old the weights that sampled (on-policy: the
-    update's own, detached), the counts of the whole mini-batch, and the reference model the initial weights; the
-    logged loss is their sum over mini-batches averaged over epochs, and there are ppo_epochs x mini_batches steps."""
+    update's own, detached), the counts of the whole mini-batch, and pi_ref the initial weights (which the second
+    step has left: at the first, pi_theta = pi_ref and the KL's gradient is 0 either way round); the logged loss is
+    their sum over mini-batches averaged over epochs, and there are ppo_epochs x mini_batches optimizer steps a step."""
     from common import load_model, parse_args, token_logprobs
-    seen, steps = {}, []
-    spy = {"group_advantages": "advantages", "rollout_batch": "batch"}
-    for fn, key in spy.items():
+    seen, steps = {"advantages": [], "batch": []}, []
+    for fn, key in {"group_advantages": "advantages", "rollout_batch": "batch"}.items():
         def wrapped(*a, _real=getattr(grpo, fn), _key=key, **kw):
-            seen[_key] = _real(*a, **kw)
-            return seen[_key]
+            seen[_key].append(_real(*a, **kw))
+            return seen[_key][-1]
         monkeypatch.setattr(grpo, fn, wrapped)
     real_step = grpo.optimizer_step
 
@@ -127,39 +127,44 @@ def test_update_gradient_is_the_batch_loss_gradient(config, tiny_dir, tmp_path, 
                       {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}))
         return real_step(model, optimizer, args, skipped, streak)
     monkeypatch.setattr(grpo, "optimizer_step", step_spy)
-    flags = ["--model", tiny_dir, "--run-dir", str(tmp_path / "r"), "--steps", "1", "--prompts-per-step", "8",
+    flags = ["--model", tiny_dir, "--run-dir", str(tmp_path / "r"), "--steps", "2", "--prompts-per-step", "8",
              "--group-size", "8", "--max-new-tokens", "16", "--micro-batch-size", "24", "--eval-problems", "2",
              "--eval-samples", "1", "--eval-every", "0", "--save-every", "0", "--lr", "1e-2", "--seed", "3"]
     args = parse_args(grpo.Args, flags + LOOP_CONFIGS[config])
     grpo.train(args)
 
-    assert len(steps) == args.ppo_epochs * args.mini_batches
-    ids, attn, mask, P = seen["batch"]
-    adv = seen["advantages"]
-    assert (adv != 0).any(), "no learning signal: pick another --seed"
+    per_step = args.ppo_epochs * args.mini_batches
+    assert len(steps) == 2 * per_step and len(seen["batch"]) == 2
+    on_policy = per_step == 1
     model, _ = load_model(tiny_dir, torch.device("cpu"))
-    with torch.no_grad():
-        old = token_logprobs(model, ids, attn, P, args.logprob_chunk)[0]  # pi_old = pi_ref = the initial weights
-    on_policy = args.ppo_epochs == args.mini_batches == 1
-    minis = list(torch.arange(len(ids)).chunk(args.mini_batches)) * args.ppo_epochs
-    total = 0.0
-    for (params, grads), mb in zip(steps, minis):
-        model.load_state_dict(params, strict=False)
-        model.zero_grad()
-        logp, ent = token_logprobs(model, ids[mb], attn[mb], P, args.logprob_chunk)
-        token_loss, _ = policy_loss(logp, logp.detach() if on_policy else old[mb], adv[mb, None], args.clip_low,
-                                    args.clip_high)
-        token_loss = token_loss + args.kl_coef * kl_k3(logp, old[mb]) - args.entropy_coef * ent
-        loss = aggregate_loss(token_loss, mask[mb], args.loss_agg, mask[mb].sum().item(), len(mb),
-                              args.max_new_tokens)
-        loss.backward()
-        total += loss.item() / args.ppo_epochs
-        want = torch.cat([p.grad.flatten() for n, p in model.named_parameters() if p.grad is not None])
-        got = torch.cat([grads[n].flatten() for n, p in model.named_parameters() if p.grad is not None])
-        assert want.norm() > 0
-        assert ((got - want).norm() / want.norm()).item() < 1e-4, (config, (got - want).norm() / want.norm())
+    ref_model, _ = load_model(tiny_dir, torch.device("cpu"))
     with open(tmp_path / "r" / "metrics.jsonl") as f:
-        row = [json.loads(line) for line in f][-1]
-    assert row["loss"] == pytest.approx(total, rel=1e-4, abs=1e-7)
-    if on_policy:
-        assert row["clip/frac"] == 0 and row["entropy/mean"] > 0  # entropy: filled from the update's forward
+        rows = [json.loads(line) for line in f][1:]
+    signal = 0  # optimizer steps with a non-zero gradient
+    for s, ((ids, attn, mask, P), adv, row) in enumerate(zip(seen["batch"], seen["advantages"], rows)):
+        mine = steps[s * per_step:(s + 1) * per_step]
+        model.load_state_dict(mine[0][0], strict=False)  # the weights that sampled this step: pi_old
+        with torch.no_grad():
+            old = token_logprobs(model, ids, attn, P, args.logprob_chunk)[0]
+            ref = token_logprobs(ref_model, ids, attn, P, args.logprob_chunk)[0]
+        minis = list(torch.arange(len(ids)).chunk(args.mini_batches)) * args.ppo_epochs
+        total = 0.0
+        for (params, grads), mb in zip(mine, minis):
+            model.load_state_dict(params, strict=False)
+            model.zero_grad()
+            logp, ent = token_logprobs(model, ids[mb], attn[mb], P, args.logprob_chunk)
+            token_loss, _ = policy_loss(logp, logp.detach() if on_policy else old[mb], adv[mb, None], args.clip_low,
+                                        args.clip_high)
+            token_loss = token_loss + args.kl_coef * kl_k3(logp, ref[mb]) - args.entropy_coef * ent
+            loss = aggregate_loss(token_loss, mask[mb], args.loss_agg, mask[mb].sum().item(), len(mb),
+                                  args.max_new_tokens)
+            loss.backward()
+            total += loss.item() / args.ppo_epochs
+            want = torch.cat([p.grad.flatten() for n, p in model.named_parameters() if p.grad is not None])
+            got = torch.cat([grads[n].flatten() for n, p in model.named_parameters() if p.grad is not None])
+            signal += want.norm().item() > 0
+            assert (got - want).norm().item() <= 1e-4 * want.norm().item(), (config, s, (got - want).norm(), want.norm())
+        assert row["loss"] == pytest.approx(total, rel=1e-4, abs=1e-7)
+        if on_policy:
+            assert row["clip/frac"] == 0 and row["entropy/mean"] > 0  # entropy: filled from the update's forward
+    assert signal >= per_step, "no learning signal in the first step: pick another --seed"

@@ -122,7 +122,7 @@ def solved(tmp_path_factory):
 def substitute(text, where, old, new):
     """text with old replaced by new inside function `where`'s body (or the step-5 region)."""
     lines = text.split("\n")
-    [(first, last, _)] = solutions(text, regions=[where]) if where == STEP5 else solutions(text, functions=[where])
+    [(first, last, _)] = solutions(text, regions=[STEP5]) if where == "step 5" else solutions(text, functions=[where])
     body = "\n".join(lines[first - 1:last])
     assert old in body, (where, old)
     return "\n".join(lines[:first - 1] + body.replace(old, new).split("\n") + lines[last:])
