@@ -19,7 +19,10 @@ import shutil
 import sys
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-STEP5 = ("# 5. Policy update", "# 6. Metrics")  # the training-loop region: from the first comment to just before the 2nd
+INSTRUCTOR = {"student.py", os.path.join("tests", "test_student.py"),  # left out of the copy
+              os.path.join("tests", "student_fixtures", "wrong.py"),
+              os.path.join("tests", "student_fixtures", "make_snapshots.py")}
+STEP5 = ("# 5. Policy update", "# 6. Metrics")  # the loop's region: from the first comment to just before the 2nd
 LOOP_NAMES = ("step 6 needs grad_norm, skipped, streak, sums['loss'] (the loss, averaged over epochs and ranks) and "
               "sums['clipped'] (clipped valid tokens); on-policy, also old_logp and entropy, filled from the update's "
               "own forward")
@@ -41,8 +44,8 @@ PARTS = {  # number -> title, what the student hands in, what it teaches
         objectives="write the update a library hides: PPO epochs and mini-batches, micro-batch gradient "
                    "accumulation, the on-policy shortcut, multi-process scaling, the optimizer step"),
     3: dict(title="Questions and ablations", deliverable=(
-        "a written answer to each question (a paragraph), each backed by the experiment's metrics: the table that eval.py's "
-        "compare prints over your runs"),
+        "a written answer to each question (a paragraph), each backed by the experiment's metrics: the table "
+        "that eval.py's compare prints over your runs"),
         objectives="predict, then measure, what each design choice of GRPO does to learning and to exploration"),
     4: dict(title="One exploration method", deliverable=(
         "your chosen method's function and its script's step 5 passing its grading command; its seed-0 run's final "
@@ -180,7 +183,8 @@ REWRITES = {"grpo.py": [
     "lp_reg.py": [
     ("penalty = (torch.exp(d) - d - 1).clamp(-bound, bound)  # sampled-token forward-KL estimator, clamped as the code",
      "penalty = kl_k3(-d, torch.zeros_like(d)).clamp(-bound, bound)  # k3 of the proxy's forward KL, clamped"),
-    ("pull = -torch.exp(logp - old_logp) * advantages + beta * penalty  # unclipped -A r plus the pull toward the proxy",
+    ("pull = -torch.exp(logp - old_logp) * advantages + beta * penalty  # unclipped -A r plus the pull toward the "
+     "proxy",
      "pull = policy_loss(logp, old_logp, advantages, math.inf, math.inf)[0] + beta * penalty  # unclipped, + pull")]}
 
 QUESTIONS = [  # think first, then run the experiment that answers it
@@ -265,9 +269,8 @@ def student_copy(out_dir):
         os.makedirs(os.path.join(out_dir, rel), exist_ok=True)
         for f in names:
             src, dst, path = os.path.join(top, f), os.path.join(out_dir, rel, f), os.path.normpath(os.path.join(rel, f))
-            if path == "student.py" or path.startswith(os.path.join("tests", "student_fixtures")) \
-                    or path == os.path.join("tests", "test_student.py"):
-                continue  # the instructor's side: it holds the wrong solutions and regenerates the copy
+            if path in INSTRUCTOR:
+                continue  # the wrong solutions and what regenerates the copy; the snapshots go with the graders
             if path in files:
                 text, names_done = stub(open(src, encoding="utf-8").read(), path)
                 done |= set(names_done)

@@ -1,5 +1,5 @@
 """Regenerate snapshots.json from the reference implementation (run once by the instructor, on the original repository,
-never on a student copy): python tests/student_fixtures/make_snapshots.py. The inputs are test_course.snapshot_inputs."""
+never on a student copy): python tests/student_fixtures/make_snapshots.py. The inputs: test_course.snapshot_inputs."""
 import json
 import os
 import sys
