@@ -59,7 +59,7 @@ EXERCISES = {  # name -> where its solution is, the course data for it, and the 
         part=1, points=5, functions=[("grpo.py", "group_advantages")],
         teaches="the group baseline that replaces a value network, and what standardising by the group's spread does",
         equation="grpo.py docstring, first line (DeepSeekMath Sec. 4.1.2 outcome supervision); scale 'none': "
-                 "Dr. GRPO Sec. 3.2",
+                 "Dr. GRPO (arXiv:2503.20783)",
         hint="each completion's reward relative to the other completions of its own prompt, in units of that "
              "group's spread (the unbiased estimate, as the reference implementations); an all-equal group must "
              "not divide by zero; --scale-rewards none keeps the units of reward",
@@ -68,7 +68,7 @@ EXERCISES = {  # name -> where its solution is, the course data for it, and the 
     "clipped-surrogate": dict(
         part=1, points=6, functions=[("grpo.py", "policy_loss")],
         teaches="PPO's trust region without a KL constraint, and clip-higher's asymmetric bound",
-        equation="grpo.py docstring, L_t (DeepSeekMath Eq. 3; DAPO Eq. 10 for eps_low != eps_high)",
+        equation="grpo.py docstring, L_t (DeepSeekMath Eq. 3; eps_low != eps_high: DAPO Sec. 3.1, clip-higher)",
         hint="rho_t is the probability ratio of the sampled token under the current and the sampling policy (you "
              "hold log-probs); the loss is the pessimistic of the unclipped and the clipped objective, negated; "
              "also return, per token, where the clipped term was the one chosen",
@@ -88,7 +88,7 @@ EXERCISES = {  # name -> where its solution is, the course data for it, and the 
         teaches="which tokens and sequences weigh how much in the gradient, and why micro-batches and ranks must "
                 "not change it",
         equation="aggregate_loss's docstring: token-mean DAPO Eq. 8, seq-mean-token-mean DeepSeekMath Eq. 3, "
-                 "seq-mean-token-sum-norm Dr. GRPO Eq. 3",
+                 "seq-mean-token-sum-norm Dr. GRPO",
         hint="the counts you are given are the whole optimizer batch's over ALL ranks, and FSDP averages the ranks' "
              "gradients: what must each rank's loss carry so that the average is the big batch's loss? "
              "(common.world_size())",
@@ -171,8 +171,8 @@ EXERCISES = {  # name -> where its solution is, the course data for it, and the 
 for e in EXERCISES.values():
     e.setdefault("functions", [])
     e.setdefault("regions", [])
-    e.setdefault("run", "python grpo.py")
-    e.setdefault("expect", DEFAULT_RUN)
+for n in (1, 2):  # the run after parts 1 and 2
+    PARTS[n].update(run="python grpo.py", expect=DEFAULT_RUN)
 
 # Expressions outside the exercises that would give one away; in the copy they call the exercise's function instead.
 REWRITES = {"grpo.py": [
@@ -331,10 +331,10 @@ def handout():
             if e.get("option"):
                 out += [f"- Run after{took(name)}: `{e['run']}`; expect the study's '{e['row']}' row within its spread "
                         f"(mean +- std over 3 seeds, README){MEASURED.get(name + ':numbers', '')}."]
-            else:
-                out += [f"- Run after{took('grpo')}: `{e['run']}`; expect {e['expect']}"
-                        f"{MEASURED.get('grpo:numbers', '')}."]
             out.append("")
+        if "run" in p:
+            out += [f"Run after the part{took('grpo')}: `{p['run']}`; expect {p['expect']}"
+                    f"{MEASURED.get('grpo:numbers', '')}.", ""]
     out += ["## Notes", "",
             "- A run writes runs/<name>/metrics.jsonl; eval.py's compare tabulates runs and its plot draws them "
             "(README, 'Evaluating and comparing runs').",
@@ -345,8 +345,8 @@ def handout():
 
 def commands():
     """Every command the handout asks a student to run: the grading commands, the runs after, the experiments."""
-    return sorted({grade(n) for n in EXERCISES} | {e["run"] for e in EXERCISES.values()}
-                  | {q["experiment"] for q in QUESTIONS})
+    return sorted({grade(n) for n in EXERCISES} | {e["run"] for e in EXERCISES.values() if "run" in e}
+                  | {p["run"] for p in PARTS.values() if "run" in p} | {q["experiment"] for q in QUESTIONS})
 
 
 if __name__ == "__main__":

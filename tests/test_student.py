@@ -85,7 +85,9 @@ def test_handout_covers_every_part_exercise_and_question(copy):
         block = text.split(head)[1].split("####")[0]
         for key in ("teaches", "equation", "hint"):
             assert e[key] in block, (name, key)
-        assert "python -m pytest -q " + " ".join(e["tests"]) in block and e["run"] in block
+        assert "python -m pytest -q " + " ".join(e["tests"]) in block and e.get("run", "") in block
+    for n in (1, 2):
+        assert "Run after the part" in text.split(f"### Part {n}:")[1].split("### Part")[0]
     for q in QUESTIONS:
         assert q["q"] in text and q["experiment"] in text
     in_text = set(re.findall(r"`(python [^`<]+)`", text))  # every command the handout shows...
