@@ -128,7 +128,8 @@ EXERCISES = {  # name -> where its solution is, the course data for it, and the 
                "tests/test_arm.py::test_scope_correct_leaves_wrong_responses",
                "tests/test_arm.py::test_script_alpha_zero_matches_grpo_script", "tests/test_arm.py::test_end_to_end"],
         run="python arm.py --seed 0 --eval-samples 64", row="ARM",
-        study="pass@1 0.311 +- 0.064, pass@64 0.583 +- 0.050, entropy 0.264 +- 0.005, distinct correct 1.603 +- 0.133", minutes=8),
+        study="pass@1 0.311 +- 0.064, pass@64 0.583 +- 0.050, entropy 0.264 +- 0.005, "
+              "distinct correct 1.603 +- 0.133"),
     "thr": dict(
         part=4, points=30, option=True, functions=[("thr.py", "reweighted_advantages")],
         regions=[("thr.py", STEP5)],
@@ -139,7 +140,8 @@ EXERCISES = {  # name -> where its solution is, the course data for it, and the 
         tests=["tests/test_thr.py::test_dominant_tokens_and_reweighting_hand_worked",
                "tests/test_thr.py::test_script_p_zero_matches_grpo_and_thr_runs_end_to_end"],
         run="python thr.py --seed 0 --p 0.2 --eval-samples 64", row="THR p=+0.2",
-        study="pass@1 0.304 +- 0.061, pass@64 0.547 +- 0.071, entropy 0.257 +- 0.016, distinct correct 1.530 +- 0.464", minutes=10),
+        study="pass@1 0.304 +- 0.061, pass@64 0.547 +- 0.071, entropy 0.257 +- 0.016, "
+              "distinct correct 1.530 +- 0.464"),
     "lp-reg": dict(
         part=4, points=30, option=True,
         functions=[("lp_reg.py", "bottom_rho"), ("lp_reg.py", "batch_bottom_rho"),
@@ -155,7 +157,8 @@ EXERCISES = {  # name -> where its solution is, the course data for it, and the 
                "tests/test_lp_reg.py::test_microbatch_token_mean_is_the_authors_weighting_hand_worked",
                "tests/test_lp_reg.py::test_end_to_end_rho_zero_trains_exactly_like_grpo"],
         run="python lp_reg.py --seed 0 --rho 0.1 --eval-samples 64", row="Lp-Reg rho=0.1",
-        study="pass@1 0.305 +- 0.058, pass@64 0.547 +- 0.067, entropy 0.250 +- 0.019, distinct correct 1.317 +- 0.236", minutes=10),
+        study="pass@1 0.305 +- 0.058, pass@64 0.547 +- 0.067, entropy 0.250 +- 0.019, "
+              "distinct correct 1.317 +- 0.236"),
     "sps": dict(
         part=4, points=30, option=True, functions=[("sps.py", "irl_loss")], regions=[("sps.py", STEP5)],
         teaches="SPS: an inverse-RL step that spreads probability over several correct trajectories",
@@ -170,7 +173,8 @@ EXERCISES = {  # name -> where its solution is, the course data for it, and the 
                "tests/test_sps.py::test_irl_every_0_is_grpo_bit_for_bit",
                "tests/test_sps.py::test_end_to_end_logs_the_sps_diagnostics"],
         run="python sps.py --seed 0 --eval-samples 64", row="SPS",
-        study="pass@1 0.295 +- 0.040, pass@64 0.697 +- 0.006, entropy 0.331 +- 0.003, distinct correct 2.827 +- 0.224", minutes=12),
+        study="pass@1 0.295 +- 0.040, pass@64 0.697 +- 0.006, entropy 0.331 +- 0.003, "
+              "distinct correct 2.827 +- 0.224"),
 }
 for e in EXERCISES.values():
     e.setdefault("functions", [])
@@ -341,8 +345,8 @@ def handout():
             out += [f"#### {name} ({e['points']} points): {where}", "", f"- Teaches: {e['teaches']}.",
                     f"- Equation: {e['equation']}.", f"- Hint: {e['hint']}.", f"- Grade: `{grade(name)}`"]
             if e.get("option"):
-                out += [f"- Run after{took(name)}: `{e['run']}`; expect the study's '{e['row']}' row (README; final step, "
-                        f"mean +- std over 3 seeds): {e['study']}{MEASURED.get(name + ':numbers', '')}."]
+                out += [f"- Run after{took(name)}: `{e['run']}`; expect the study's '{e['row']}' row (README; final "
+                        f"step, mean +- std over 3 seeds): {e['study']}{MEASURED.get(name + ':numbers', '')}."]
             out.append("")
         if "run" in p:
             out += [f"Run after the part{took('grpo')}: `{p['run']}`; expect {p['expect']}"
