@@ -287,7 +287,15 @@ def student_copy(out_dir):
             src, dst, path = os.path.join(top, f), os.path.join(out_dir, rel, f), os.path.normpath(os.path.join(rel, f))
             if path in INSTRUCTOR:
                 continue  # the wrong solutions and what regenerates the copy; the snapshots go with the graders
-            if path in files:
+            if path == "README.md":  # its teaching section is the instructor's: the student's is the handout
+                text = open(src, encoding="utf-8").read()
+                head = "## Teaching with this repository\n"
+                start = text.index(head) + len(head)
+                end = text.find("\n## ", start)
+                text = text[:start] + "\nThis is a course copy: start with HANDOUT.md.\n" + text[end:]
+                with open(dst, "w", encoding="utf-8") as out:
+                    out.write(text)
+            elif path in files:
                 text, names_done = stub(open(src, encoding="utf-8").read(), path)
                 done |= set(names_done)
                 with open(dst, "w", encoding="utf-8") as out:

@@ -72,6 +72,7 @@ def test_student_copy_holds_no_solution_line(copy):
     for name in EXERCISES:
         assert any(f'NotImplementedError("exercise{name}(' in t for t in texts.values()), name  # spaces gone
     assert not INSTRUCTOR & set(texts) and "tests/student_fixtures/snapshots.json" in texts
+    assert "start with HANDOUT.md" in (copy / "README.md").read_text()
 
 
 def test_handout_covers_every_part_exercise_and_question(copy):
