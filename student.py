@@ -49,7 +49,8 @@ PARTS = {  # number -> title, what the student hands in, what it teaches
         objectives="predict, then measure, what each design choice of GRPO does to learning and to exploration"),
     4: dict(title="One exploration method", deliverable=(
         "your chosen method's function and its script's step 5 passing its grading command; its seed-0 run's final "
-        "row next to the study's row (README), within the study's spread or explained"),
+        "row next to the study's row (README), within two of the study's standard deviations (one seed against "
+        "three) or explained"),
         objectives="read a paper's equation, implement it inside GRPO, and reproduce a measured result within its "
                    "spread"),
 }
@@ -200,27 +201,42 @@ QUESTIONS = [  # think first, then run the experiment that answers it
            "1 in value, so the clip never acts. Why does the update still move the policy? What is the gradient of "
            "rho_t at pi_theta = pi_old, and what does `clip/frac` read? When does the clip start to matter?",
          experiment="python grpo.py --clip-high 0.28 --ppo-epochs 2",
-         expect="clip/frac 0 in the default run; ~0.25% over both passes here. 3 seeds: pass@64 0.430 +- 0.044 "
-                "(default 0.577 +- 0.035), entropy 0.174 +- 0.045 (0.248 +- 0.010)", measured="grpo-ch2"),
+         expect="clip/frac exactly 0 in the default run, 0.29% of tokens over both passes here; seed 0 here: "
+                "pass@1 0.338, pass@16 0.490, eval entropy 0.219, distinct correct 0.92 (default: 0.352, 0.540, "
+                "0.248, 0.96). The study (README, 3 seeds, --eval-samples 64): pass@64 0.430 +- 0.044 against "
+                "0.577 +- 0.035, entropy 0.174 +- 0.045 against 0.248 +- 0.010", measured="grpo-ch2"),
     dict(q="token-mean (DAPO) against sequence-mean (GRPO) and Dr. GRPO's fixed normaliser: in each, how much does "
            "one token of a long wrong answer weigh against one of a short right answer? Predict the effect on "
            "completion length and on pass@1.",
          experiment="python grpo.py --scale-rewards none --loss-agg seq-mean-token-sum-norm",
-         expect="seed 0, one run: see the measured numbers; compare completion/mean_len and pass@1 with the default "
-                "run's", measured="grpo-drgrpo"),
+         expect="seed 0 here: pass@1 0.352 (as the default), pass@16 0.530 (0.540), eval entropy 0.221 (0.248), "
+                "distinct correct 0.75 (0.96); completion/mean_len 11.4 in both: countdown's answers are ~11 "
+                "tokens, so the length bias the question is about has little room here; say why",
+         measured="grpo-drgrpo"),
     dict(q="What does a group in which all G answers are correct (or all wrong) teach the policy under GRPO? Read "
            "`frac_zero_std_groups` over training. What would an entropy bonus change for those groups?",
          experiment="python grpo.py --entropy-coef 0.05",
-         expect="3 seeds: pass@1 0.290 +- 0.045, pass@64 0.693 +- 0.032, entropy 0.498 +- 0.027 against GRPO's "
-                "0.315 +- 0.059, 0.577 +- 0.035, 0.248 +- 0.010", measured="grpo-ent"),
+         expect="frac_zero_std_groups 0.46 averaged over the default run. The study (README, 3 seeds, "
+                "--eval-samples 64): pass@1 0.290 +- 0.045, pass@64 0.693 +- 0.032, entropy 0.498 +- 0.027 against "
+                "GRPO's 0.315 +- 0.059, 0.577 +- 0.035, 0.248 +- 0.010. But seed 0 here (--eval-samples 16) blew up: "
+                "training entropy 0.42-0.49 to step 80, 1.19 at step 91; eval pass@1 0.347 at step 75 and 0.000 at "
+                "step 100 (eval entropy 5.2). Explain what in the bonus lets that happen", measured="grpo-ent"),
 ]
 # Measured by running the reference solutions through the handout's commands on a shared 2-core machine (load average
 # 4-9 from other jobs), OMP_NUM_THREADS=1: the CPU time of the one core a command uses (user + sys), which is what a
 # laptop core gives; wall time was inflated by the load. The numbers: this repository's seed-0 runs, one each.
 MEASURED = {
-    "part1": "about 1 min of grading (11 s each) and 2.5 min for the run",
-    "part2": "about 2.5 min of grading (the 60-step learning test: 68 s; torchrun: 31 s) and 2.5 min for the run",
+    "part1": "about 1 min of grading (11 s a command) and 2.5 min for the run",
+    "part2": "about 2.5 min of grading (the 60-step learning test 68 s and torchrun 31 s, wall time under load) and "
+             "2.5 min for the run",
     "grpo": "150 s of one core",
+    "grpo-ch2": "223 s of one core", "grpo-drgrpo": "144 s of one core", "grpo-ent": "165 s of one core",
+    "part3": "about 9 min: the three experiments (3.7, 2.4 and 2.8 min) and eval.py compare",
+    "arm": "227 s of one core",
+    "arm:numbers": "; the reference solutions here, seed 0: pass@1 0.363, pass@64 0.650, entropy 0.276, distinct "
+                   "correct 1.74 (pass@1 within one std; the others within two: one seed against three)",
+    "part4": "about 1 min of grading (arm, lp-reg: 36 s; sps: 40 s; thr: 73 s) and 4-8 min for the run (arm: 3.8 "
+             "min of one core; README's study: 5-10 min a method run)",
     "grpo:numbers": "; the reference solutions reproduced it exactly here (0.139 -> 0.352, pass@16 0.710 -> 0.540)",
 }
 
@@ -331,7 +347,7 @@ def handout():
             ""]
     for n, p in PARTS.items():
         pts = {3: 20, 4: 30}.get(n, sum(e["points"] for e in EXERCISES.values() if e["part"] == n))
-        out += [f"### Part {n}: {p['title']} ({pts} points){took('part%d' % n)}", "",
+        out += [f"### Part {n}: {p['title']} ({pts} points)", "", f"Time: {MEASURED['part%d' % n]}.", "",
                 f"Deliverable: {p['deliverable']}.", ""]
         if n == 3:
             out += ["Think first: write your prediction before you run anything.", ""]
