@@ -137,8 +137,9 @@ def lp_reg_loss(logp, old_logp, advantages, proxy_logp, bottom, clip_low, clip_h
     token_loss, clipped = policy_loss(logp, old_logp, advantages, clip_low, clip_high)  # GRPO's term, [n, T]
     selected = bottom & (logp.detach() < proxy_logp)  # Eq. 6 indicator, step 4
     d = (proxy_logp - logp).clamp(max=20.0)  # [n, T]; exp stays finite (k3 > 10 from d = 2.53: clamped, no gradient)
-    penalty = (torch.exp(d) - d - 1).clamp(-bound, bound)  # sampled-token forward-KL estimator, clamped as the code
-    pull = -torch.exp(logp - old_logp) * advantages + beta * penalty  # unclipped -A r plus the pull toward the proxy
+    penalty = kl_k3(-d, torch.zeros_like(d)).clamp(-bound, bound)  # k3 of KL(pi_proxy || pi_theta), clamped as the code
+    unclipped = policy_loss(logp, old_logp, advantages, math.inf, math.inf)[0]  # -A r: the surrogate with no clip
+    pull = unclipped + beta * penalty  # plus the pull toward the proxy
     return torch.where(selected, pull, token_loss), clipped, selected, penalty
 
 

@@ -23,7 +23,7 @@ INSTRUCTOR = {"student.py", os.path.join("tests", "test_student.py"),  # left ou
               os.path.join("tests", "student_fixtures", "wrong.py"),
               os.path.join("tests", "student_fixtures", "make_snapshots.py")}
 STEP5 = ("# 5. Policy update", "# 6. Metrics")  # the loop's region: from the first comment to just before the 2nd
-LOOP_NAMES = ("step 6 needs grad_norm, skipped, streak, sums['loss'] (the loss, averaged over epochs and ranks) and "
+LOOP_NAMES = ("step 6 needs grad_norm, skipped, streak, sums['loss'] (the loss, averaged over the step's optimizer steps and ranks) and "
               "sums['clipped'] (clipped valid tokens); on-policy, also old_logp and entropy, filled from the update's "
               "own forward")
 # the tiny run each handout command is checked with (tests/test_student.py): later flags override earlier ones
@@ -188,13 +188,7 @@ REWRITES = {"grpo.py": [
     ('"""k3 estimator of KL(pi_theta || pi_ref) per token: exp(ref - logp) - (ref - logp) - 1 (Schulman 2020)."""',
      '"""k3 estimator of KL(pi_theta || pi_ref) per token (Schulman 2020). logp, ref_logp: [n, T] -> [n, T]."""'),
     ("whole optimizer batch over ALL ranks (hence the factor world_size(), which the rank average divides out).",
-     "whole optimizer batch over ALL ranks; FSDP averages the ranks' gradients.")],
-    "lp_reg.py": [
-    ("penalty = (torch.exp(d) - d - 1).clamp(-bound, bound)  # sampled-token forward-KL estimator, clamped as the code",
-     "penalty = kl_k3(-d, torch.zeros_like(d)).clamp(-bound, bound)  # k3 of the proxy's forward KL, clamped"),
-    ("pull = -torch.exp(logp - old_logp) * advantages + beta * penalty  # unclipped -A r plus the pull toward the "
-     "proxy",
-     "pull = policy_loss(logp, old_logp, advantages, math.inf, math.inf)[0] + beta * penalty  # unclipped, + pull")]}
+     "whole optimizer batch over ALL ranks; FSDP averages the ranks' gradients.")]}
 
 QUESTIONS = [  # think first, then run the experiment that answers it
     dict(q="Strictly on-policy (one optimizer step per rollout batch) the ratio rho_t = pi_theta / pi_old is exactly "

@@ -112,7 +112,7 @@ def test_update_gradient_is_the_batch_loss_gradient(config, tiny_dir, tmp_path, 
     docstring) computed in one piece over its mini-batch, with pi_old the weights that sampled (on-policy: the
     update's own, detached), the counts of the whole mini-batch, and pi_ref the initial weights (which the second
     step has left: at the first, pi_theta = pi_ref and the KL's gradient is 0 either way round); the logged loss is
-    their sum over mini-batches averaged over epochs, and there are ppo_epochs x mini_batches optimizer steps a step."""
+    their mean over the ppo_epochs x mini_batches optimizer steps of a step."""
     from common import load_model, parse_args, token_logprobs
     seen, steps = {"advantages": [], "batch": []}, []
     for fn, key in {"group_advantages": "advantages", "rollout_batch": "batch"}.items():
@@ -159,7 +159,7 @@ def test_update_gradient_is_the_batch_loss_gradient(config, tiny_dir, tmp_path, 
             loss = aggregate_loss(token_loss, mask[mb], args.loss_agg, mask[mb].sum().item(), len(mb),
                                   args.max_new_tokens)
             loss.backward()
-            total += loss.item() / args.ppo_epochs
+            total += loss.item() / per_step
             want = torch.cat([p.grad.flatten() for n, p in model.named_parameters() if p.grad is not None])
             got = torch.cat([grads[n].flatten() for n, p in model.named_parameters() if p.grad is not None])
             signal += want.norm().item() > 0

@@ -45,7 +45,7 @@ def solution_lines(name):
 # solution lines that say nothing of the answer: plumbing that steps 1-4 and 6 and the tests use too, and the tails of
 # calls split over two lines (their significant head is searched)
 GENERIC = {"withautocast(device):", "ifref_modelisnotNone:", "ifon_policy:", "loss.backward()", "args.clip_high)",
-           "args.max_new_tokens)"}
+           "args.max_new_tokens)", "optimizer.zero_grad(set_to_none=True)"}  # the last: optimizer_step frees them too
 NEAR = {"k3": ["torch.exp(d)-d-1", "exp(ref-logp)-(ref-logp)-1"], "clipped-surrogate": ["exp(logp-old_logp)"],
         "loss-aggregation": ["*world_size()", "factorworld_size()"]}
 

@@ -49,7 +49,8 @@ WRONG = {
         "no on-policy shortcut (pi_old left at 0)": (
             "grpo.py", S5, "old_logp[m], entropy[m] = logp.detach().float(), ent.detach().float()",
             "entropy[m] = ent.detach().float()"),
-        "this micro-batch's counts": ("grpo.py", S5, 'n["tokens"], n["seqs"]', "mask[m].sum().item(), len(m)"),
+        "this micro-batch's counts": ("grpo.py", S5, 'totals["tokens"], totals["seqs"]',
+                                      "mask[m].sum().item(), len(m)"),
         "pi_old refreshed at every step": ("grpo.py", S5, "if on_policy:  # ratio", "if True:  # ratio"),
         "KL arguments swapped": ("grpo.py", S5, "kl_k3(logp, ref_logp[m])", "kl_k3(ref_logp[m], logp)"),
     },
