@@ -23,9 +23,9 @@ INSTRUCTOR = {"student.py", os.path.join("tests", "test_student.py"),  # left ou
               os.path.join("tests", "student_fixtures", "wrong.py"),
               os.path.join("tests", "student_fixtures", "make_snapshots.py")}
 STEP5 = ("# 5. Policy update", "# 6. Metrics")  # the loop's region: from the first comment to just before the 2nd
-LOOP_NAMES = ("step 6 needs grad_norm, skipped, streak, sums['loss'] (the loss, averaged over the step's optimizer steps and ranks) and "
-              "sums['clipped'] (clipped valid tokens); on-policy, also old_logp and entropy, filled from the update's "
-              "own forward")
+LOOP_NAMES = ("step 6 needs grad_norm, skipped, streak, sums['loss'] (the loss, averaged over the step's optimizer "
+              "steps and ranks) and sums['clipped'] (clipped valid tokens); on-policy, also old_logp and entropy, "
+              "filled from the update's own forward")
 # the tiny run each handout command is checked with (tests/test_student.py): later flags override earlier ones
 CHEAP = ["--steps", "2", "--prompts-per-step", "4", "--group-size", "4", "--max-new-tokens", "16", "--eval-problems",
          "4", "--eval-samples", "2", "--save-every", "0"]
