@@ -1,5 +1,5 @@
 import sys, os; sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import json, time
+import json
 import datasets
 import pytest
 from common import (DATASET_PRESETS, UserError, dataset_name, dataset_names, format_prompt, load_problems,
