@@ -66,7 +66,9 @@ class BaseArgs:
     max_prompt_tokens: int = field(default=1024, metadata={
         "help": "longer prompts are dropped from the dataset (the count is printed)"})
     temperature: float = field(default=1.0, metadata={"help": "rollout sampling temperature"})
-    top_p: float = field(default=1.0, metadata={"help": "rollout nucleus sampling"})
+    top_p: float = field(default=1.0, metadata={"help": (
+        "rollout nucleus sampling: training accepts only 1 (the loss's log-probs are of the full tempered "
+        "distribution); --eval-top-p is free")})
     lr: float = field(default=2e-4, metadata={"help": "AdamW learning rate (constant after warmup); paper runs: 1e-6"})
     warmup_steps: int = field(default=0, metadata={"help": "linear lr warmup steps"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
