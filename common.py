@@ -6,6 +6,7 @@ data side (the countdown task, datasets, the tiny model) is in tasks.py and the 
 worker pool, crash-safe files, trackers) in infra.py; the scripts import both through this file."""
 import argparse
 import contextlib
+import inspect
 import json
 import math
 import os
@@ -13,7 +14,7 @@ import re
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Optional
 
 import numpy as np
@@ -29,14 +30,15 @@ from tqdm import tqdm
 # the run-safety machinery from infra.py.
 from engine import (ENGINES, StaleEngine, choose_backend, counter_gumbel, eos_ids, push_weights,  # noqa: F401
                     rollout_engine, sample_keys, sampling_processor, vllm_generate)
-from infra import (REPORT_TO, checkpoint_note, checkpoint_write_error, close_tracking, commit_checkpoint,  # noqa: F401
-                   count_skip, log_stop, resume_command,
+from infra import (HEADROOM, REPORT_TO, checkpoint_note, checkpoint_write_error, close_tracking,  # noqa: F401
+                   commit_checkpoint, count_skip, device_budget, memory_plan, model_shape, plan_fix, plan_lines, log_stop, resume_command,
                    fault_point, log_jsonl, math_reward, math_rewards, newest_checkpoint_step, peak_memory_gib,
                    print_summary, read_json, recover_checkpoint, remove_checkpoint, resolve_resume, resume_changes,
                    save_hf_model, shutdown_reward_pool, start_tracking, truncate_metrics, write_config)
 from tasks import (DATASET_PRESETS, UserError, answer_key, countdown_problems, countdown_reward,  # noqa: F401
                    dataset_name, dataset_names, fit_prompts, format_prompt, hub_reachable, last_boxed, load_eval_sets,
-                   load_problems, load_train_set, parse_dataset_list, require, step_problems, tiny_model_dir)
+                   load_problems, load_train_set, parse_dataset_list, require, step_problems, TINY_CONFIGS,
+                   tiny_config, tiny_model_dir)
 warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # DCP at world size 1 is intended
 
 
@@ -119,6 +121,15 @@ class BaseArgs:
     logprob_chunk: int = field(default=1024, metadata={
         "help": ("token rows per log-prob chunk: about 2 x rows x V x 4 bytes at once (1024 rows of Qwen's "
                  "151,936-token vocabulary: ~1.2 GB)")})
+    dry_run: bool = field(default=False, metadata={"help": (
+        "print the memory plan (per rank and phase: shards, activations, engine, host RAM) for these flags and exit: "
+        "0 if it fits, 2 if not; reads only the model's config.json")})
+    world_size: int = field(default=0, metadata={"help": "the plan's number of ranks (default: torchrun's)"})
+    device_memory_gib: float = field(default=0.0, metadata={"help": (
+        "plan for GPUs of this many GiB each (default: the visible GPU; on CPU, host RAM shared by the local ranks)")})
+    plan_check: bool = field(default=True, metadata={"help": (
+        "print the plan's summary at start and refuse a run whose plan does not fit (--no-plan-check: start "
+        "anyway)")})
 
     def __post_init__(self):
         for f in fields(self):  # each field's "choices", checked here too: Args(...) built in code skips argparse
@@ -149,6 +160,10 @@ class BaseArgs:
         require(self.max_skipped_steps >= 0, f"--max-skipped-steps must be >= 0 (got {self.max_skipped_steps})")
         require(0 < self.vllm_gpu_memory < 1, f"--vllm-gpu-memory must be in (0, 1) (got {self.vllm_gpu_memory})")
         require(self.vllm_cpu_kv_gib > 0, f"--vllm-cpu-kv-gib must be > 0 (got {self.vllm_cpu_kv_gib})")
+        require(self.world_size >= 0 and self.device_memory_gib >= 0, "--world-size and --device-memory-gib must be "
+                                                                      ">= 0 (0: torchrun's world, the visible device)")
+        require(self.prompts_per_step % (self.world_size or 1) == 0, f"--prompts-per-step ({self.prompts_per_step}) "
+                f"must divide by --world-size ({self.world_size}): pass a multiple of {self.world_size}")
         require(self.tis_cap == 0 or self.tis_cap >= 1, f"--tis-cap must be 0 (off) or >= 1 (got {self.tis_cap})")
         require(set(parse_dataset_list(self.report_to)) <= set(REPORT_TO),
                 f"--report-to must be none, tensorboard, wandb or a comma-separated list of them "
@@ -166,6 +181,7 @@ FLAG_GROUPS = {  # --help's sections, in this order; a script's own fields go un
     "the engine (speed and memory; not the math)": [
         "rollout_backend", "micro_batch_size", "logprob_chunk", "gradient_checkpointing", "vllm_gpu_memory",
         "vllm_cpu_kv_gib", "vllm_seeds"],
+    "the memory plan (python SCRIPT --dry-run ...)": ["dry_run", "world_size", "device_memory_gib", "plan_check"],
 }
 
 
@@ -214,10 +230,12 @@ def parse_args(cls, argv=None):
 
 
 def main(train, args_cls):
-    """Entry point of every script: parse flags, run, turn UserErrors into one line (exit 2) and Ctrl-C into one line
-    with the command that resumes (exit 130)."""
+    """Entry point of every script: parse flags, check the memory plan (--dry-run: print it and exit), run, turn
+    UserErrors into one line (exit 2) and Ctrl-C into one line with the command that resumes (exit 130)."""
     args = parse_args(args_cls)
     try:
+        if args.dry_run or args.plan_check:
+            check_plan(args, os.path.splitext(os.path.basename(inspect.getfile(train)))[0])
         train(args)
     except UserError as e:
         if isinstance(e, StaleEngine) and os.environ.get("RANK", "0") == "0":  # before the step's update: its line
@@ -235,6 +253,74 @@ def main(train, args_cls):
             engine["llm"].llm_engine.engine_core.shutdown()
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+# ============================================================================ the memory plan (infra.memory_plan)
+def plan_model(name):
+    """The model built on the meta device from its config alone (no weights, no memory), as the memory plan reads it;
+    None when the config cannot be read without downloading (a hub id that is not cached, offline)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    if name == "tiny":
+        config = tiny_config("default", TINY_CONFIGS["default"]["tokenizer_vocab_size"])  # the vocabulary's bound
+    else:
+        try:
+            config = AutoConfig.from_pretrained(name, local_files_only=not os.path.isdir(name) and not hub_reachable())
+        except (OSError, ValueError):
+            return None
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def plan_prompt_tokens(args):
+    """The longest prompt the plan assumes: --max-prompt-tokens (the bound the data is filtered by), or for the
+    built-in countdown task (train and eval) the longest of 1,000 countdown prompts in the model's chat format."""
+    if {args.dataset, *parse_dataset_list(args.eval_datasets)} != {"countdown"}:
+        return args.max_prompt_tokens
+    problems = countdown_problems(1000, args.seed, "test")
+    path = tiny_model_dir("default", build=False) if args.model == "tiny" else args.model
+    if not os.path.isdir(path):  # not built or downloaded yet: at most one token per character
+        return min(max(len(format_prompt(None, p)) for p in problems), args.max_prompt_tokens)
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokens = max(len(tokenizer(format_prompt(tokenizer, p), add_special_tokens=False).input_ids) for p in problems)
+    return min(tokens, args.max_prompt_tokens)
+
+
+def check_plan(args, script):
+    """The run's memory plan (infra.memory_plan) for its flags on this machine, or on --world-size ranks of
+    --device-memory-gib GPUs. --dry-run prints it whole and exits (0: it fits, 2: it does not); otherwise rank 0 prints
+    its summary, and a plan that does not fit stops the run here, in one line naming the flag to change."""
+    rank = int(os.environ.get("RANK", "0"))
+    model = plan_model(args.model)
+    if model is None:
+        require(not args.dry_run, f"--dry-run: no config.json for '{args.model}' here (offline and not cached): pass "
+                                  "--model DIR, a local copy")
+        if rank == 0:
+            print(f"memory plan: skipped ('{args.model}' has no config.json here before its download)")
+        return
+    gpu = torch.cuda.is_available() or args.device_memory_gib > 0
+    world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
+    backend = "vllm" if gpu and args.rollout_backend == "auto" else choose_backend(args, model)[0]  # GPU: vLLM installed
+    reference = args.kl_coef > 0 or getattr(args, "irl_score", None) == "ratio"  # sps.py's ratio score reads pi_ref
+    old_pass = script in ("arm", "lp_reg", "thr") or args.ppo_epochs * args.mini_batches > 1  # a no-grad pi_old pass
+    shape = model_shape(model)
+    plan_args = replace(args, max_prompt_tokens=plan_prompt_tokens(args))
+
+    def plan_of(a, world=world):
+        return memory_plan(a, shape, world, gpu, device_budget(args.device_memory_gib, world, gpu), backend,
+                           reference, old_pass)
+    plan = plan_of(plan_args)
+    fix = plan_fix(plan_args, plan_of)
+    lines = plan_lines(plan, fix)
+    if args.dry_run:
+        if rank == 0:
+            print("\n".join(lines))
+        sys.exit(0 if plan["fits"] else 2)
+    if rank == 0:
+        totals = ", ".join(f"{k} {v:.2f}" for k, v in plan["totals"].items())
+        print(f"memory plan (GiB per rank of {plan['budget_gib']:.1f}): {totals}; the parts: `--dry-run`\n{lines[-1]}")
+    require(plan["fits"], f"{lines[-1]} (of {HEADROOM * plan['budget_gib']:.1f} GiB usable; the parts: add "
+                          f"--dry-run; --no-plan-check starts anyway)")
 
 
 # ============================================================================ distributed (torchrun, FSDP2) and models

