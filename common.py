@@ -6,6 +6,7 @@ data side (the countdown task, datasets, the tiny model) is in tasks.py and the 
 worker pool, crash-safe files, trackers) in infra.py; the scripts import both through this file."""
 import argparse
 import contextlib
+import datetime
 import json
 import math
 import os
@@ -245,11 +246,19 @@ def main(train, args_cls):
 
 
 # ============================================================================ distributed (torchrun, FSDP2) and models
+# How long a rank waits in a collective before it fails (torch's default: 10 minutes with nccl). The longest wait is a
+# save: the DCP shards (fp32 weights + AdamW: 12 B per parameter over all ranks), then rank 0 alone writes model/
+# (2 B per parameter in bf16) while the others wait in a barrier. Qwen2.5-7B (7.62e9 parameters): 91 + 15 = 107 GB,
+# 18 minutes at a conservative 100 MB/s to a shared disk; 60 minutes leaves a margin of 3x. A rank that dies does not
+# make the others wait that long: torchrun stops them as soon as one process exits with an error.
+COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=60)
+
+
 def init_distributed():
     """(rank, world_size, device). Under torchrun: nccl on CUDA, gloo on CPU; a plain `python x.py` is rank 0 of 1."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=COLLECTIVE_TIMEOUT)
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         torch.cuda.set_device(local)
