@@ -44,7 +44,7 @@ from common import compute_rewards  # 2. rewards
 from common import autocast, rollout_batch, rollout_logprobs, token_logprobs  # 4. log-probs
 from common import all_sum_dict, micro_batches, optimizer_step  # 5. the update
 from common import (due, evaluate_all, log_step, print_summary, rollout_metrics, rollout_sums,  # 6. metrics,
-                    save_checkpoint, system_metrics, time_metrics)  # evaluation, checkpoints
+                    export_model, save_checkpoint, system_metrics, time_metrics)  # evaluation, checkpoints
 from common import all_max_dict, answer_key  # arm_metrics
 from grpo import Args as GRPOArgs  # GRPO's flags; the method adds its own
 from grpo import aggregate_loss, group_advantages, kl_k3, policy_loss, truncated_is_weight  # GRPO's math
@@ -241,8 +241,9 @@ def train(args):
             record.update(metrics)
         record["time/step"] = time.time() - t0
         log_step(run_dir, record, history, rank, bar, samples_by_set)
+        export_model(run_dir, step + 1, model, tokenizer, args, rank)  # model/, at --export-every steps and the last
         if due(args.save_every, step + 1, args.steps):  # after the metric line
-            save_checkpoint(run_dir, step + 1, model, optimizer, tokenizer, rank, skipped, streak)
+            save_checkpoint(run_dir, step + 1, model, optimizer, rank, skipped, streak)
     print_summary(run_dir, rank)
 
 

@@ -6,11 +6,13 @@ data side (the countdown task, datasets, the tiny model) is in tasks.py and the 
 worker pool, crash-safe files, trackers) in infra.py; the scripts import both through this file."""
 import argparse
 import contextlib
+import datetime
 import inspect
 import json
 import math
 import os
 import re
+import shutil
 import sys
 import time
 import warnings
@@ -21,6 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
@@ -30,11 +33,12 @@ from tqdm import tqdm
 # the run-safety machinery from infra.py.
 from engine import (ENGINES, StaleEngine, choose_backend, counter_gumbel, eos_ids, push_weights,  # noqa: F401
                     rollout_engine, sample_keys, sampling_processor, vllm_generate)
-from infra import (HEADROOM, REPORT_TO, checkpoint_note, checkpoint_write_error, close_tracking,  # noqa: F401
-                   commit_checkpoint, count_skip, device_budget, memory_plan, model_shape, plan_fix, plan_lines, log_stop, resume_command,
+from infra import (HEADROOM, REPORT_TO, checkpoint_note, close_tracking, commit_checkpoint, commit_export,  # noqa: F401
+                   count_skip, device_budget, log_stop, memory_plan, model_shape, plan_fix, plan_lines, resume_command,
                    fault_point, log_jsonl, math_reward, math_rewards, newest_checkpoint_step, peak_memory_gib,
                    print_summary, read_json, recover_checkpoint, remove_checkpoint, resolve_resume, resume_changes,
-                   save_hf_model, shutdown_reward_pool, start_tracking, truncate_metrics, write_config)
+                   save_hf_model, shutdown_reward_pool, start_tracking, tied_weights, truncate_metrics, write_config,
+                   write_error)
 from tasks import (DATASET_PRESETS, UserError, answer_key, countdown_problems, countdown_reward,  # noqa: F401
                    dataset_name, dataset_names, fit_prompts, format_prompt, hub_reachable, last_boxed, load_eval_sets,
                    load_problems, load_train_set, parse_dataset_list, require, step_problems, TINY_CONFIGS,
@@ -81,7 +85,7 @@ class BaseArgs:
     train_size: int = field(default=2000, metadata={
         "help": "number of generated countdown training problems (countdown only)"})
     run_dir: str = field(default="", metadata={
-        "help": ("where config.json, metrics.jsonl, samples.jsonl and checkpoint/ go (default: "
+        "help": ("where config.json, metrics.jsonl, samples.jsonl, checkpoint/ and model/ go (default: "
                  "runs/<script>-<dataset>-s<seed>-<time>)")})
     report_to: str = field(default="none", metadata={
         "help": ("also send metrics.jsonl's numbers to: none, tensorboard, wandb, or a comma-separated list (pip "
@@ -95,7 +99,11 @@ class BaseArgs:
         "help": "eval sampling temperature (DeepSeek-R1 convention)"})
     eval_top_p: float = field(default=0.95, metadata={"help": "eval nucleus sampling"})
     save_every: int = field(default=50, metadata={
-        "help": "checkpoint every N steps (and at the end); 0 = only at the end"})
+        "help": "write checkpoint/ (what --resume reads) every N steps (and at the end); 0 = only at the end"})
+    save_dtype: str = field(default="auto", metadata={"choices": ["auto", "bf16", "fp32"], "help": (
+        "dtype of the model/ export: auto = bf16 on CUDA (the compute dtype), fp32 on CPU")})
+    export_every: int = field(default=0, metadata={
+        "help": "write model/ (Hugging Face weights) every N steps (and at the end); 0 = only at the end"})
     resume: Optional[str] = field(default=None, metadata={"choices": ["yes", "auto"], "const": "yes", "help": (
         "--resume: continue --run-dir's newest complete checkpoint with the same data order and sampling (error if "
         "there is none) | --resume auto: the same, or start fresh when there is none (one command for every launch)")})
@@ -154,8 +162,8 @@ class BaseArgs:
         require(self.eval_samples >= 1, f"--eval-samples must be >= 1 (got {self.eval_samples})")
         require(self.micro_batch_size >= 1 and self.logprob_chunk >= 1,
                 "--micro-batch-size and --logprob-chunk must be >= 1")
-        require(min(self.eval_every, self.save_every, self.warmup_steps, self.eval_problems) >= 0,
-                "--eval-every, --save-every, --warmup-steps, --eval-problems must be >= 0")
+        require(min(self.eval_every, self.save_every, self.export_every, self.warmup_steps, self.eval_problems) >= 0,
+                "--eval-every, --save-every, --export-every, --warmup-steps, --eval-problems must be >= 0")
         require(self.max_grad_norm > 0, f"--max-grad-norm must be > 0 (got {self.max_grad_norm})")
         require(self.max_skipped_steps >= 0, f"--max-skipped-steps must be >= 0 (got {self.max_skipped_steps})")
         require(0 < self.vllm_gpu_memory < 1, f"--vllm-gpu-memory must be in (0, 1) (got {self.vllm_gpu_memory})")
@@ -177,7 +185,7 @@ FLAG_GROUPS = {  # --help's sections, in this order; a script's own fields go un
                       "ppo_epochs", "mini_batches"],
     "the optimizer": ["lr", "warmup_steps", "weight_decay", "max_grad_norm", "max_skipped_steps"],
     "evaluation": ["eval_datasets", "eval_every", "eval_samples", "eval_problems", "eval_temperature", "eval_top_p"],
-    "the run": ["steps", "seed", "run_dir", "resume", "save_every", "report_to"],
+    "the run": ["steps", "seed", "run_dir", "resume", "save_every", "save_dtype", "export_every", "report_to"],
     "the engine (speed and memory; not the math)": [
         "rollout_backend", "micro_batch_size", "logprob_chunk", "gradient_checkpointing", "vllm_gpu_memory",
         "vllm_cpu_kv_gib", "vllm_seeds"],
@@ -324,11 +332,19 @@ def check_plan(args, script):
 
 
 # ============================================================================ distributed (torchrun, FSDP2) and models
+# How long a rank waits in a collective before it fails (torch's default: 10 minutes with nccl). The longest wait is a
+# save: the DCP shards (fp32 weights + AdamW: 12 B per parameter over all ranks), then rank 0 alone writes model/
+# (2 B per parameter in bf16) while the others wait in a barrier. Qwen2.5-7B (7.62e9 parameters): 91 + 15 = 107 GB,
+# 18 minutes at a conservative 100 MB/s to a shared disk; 60 minutes leaves a margin of 3x. A rank that dies does not
+# make the others wait that long: torchrun stops them as soon as one process exits with an error.
+COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=60)
+
+
 def init_distributed():
     """(rank, world_size, device). Under torchrun: nccl on CUDA, gloo on CPU; a plain `python x.py` is rank 0 of 1."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=COLLECTIVE_TIMEOUT)
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         torch.cuda.set_device(local)
@@ -890,18 +906,18 @@ def evaluate_all(model, tokenizer, eval_sets, args, device, engine=None):
     return out, records
 
 
-def save_checkpoint(run_dir, step, model, optimizer, tokenizer, rank, skipped=0, streak=0):
-    """checkpoint/: Hugging Face weights (loadable by transformers and vLLM) + sharded optimizer state (torch DCP) +
-    trainer_state.json (step, skipped_steps, skip_streak, ...), written to checkpoint.tmp and then swapped in by
-    commit_checkpoint so that a kill at any moment leaves a complete checkpoint. All ranks write their DCP shards."""
+def save_checkpoint(run_dir, step, model, optimizer, rank, skipped=0, streak=0):
+    """checkpoint/, what --resume reads: the sharded weights and AdamW state (torch DCP: every rank writes its shard,
+    nothing is gathered) + trainer_state.json (step, skipped_steps, skip_streak, ...), written to checkpoint.tmp and
+    then swapped in by commit_checkpoint so that a kill at any moment leaves a complete checkpoint. The weights for
+    transformers, vLLM and eval.py are model/ (export_model)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException  # a BaseException: not caught by Exception
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
     tmp = os.path.join(run_dir, "checkpoint.tmp")
     if rank == 0 and os.path.exists(tmp):
         remove_checkpoint(tmp)  # a partial one (after a resume, checkpoint/ is the newest complete one)
     barrier()
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if optimizer.state:
         msd, osd = get_state_dict(model, optimizer)
         state = {"model": msd, "optim": osd}
@@ -911,13 +927,41 @@ def save_checkpoint(run_dir, step, model, optimizer, tokenizer, rank, skipped=0,
         dcp.save(state, checkpoint_id=os.path.join(tmp, "train_state"))  # returns when every rank has written
         fault_point("checkpoint-partial", step)
         if rank == 0:
-            save_hf_model(tmp, full, model, tokenizer)  # loadable by transformers and vLLM
             commit_checkpoint(run_dir, {"step": step, "skipped_steps": skipped, "skip_streak": streak,
                                         "optimizer_state": "optim" in state})
     except (Exception, CheckpointException) as e:  # a full disk or quota: torch and safetensors say it their own way
         if any(isinstance(f[0], KeyboardInterrupt) for f in getattr(e, "failures", {}).values()):
             raise KeyboardInterrupt from e  # Ctrl-C while DCP wrote: main's line, not a disk's
-        raise UserError(checkpoint_write_error(run_dir, step, e)) from e
+        raise UserError(write_error(run_dir, tmp, f"the checkpoint of step {step}", e)) from e
+    barrier()
+
+
+def export_model(run_dir, step, model, tokenizer, args, rank):
+    """At --export-every steps and the last one: run_dir/model/, a Hugging Face model directory (transformers, vLLM,
+    eval.py) in --save-dtype. Every rank takes part in gathering the weights, one tensor at a time; rank 0 casts each
+    as it arrives (Qwen2.5-7B in bf16: 15 GB of host memory, where an fp32 state dict takes 30 GB), writes them into
+    model.tmp and renames it to model/ (commit_export), so model/ is never half-written."""
+    if not due(args.export_every, step, args.steps):
+        return
+    auto = "bf16" if torch.cuda.is_available() else "fp32"  # the compute dtype
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[auto if args.save_dtype == "auto" else args.save_dtype]
+    tmp = os.path.join(run_dir, "model.tmp")
+    tied = tied_weights(model)
+    weights = {}
+    for name, tensor in model.state_dict().items():  # under FSDP2, DTensor shards: each rank holds 1/world of it
+        if name in tied:
+            continue
+        full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor  # a collective: every rank calls it
+        if rank == 0:
+            weights[name] = full.to("cpu", dtype if full.is_floating_point() else full.dtype)
+    if rank == 0:
+        try:
+            if os.path.exists(tmp):
+                shutil.rmtree(tmp)  # a partial one, from a run killed while exporting
+            save_hf_model(tmp, weights, model, tokenizer, dtype)
+            commit_export(run_dir, step)
+        except Exception as e:  # a full disk or quota
+            raise UserError(write_error(run_dir, tmp, f"the model export of step {step}", e)) from e
     barrier()
 
 

@@ -1,6 +1,6 @@
-"""Pass@k evaluation of any checkpoint, and comparison tables and plots of training runs.
+"""Pass@k evaluation of any trained model, and comparison tables and plots of training runs.
 
-Evaluate: a run directory (its checkpoint/), a checkpoint or any Hugging Face model directory, a hub id, or 'tiny':
+Evaluate: a run directory (its model/ export), any Hugging Face model directory, a hub id, or 'tiny':
     python eval.py runs/cmp-grpo-s0 runs/cmp-sps-s0 tiny --datasets countdown --n 64 --out eval/
     python eval.py runs/math-s0 --datasets math500,aime24 --n 16 --max-new-tokens 3072      # real runs, on a GPU
 writes eval.md (one row per model x dataset) and eval.json. The numbers come from common.evaluate, the code the
@@ -35,20 +35,21 @@ from common import (HelpFormatter, UserError, dataset_names, evaluate, fit_promp
                     load_model, load_problems, require)
 
 
-# ============================================================================ evaluate checkpoints
+# ============================================================================ evaluate models
 def resolve_model(path):
-    """(model name for load_model, the run's config dict or {}) for a run dir, a checkpoint, a model dir or 'tiny'."""
+    """(model name for load_model, the run's config dict or {}) for a run dir, a model dir, a hub id or 'tiny'."""
     if path == "tiny" or (not os.path.exists(path) and re.fullmatch(r"[\w.-]+/[\w.-]+", path)):
         return path, {}  # built-in model or hub id: load_model says if it cannot load it
-    require(os.path.isdir(path), f"'{path}' is not a run directory, a checkpoint, a model directory or 'tiny'")
+    require(os.path.isdir(path), f"'{path}' is not a run directory, a model directory, a hub id or 'tiny'")
     if os.path.exists(os.path.join(path, "metrics.jsonl")) or os.path.isdir(os.path.join(path, "checkpoint")):
-        ckpt = os.path.join(path, "checkpoint")
-        require(os.path.isfile(os.path.join(ckpt, "config.json")), f"run directory '{path}' has no checkpoint/ yet: "
-                "wait for its first save (--save-every) or pass a model directory")
-        return ckpt, read_json(os.path.join(path, "config.json"))
+        export = os.path.join(path, "model")
+        require(os.path.isfile(os.path.join(export, "config.json")), f"run directory '{path}' has no model/ yet (the "
+                "weights are exported at the end of the run and every --export-every steps): let it finish, "
+                "continue it with --resume, or pass a model directory")
+        return export, read_json(os.path.join(path, "config.json"))
     require(os.path.isfile(os.path.join(path, "config.json")), f"'{path}' is not a run directory (no metrics.jsonl) "
             "nor a model directory (no config.json)")
-    return path, read_json(os.path.join(os.path.dirname(os.path.abspath(path)), "config.json"))  # a run's checkpoint/
+    return path, read_json(os.path.join(os.path.dirname(os.path.abspath(path)), "config.json"))  # a run's model/
 
 
 def read_json(path):
@@ -319,7 +320,7 @@ def parse(argv):
         epilog="subcommands (each has its own --help):\n"
                "  eval.py compare RUN...     plots and a table comparing training runs\n"
                "  eval.py golds DATASET...   check that the verifier reads a dataset's golds")
-    p.add_argument("paths", nargs="+", help="run directories, checkpoints, model directories, hub ids or 'tiny'")
+    p.add_argument("paths", nargs="+", help="run directories (their model/), model directories, hub ids or 'tiny'")
     p.add_argument("--datasets", default="countdown", help="comma-separated eval datasets (countdown, math500, aime24, "
                    "a local file, NAME=PATH, PRESET=PATH, ...)")
     p.add_argument("--n", type=int, default=64, help=(

@@ -8,6 +8,7 @@ needs to open this file, and the scripts reach all of it through common.py.
 - metric lines (metrics.jsonl, samples.jsonl), the --report-to trackers they feed, peak memory, the final summary."""
 import atexit
 import contextlib
+import copy
 import functools
 import json
 import logging
@@ -210,8 +211,8 @@ def fault_point(stage, step):
     """Test-only: SIGKILL this process here when $EXPLORE_RLVR_FAULT names this stage and step (1-based: the step
     whose metric line this is); does nothing otherwise. The scripts' loops hold none: the helpers they call do.
     Stages: rollout (common.step_groups, as the step's rollouts begin), update (common.log_step: after the update,
-    before its metric line), metrics (log_jsonl, mid-line), and save_checkpoint's checkpoint-partial, tmp-written,
-    before-rename-old, between-renames, after-rename.
+    before its metric line), metrics (log_jsonl, mid-line), save_checkpoint's checkpoint-partial, tmp-written,
+    before-rename-old, between-renames, after-rename, and export_model's export-between-renames.
     tests/test_crash.py kills runs at each of them and checks that --resume loses nothing."""
     spec, rank = os.environ.get(FAULT_ENV, ""), os.environ.get("RANK", "0")
     if spec in (f"{stage}:{step}@{rank}", f"{stage}:{step}" if rank == "0" else None):
@@ -334,8 +335,8 @@ def print_summary(run_dir, rank, t_start=None):
     print(f"\nheld-out evaluation, step {first['step']} -> step {last['step']}:")
     for k in keys:
         print(f"  {k[5:]:<18} {first[k]:8.3f} -> {last.get(k, float('nan')):8.3f}")
-    written = [name for name in ("metrics.jsonl", "samples.jsonl", "checkpoint/") if os.path.exists(os.path.join(
-        run_dir, name))]  # --steps 0 writes no samples and no checkpoint
+    written = [name for name in ("metrics.jsonl", "samples.jsonl", "checkpoint/", "model/") if os.path.exists(
+        os.path.join(run_dir, name))]  # --steps 0 writes no samples, no checkpoint and no model
     print(f"run directory: {run_dir}  ({', '.join(written)})")
 
 
@@ -351,17 +352,27 @@ def remove_checkpoint(path):
     shutil.rmtree(path)
 
 
-def save_hf_model(path, state_dict, model, tokenizer):
-    """Rank 0: the full weights as model.safetensors + config, generation config and tokenizer: a Hugging Face model
-    directory that transformers and vLLM load."""
-    from safetensors.torch import save_file
-    seen, tied = set(), set()  # tied weights (Qwen2.5 <= 3B ties lm_head to the embeddings) are stored once, as
-    for name, p in model.named_parameters(remove_duplicate=False):  # save_pretrained does: the config re-ties them
+def tied_weights(model):
+    """Names of the parameters that are another's (Qwen2.5 <= 3B ties lm_head to the embeddings): a model directory
+    stores that tensor once, as save_pretrained does, and from_pretrained ties it again from the config."""
+    seen, tied = set(), set()
+    for name, p in model.named_parameters(remove_duplicate=False):
         tied.update([name] if id(p) in seen else [])
         seen.add(id(p))
-    weights = {k: v.contiguous() for k, v in state_dict.items() if k not in tied}
-    save_file(weights, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
-    model.config.save_pretrained(path)
+    return tied
+
+
+def save_hf_model(path, weights, model, tokenizer, dtype):
+    """Rank 0: `weights` ({name: CPU tensor}, tied ones left out) as model.safetensors + config (its dtype set to
+    `dtype`, which vLLM loads in), generation config and tokenizer: a Hugging Face model directory that transformers
+    and vLLM load."""
+    from safetensors.torch import save_file
+    os.makedirs(path)
+    save_file({k: v.contiguous() for k, v in weights.items()}, os.path.join(path, "model.safetensors"),
+              metadata={"format": "pt"})
+    config = copy.deepcopy(model.config)  # the training model's own stays fp32
+    config.dtype = dtype
+    config.save_pretrained(path)
     model.generation_config.save_pretrained(path)
     tokenizer.save_pretrained(path)
 
@@ -393,6 +404,25 @@ def commit_checkpoint(run_dir, trainer):
     fault_point("after-rename", step)
     if os.path.exists(old):
         remove_checkpoint(old)
+
+
+def commit_export(run_dir, step):
+    """Rank 0, once model.tmp holds every file: fsync them, then model -> model.old, model.tmp -> model, model.old
+    deleted. model/ is complete or, after a kill between the two renames, absent (the next export writes it again;
+    a resumed run exports at its end): never half-written."""
+    final, tmp, old = (os.path.join(run_dir, name) for name in ("model", "model.tmp", "model.old"))
+    for name in os.listdir(tmp):
+        _fsync(os.path.join(tmp, name))
+    _fsync(tmp)
+    if os.path.exists(old):
+        shutil.rmtree(old)  # left by an earlier kill
+    if os.path.exists(final):
+        os.replace(final, old)
+    fault_point("export-between-renames", step)
+    os.replace(tmp, final)
+    _fsync(run_dir)
+    if os.path.exists(old):
+        shutil.rmtree(old)
 
 
 def _checkpoint_step(path):
@@ -487,10 +517,9 @@ def checkpoint_note(run_dir):
     return f"checkpoint/ holds step {step}; continue from it with: {resume_command(run_dir)}"
 
 
-def checkpoint_write_error(run_dir, step, error):
-    """The line a failed checkpoint write ends the run with: the cause, the space left, and what --resume continues
-    (the checkpoint being written is checkpoint.tmp; the complete one before it is untouched until the swap)."""
-    tmp = os.path.join(run_dir, "checkpoint.tmp")
+def write_error(run_dir, tmp, what, error):
+    """The line a failed write of `what` (a checkpoint or the model export) into the directory `tmp` ends the run with:
+    the cause, the space left, and what --resume continues (the complete checkpoint before it is untouched)."""
     with contextlib.suppress(OSError):
         remove_checkpoint(tmp)  # the partial one: its space back
     cause = (str(error).strip().splitlines() or [type(error).__name__])[-1][:160]
@@ -498,15 +527,15 @@ def checkpoint_write_error(run_dir, step, error):
     last = newest_checkpoint_step(run_dir)
     kept = (f"the previous checkpoint (step {last}) is intact and --resume continues from it: {resume_command(run_dir)}"
             if last is not None else "no earlier checkpoint exists, so a new run starts over")
-    return (f"could not write the checkpoint of step {step} to {tmp} ({type(error).__name__}: {cause}; "
+    return (f"could not write {what} to {tmp} ({type(error).__name__}: {cause}; "
             f"{free:.1f} GiB free there): is the disk full? Free space, then: {kept}")
 
 
 # flags that change speed, memory, evaluation or logging, not what is trained: --resume accepts new values for them
-RESUME_MAY_CHANGE = {"steps", "run_dir", "resume", "save_every", "eval_every", "eval_samples", "eval_problems",
-                     "eval_datasets", "eval_temperature", "eval_top_p", "micro_batch_size", "logprob_chunk",
-                     "gradient_checkpointing", "rollout_backend", "vllm_gpu_memory", "vllm_cpu_kv_gib",
-                     "max_skipped_steps", "report_to"}
+RESUME_MAY_CHANGE = {"steps", "run_dir", "resume", "save_every", "save_dtype", "export_every", "eval_every",
+                     "eval_samples", "eval_problems", "eval_datasets", "eval_temperature", "eval_top_p",
+                     "micro_batch_size", "logprob_chunk", "gradient_checkpointing", "rollout_backend",
+                     "vllm_gpu_memory", "vllm_cpu_kv_gib", "max_skipped_steps", "report_to"}
 
 
 def resume_changes(config, old, config_path):

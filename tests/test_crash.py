@@ -35,14 +35,15 @@ def newest_complete(run_dir):
     return max(steps, default=None)
 
 
-# (stage, step) of each kill, and the newest complete checkpoint it leaves. --save-every 1: a checkpoint per step.
+# (stage, step) of each kill, and the newest complete checkpoint it leaves. --save-every 1: a checkpoint per step;
+# --export-every 2: model/ at steps 2, 4 and 6, each written before that step's checkpoint.
 KILLS = [("rollout", 1, None), ("checkpoint-partial", 1, None), ("tmp-written", 1, 1), ("update", 2, 1),
          ("metrics", 2, 1), ("before-rename-old", 2, 2), ("between-renames", 3, 3), ("after-rename", 4, 4),
-         ("rollout", 6, 5)]
+         ("export-between-renames", 6, 5), ("rollout", 6, 5)]
 
 
 def test_killed_at_every_stage_and_resumed_matches_the_uninterrupted_run(tiny_dir, tmp_path):
-    common = ["--model", tiny_dir, "--steps", "6", "--save-every", "1"] + TINY
+    common = ["--model", tiny_dir, "--steps", "6", "--save-every", "1", "--export-every", "2"] + TINY
     run(common + ["--run-dir", tmp_path / "full"])
     cut = tmp_path / "cut"
     for stage, step, left in KILLS:  # --resume alone must find a checkpoint; --resume auto starts fresh without one
@@ -50,6 +51,9 @@ def test_killed_at_every_stage_and_resumed_matches_the_uninterrupted_run(tiny_di
         p = run(common + ["--run-dir", cut] + mode, check=False, env={"EXPLORE_RLVR_FAULT": f"{stage}:{step}"})
         assert p.returncode == -9, (stage, step, p.stderr[-2000:])  # the kill landed
         assert newest_complete(cut) == left, (stage, step)
+        if stage == "export-between-renames":  # model/ (step 4's) renamed away, step 6's not yet in: none, not half
+            assert sorted(os.listdir(cut)) == ["checkpoint", "config.json", "metrics.jsonl", "model.old", "model.tmp",
+                                               "samples.jsonl"]
     run(common + ["--run-dir", cut, "--resume", "--save-every", "3"])  # a flag that does not change the experiment
     wa, wb = weights(tmp_path / "full"), weights(cut)
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
@@ -58,7 +62,7 @@ def test_killed_at_every_stage_and_resumed_matches_the_uninterrupted_run(tiny_di
     resumes = json.load(open(cut / "config.json"))["resumes"]
     assert [r["step"] for r in resumes] == [left or 0 for _, _, left in KILLS]  # each began at the newest checkpoint
     assert resumes[-1]["changed"] == {"save_every": [1, 3]}
-    assert sorted(os.listdir(cut)) == ["checkpoint", "config.json", "metrics.jsonl", "samples.jsonl"]
+    assert sorted(os.listdir(cut)) == ["checkpoint", "config.json", "metrics.jsonl", "model", "samples.jsonl"]
     samples = [json.loads(line)["step"] for line in open(cut / "samples.jsonl")]
     assert samples == [json.loads(line)["step"] for line in open(tmp_path / "full" / "samples.jsonl")]
 
@@ -77,7 +81,7 @@ def test_torchrun_one_rank_killed_then_resumed_matches_the_uninterrupted_run(tin
 
 def fake_checkpoint(path, step, complete=True):
     os.makedirs(path / "train_state")
-    (path / "model.safetensors").write_text(str(step))
+    (path / "train_state" / ".metadata").write_text(str(step))  # DCP's index file, holding the step as a marker
     if complete:
         (path / "trainer_state.json").write_text(json.dumps({"step": step}))
 
@@ -96,7 +100,7 @@ def test_recovery_keeps_the_newest_complete_checkpoint(tmp_path, capsys, present
     assert recover_checkpoint(str(tmp_path)) == expect
     assert sorted(os.listdir(tmp_path)) == (["checkpoint"] if expect else [])
     if expect:
-        assert (tmp_path / "checkpoint" / "model.safetensors").read_text() == str(expect)
+        assert (tmp_path / "checkpoint" / "train_state" / ".metadata").read_text() == str(expect)
     out = capsys.readouterr().out
     assert ("partial checkpoint" in out) == (None in present.values()), out
     assert all(len(line) < 200 for line in out.splitlines())  # one-line notices

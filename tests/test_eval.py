@@ -133,12 +133,15 @@ def test_golds_table_and_dataset_names_in_the_eval_table(tmp_path):
 @pytest.mark.parametrize("argv, message", [
     (["{tmp}/no-such-run"], "is not a run directory"),
     (["{tmp}/empty"], "is not a run directory"),
+    (["{tmp}/unexported"], "has no model/ yet (the weights are exported at the end of the run and every"),
     (["tiny", "--datasets", "no-such-dataset"], "unknown dataset 'no-such-dataset'"),
     (["compare", "{tmp}/empty"], "has no metrics.jsonl"),
     (["tiny", "--datasets", "{tmp}/a/t.jsonl,{tmp}/b/t.jsonl"], "two datasets are named 't'"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, argv, message):
     os.makedirs(tmp_path / "empty")
+    os.makedirs(tmp_path / "unexported" / "checkpoint")  # a run stopped before its end: checkpoint/, no model/
+    (tmp_path / "unexported" / "metrics.jsonl").write_text('{"step": 0}\n')
     p = run([a.replace("{tmp}", str(tmp_path)) for a in argv], script="eval.py", check=False,
             env={"HF_HUB_OFFLINE": "1"})
     assert p.returncode == 2, p.stderr[-2000:]

@@ -211,9 +211,13 @@ def test_resume_shows_the_last_held_out_pass1(tiny_dir, tmp_path):
     assert f"pass1={held:.3f}" in step2, step2
 
 
-def test_disk_full_while_saving_keeps_the_previous_checkpoint(tiny_dir, tmp_path):
-    """A file-size limit makes every write past 1 MiB fail with EFBIG, as a full disk fails with ENOSPC: the
-    checkpoint of step 2 cannot be written, and the one of step 1 stays as it was."""
+@pytest.mark.parametrize("limit_mib, what", [
+    (6, "the checkpoint"),  # model/ of the tiny model (3.5 MB in fp32) fits, checkpoint/'s shard (10.5 MB) does not
+    (1, "the model export"),  # model/ is written first, and fails
+])
+def test_disk_full_while_saving_keeps_the_previous_checkpoint(tiny_dir, tmp_path, limit_mib, what):
+    """A file-size limit makes every write past it fail with EFBIG, as a full disk fails with ENOSPC: the export or
+    the checkpoint of step 2 cannot be written, and the checkpoint of step 1 stays as it was."""
     run_dir = str(tmp_path / "r")
     first = run(["--steps", "1", *SMALL, "--eval-every", "0", "--run-dir", run_dir])
     assert first.returncode == 0, first.stderr[-3000:]
@@ -222,15 +226,16 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tiny_dir, tmp_path
 
     def small_files():
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG) instead of killing
-        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_mib << 20, limit_mib << 20))
     out = run(["--steps", "2", *SMALL, "--eval-every", "0", "--resume", "--run-dir", run_dir], preexec_fn=small_files)
     line = error_line(out)
-    assert line.startswith("error: could not write the checkpoint of step 2 to "), line
+    assert line.startswith(f"error: could not write {what} of step 2 to "), line
     assert "is the disk full?" in line and "the previous checkpoint (step 1) is intact and --resume continues from " \
                                           "it: python grpo.py --steps 2" in line, line
     assert snapshot(os.path.join(run_dir, "checkpoint")) == before
     assert open(os.path.join(run_dir, "metrics.jsonl")).read().startswith(lines)
     assert not os.path.exists(os.path.join(run_dir, "checkpoint.tmp"))
+    assert not os.path.exists(os.path.join(run_dir, "model.tmp"))
 
 
 def test_eval_help_names_its_subcommands_and_why_n_is_64():

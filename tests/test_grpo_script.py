@@ -31,11 +31,22 @@ def metrics(run_dir):
 
 
 def weights(run_dir):
-    return load_file(os.path.join(run_dir, "checkpoint", "model.safetensors"))
+    """The run's exported weights (model/: fp32 on CPU)."""
+    return load_file(os.path.join(run_dir, "model", "model.safetensors"))
+
+
+def resume_weights(run_dir):
+    """The model weights of the run's checkpoint/ (the sharded DCP state --resume reads), merged into one dict."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    out = os.path.join(run_dir, "resume-weights.pt")
+    dcp_to_torch_save(os.path.join(run_dir, "checkpoint", "train_state"), out)
+    state = torch.load(out, weights_only=True)
+    os.remove(out)
+    return state["model"]
 
 
 def test_end_to_end_writes_the_run_directory(tiny_dir, tmp_path):
-    p = run(["--model", tiny_dir, "--run-dir", tmp_path / "r"] + SMALL)
+    p = run(["--model", tiny_dir, "--run-dir", tmp_path / "r", "--save-dtype", "bf16"] + SMALL)
     rows = metrics(tmp_path / "r")
     assert [r["step"] for r in rows] == [0, 1, 2, 3]
     for key in ("reward/mean", "entropy/mean", "time/step", "grad_norm", "clip/frac", "frac_zero_std_groups"):
@@ -48,9 +59,17 @@ def test_end_to_end_writes_the_run_directory(tiny_dir, tmp_path):
     config = json.load(open(tmp_path / "r" / "config.json"))
     assert config["script"] == "grpo" and config["group_size"] == 4
     assert (tmp_path / "r" / "samples.jsonl").exists()
+    # checkpoint/: the sharded state --resume reads and nothing else; model/: the weights in --save-dtype, for
+    # transformers, vLLM and eval.py
+    assert sorted(os.listdir(tmp_path / "r" / "checkpoint")) == ["train_state", "trainer_state.json"]
+    assert sorted(os.listdir(tmp_path / "r")) == ["checkpoint", "config.json", "metrics.jsonl", "model",
+                                                  "samples.jsonl"]
+    exported, saved = weights(tmp_path / "r"), resume_weights(tmp_path / "r")
+    assert exported.keys() == saved.keys() and all(saved[k].dtype == torch.float32 for k in saved)
+    assert all(torch.equal(exported[k], saved[k].to(torch.bfloat16)) for k in saved)
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    AutoModelForCausalLM.from_pretrained(tmp_path / "r" / "checkpoint")
-    AutoTokenizer.from_pretrained(tmp_path / "r" / "checkpoint")
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "r" / "model").dtype == torch.bfloat16
+    AutoTokenizer.from_pretrained(tmp_path / "r" / "model")
     assert "pass@1" in p.stdout and str(tmp_path / "r") in p.stdout  # the summary
 
 
@@ -153,7 +172,7 @@ def test_update_runs_in_training_mode_so_checkpointing_acts(tiny_dir, tmp_path, 
 
 
 def test_tied_embeddings_save_once_reload_tied_and_resume(tiny_dir, tmp_path):
-    """Qwen2.5 up to 3B ties lm_head to the embeddings: the checkpoint stores that matrix once (safetensors refuses
+    """Qwen2.5 up to 3B ties lm_head to the embeddings: the export stores that matrix once (safetensors refuses
     shared tensors), from_pretrained ties it again, and --resume continues from it."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     model = AutoModelForCausalLM.from_pretrained(tiny_dir)
@@ -168,7 +187,7 @@ def test_tied_embeddings_save_once_reload_tied_and_resume(tiny_dir, tmp_path):
     run(common + ["--steps", "2"])
     run(common + ["--steps", "3", "--resume"])
     assert "lm_head.weight" not in weights(tmp_path / "r")
-    trained = AutoModelForCausalLM.from_pretrained(tmp_path / "r" / "checkpoint")
+    trained = AutoModelForCausalLM.from_pretrained(tmp_path / "r" / "model")
     assert trained.lm_head.weight is trained.model.embed_tokens.weight
     assert not torch.allclose(trained.model.embed_tokens.weight, model.model.embed_tokens.weight)
     assert [r["step"] for r in metrics(tmp_path / "r")] == [0, 1, 2, 3]

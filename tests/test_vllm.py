@@ -403,8 +403,8 @@ def test_vllm_resume_reaches_the_same_weights(tiny_dir, tmp_path):
     run(common_args + ["--steps", "4", "--run-dir", tmp_path / "full"])
     run(common_args + ["--steps", "2", "--run-dir", tmp_path / "cut"])
     run(common_args + ["--steps", "4", "--run-dir", tmp_path / "cut", "--resume"])
-    wa = load_file(os.path.join(tmp_path, "full", "checkpoint", "model.safetensors"))
-    wb = load_file(os.path.join(tmp_path, "cut", "checkpoint", "model.safetensors"))
+    wa = load_file(os.path.join(tmp_path, "full", "model", "model.safetensors"))  # the exports at step 4
+    wb = load_file(os.path.join(tmp_path, "cut", "model", "model.safetensors"))
     for k in wa:
         assert torch.allclose(wa[k], wb[k], atol=1e-6), k
     rewards = [[r["reward/mean"] for r in metrics(tmp_path / d)[1:]] for d in ("full", "cut")]
