@@ -308,7 +308,8 @@ def check_plan(args, script):
         return
     gpu = torch.cuda.is_available() or args.device_memory_gib > 0
     world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
-    backend = "vllm" if gpu and args.rollout_backend == "auto" else choose_backend(args, model)[0]  # GPU: vLLM installed
+    # a GPU plan on auto assumes vLLM (README's GPU install); elsewhere, what the run would choose
+    backend = "vllm" if gpu and args.rollout_backend == "auto" else choose_backend(args, model)[0]
     reference = args.kl_coef > 0 or getattr(args, "irl_score", None) == "ratio"  # sps.py's ratio score reads pi_ref
     old_pass = script in ("arm", "lp_reg", "thr") or args.ppo_epochs * args.mini_batches > 1  # a no-grad pi_old pass
     shape = model_shape(model)

@@ -606,7 +606,8 @@ def model_shape(model):
     vocab}."""
     config = model.config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    params, layer = sum(p.numel() for p in model.parameters()), sum(p.numel() for p in model.model.layers[0].parameters())
+    params = sum(p.numel() for p in model.parameters())
+    layer = sum(p.numel() for p in model.model.layers[0].parameters())
     return {"params": params, "layer": layer, "root": params - layer * config.num_hidden_layers,
             "layers": config.num_hidden_layers, "d": config.hidden_size, "I": config.intermediate_size,
             "q": config.num_attention_heads * head_dim, "kv": config.num_key_value_heads * head_dim,
