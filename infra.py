@@ -692,17 +692,18 @@ def memory_plan(args, shape, world, gpu, budget_gib, backend, reference, old_pas
     if old_pass or reference:
         phases["old log-probs"] = {**base, **state, **resident, **gathered, **logits,
                                    "activations (no grad, one layer)": tokens * layer_bytes / 2}
+    save_dtype = getattr(args, "save_dtype", "auto")
+    export_bytes = 2 if save_dtype == "bf16" or (save_dtype == "auto" and gpu) else 4
     full = {"full fp32 state dict (rank 0)": 4 * P} if W > 1 else {}  # one process: the model's own tensors
-    host = {"load": 4 * P + (0 if gpu else 4 * P / W) * (W > 1), "export": 4 * P}
+    exported = {"export: full weights in --save-dtype (rank 0)": export_bytes * P}  # gathered tensor by tensor
+    host = {"load": 4 * P + (0 if gpu else 4 * P / W) * (W > 1), "export": export_bytes * P}
     if not gpu:  # host memory is the device: loading and exporting count too
         phases["load"] = {**base, **full, "weights (fp32 shard)": 4 * P / W}
-        phases["export"] = {**base, **state, **resident, **full}
+        phases["export"] = {**base, **state, **resident, **exported}
     engine_gib = sum(v for k, v in engine.items() if k.startswith("vLLM engine") or "KV cache" in k) / GIB
     room = (HEADROOM * budget_gib - sum(phases["rollout"].values()) / GIB + engine_gib)  # GiB the engine may have
     totals = {k: sum(v.values()) / GIB for k, v in phases.items()}
     peak = max(totals, key=totals.get)
-    save_dtype = getattr(args, "save_dtype", "auto")
-    export_bytes = 2 if save_dtype == "bf16" or (save_dtype == "auto" and gpu) else 4
     return {"phases": phases, "totals": totals, "peak_phase": peak, "peak_gib": totals[peak],
             "budget_gib": budget_gib, "fits": totals[peak] <= HEADROOM * budget_gib, "gpu": gpu, "world": W,
             "backend": backend, "rows": rows, "micro_rows": n, "row_tokens": L, "host_gib": {k: v / GIB for k, v in
@@ -771,7 +772,8 @@ def plan_lines(plan, fix):
                                              f"--vllm-cpu-kv-gib {plan['engine_max']:.3g}"))
     if plan["gpu"]:
         lines.append(f"  host RAM of rank 0: load {plan['host_gib']['load']:.2f} GiB (the full fp32 state dict it "
-                     f"reads and broadcasts), export {plan['host_gib']['export']:.2f} GiB; other ranks ~0")
+                     f"reads and broadcasts), export {plan['host_gib']['export']:.2f} GiB (the weights in --save-dtype); "
+                     f"other ranks ~0")
     lines.append(f"  checkpoint/ (sharded weights + AdamW) {plan['checkpoint_gib']:.2f} GiB; model/ export "
                  f"{plan['export_gib']:.2f} GiB")
     verdict = "fits" if plan["fits"] else "does not fit: " + (
