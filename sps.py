@@ -283,7 +283,7 @@ def probe_scores(model, probe, args, device):
 def train(args):
     rank, world, device = init_distributed()
     run_dir = start_run(args, __file__, rank)
-    model, tokenizer = load_model(args.model, device, rank)
+    model, tokenizer = load_model(args.model, device, rank, world)  # torchrun: rank 0 alone reads the weights
     ref_model = load_reference(args.model, device, rank, world) if args.kl_coef > 0 else None  # pi_ref for the KL
     if args.irl_score == "ratio" and ref_model is None:  # SPS: and for the ratio score s
         ref_model = load_reference(args.model, device, rank, world)
