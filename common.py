@@ -75,6 +75,9 @@ class BaseArgs:
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm"})
     micro_batch_size: int = field(default=64, metadata={
         "help": "sequences per forward/backward on one rank (memory knob; does not change the math)"})
+    micro_batch_tokens: int = field(default=0, metadata={"help": (
+        "tokens per forward/backward on one rank, padding counted, instead of --micro-batch-size: rows packed in order "
+        "(verl's dynamic batch size; Lp-Reg's authors: 30720); 0 = off")})
     seed: int = field(default=0, metadata={"help": "seeds data order, model init of 'tiny', and rollout sampling"})
     train_size: int = field(default=2000, metadata={
         "help": "number of generated countdown training problems (countdown only)"})
@@ -143,6 +146,7 @@ class BaseArgs:
         require(self.eval_samples >= 1, f"--eval-samples must be >= 1 (got {self.eval_samples})")
         require(self.micro_batch_size >= 1 and self.logprob_chunk >= 1,
                 "--micro-batch-size and --logprob-chunk must be >= 1")
+        require(self.micro_batch_tokens >= 0, f"--micro-batch-tokens must be >= 0 (got {self.micro_batch_tokens})")
         require(min(self.eval_every, self.save_every, self.warmup_steps, self.eval_problems) >= 0,
                 "--eval-every, --save-every, --warmup-steps, --eval-problems must be >= 0")
         require(self.max_grad_norm > 0, f"--max-grad-norm must be > 0 (got {self.max_grad_norm})")
@@ -164,8 +168,8 @@ FLAG_GROUPS = {  # --help's sections, in this order; a script's own fields go un
     "evaluation": ["eval_datasets", "eval_every", "eval_samples", "eval_problems", "eval_temperature", "eval_top_p"],
     "the run": ["steps", "seed", "run_dir", "resume", "save_every", "report_to"],
     "the engine (speed and memory; not the math)": [
-        "rollout_backend", "micro_batch_size", "logprob_chunk", "gradient_checkpointing", "vllm_gpu_memory",
-        "vllm_cpu_kv_gib", "vllm_seeds"],
+        "rollout_backend", "micro_batch_size", "micro_batch_tokens", "logprob_chunk", "gradient_checkpointing",
+        "vllm_gpu_memory", "vllm_cpu_kv_gib", "vllm_seeds"],
 }
 
 
@@ -664,14 +668,38 @@ def token_logprobs(model, input_ids, attention_mask, start, chunk=1024, return_h
 
 
 # ============================================================================ 5. the update
-def micro_batches(model, rows, size, world):
-    """The rows of one optimizer step in micro-batches of `size`; under FSDP2 the gradients are reduce-scattered only
-    after the last one (gradient accumulation)."""
-    parts = rows.split(size)
-    for j, m in enumerate(parts):
-        if world > 1:
-            model.set_requires_gradient_sync(j == len(parts) - 1)
-        yield m
+def micro_batches(rows, mask, P, args, group=1):
+    """The rows of one pass, a no-grad log-prob pass or one optimizer step's gradient accumulation, in micro-batches
+    (one forward each): --micro-batch-size rows, or with --micro-batch-tokens N, packed in order while a micro-batch
+    costs at most N tokens, padding counted: n rows cost n x (P + their longest completion), the columns
+    token_logprobs runs (a row longer than N goes alone). group > 1 keeps whole groups of `group` rows together
+    (THR's pass). Under FSDP2 every rank must run as many forwards (each gathers the weights with the others): this
+    rank's largest micro-batches are halved until it has as many as the busiest rank (SPS pads the rest when it has
+    too few rows). Each backward reduce-scatters its gradient at once (FSDP2's default, and verl's): turning that off
+    until the last micro-batch would keep an unsharded fp32 gradient of the whole model on every rank.
+    rows: [n] indices into mask [N, T], P: the prompts' padded width. Returns [n_j] index tensors."""
+    lengths = mask[rows].sum(-1).long().tolist()  # [n] completion tokens of each row
+    size = max(group, args.micro_batch_size // group * group)  # rows, whole groups
+
+    def cost(part):  # tokens of one micro-batch, padding counted
+        return len(part) * (P + max(lengths[i] for i in part))
+    parts = []  # positions in rows
+    for start in range(0, len(rows), group):
+        unit = list(range(start, start + group))
+        if args.micro_batch_tokens:
+            fits = parts and cost(parts[-1] + unit) <= args.micro_batch_tokens
+        else:
+            fits = parts and len(parts[-1]) + group <= size
+        if fits:
+            parts[-1] += unit
+        else:
+            parts.append(unit)
+    busiest = int(all_max_dict({"n": len(parts)}, mask.device)["n"])
+    while len(parts) < busiest and any(len(p) > group for p in parts):
+        j = max((j for j, p in enumerate(parts) if len(p) > group), key=lambda j: cost(parts[j]))
+        half = len(parts[j]) // group // 2 * group  # at a group boundary
+        parts[j:j + 1] = [parts[j][:half], parts[j][half:]]
+    return [rows[p] for p in parts]
 
 
 def set_lr(optimizer, args, step):
