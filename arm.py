@@ -150,7 +150,7 @@ def arm_metrics(advantages, grpo_advantages, shifted, correct, c_prompt, c_answe
 def train(args):
     rank, world, device = init_distributed()
     run_dir = start_run(args, __file__, rank)
-    model, tokenizer = load_model(args.model, device, rank)
+    model, tokenizer = load_model(args.model, device, rank, world)  # torchrun: rank 0 alone reads the weights
     ref_model = load_reference(args.model, device, rank, world) if args.kl_coef > 0 else None  # pi_ref for the KL
     model = shard_model(model, world, device, args.gradient_checkpointing).train()  # from_pretrained gives eval mode
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
@@ -187,7 +187,8 @@ def train(args):
         def logprobs(rows, net=model, start=P):  # log pi(x_t | x_<t) and the entropy for t >= start: [n, P+T-start]
             return token_logprobs(net, ids[rows], attn[rows], start, args.logprob_chunk, prompt_len=P,
                                   temperature=args.temperature)
-        micro = [slice(i, i + args.micro_batch_size) for i in range(0, len(samples), args.micro_batch_size)]  # rows
+        rows = torch.arange(len(samples), device=device)  # [N]
+        micro = micro_batches(rows, mask, P, args)  # [n] row indices per forward: --micro-batch-size or -tokens
         first = P if args.prompt_confidence == "group-mean" else 1  # ARM: from position 1, to score the prompt too
         ref_logp = None
         with torch.no_grad(), autocast(device):
@@ -202,13 +203,12 @@ def train(args):
         c_prompt = prompt_confidence(prompt_logp, prompt_mask, c_answer, G, args.rho, args.prompt_confidence)  # [N]
         advantages, shifted = arm_advantages(advantages, correct, c_prompt, c_answer, G, args.alpha, args.arm_scope)
         # 5. Policy update: ppo_epochs x mini_batches optimizer steps on the clipped surrogate.
-        rows = torch.arange(len(samples), device=device)
         sums = {"clipped": 0.0, "loss": 0.0}
         for epoch in range(args.ppo_epochs):
             for mb in rows.chunk(args.mini_batches):
                 totals = all_sum_dict({"tokens": mask[mb].sum().item(), "seqs": len(mb)}, device)  # all ranks
                 optimizer.zero_grad(set_to_none=True)
-                for m in micro_batches(model, mb, args.micro_batch_size, world):  # gradients reduced after the last
+                for m in micro_batches(mb, mask, P, args):  # reduce-scattered per backward: never a full gradient
                     with autocast(device):
                         logp, ent = logprobs(m)  # [n, T]
                     token_loss, clipped = policy_loss(logp, old_logp[m], advantages[m, None], args.clip_low,

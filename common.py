@@ -81,6 +81,9 @@ class BaseArgs:
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm"})
     micro_batch_size: int = field(default=64, metadata={
         "help": "sequences per forward/backward on one rank (memory knob; does not change the math)"})
+    micro_batch_tokens: int = field(default=0, metadata={"help": (
+        "tokens per forward/backward on one rank, padding counted, instead of --micro-batch-size: rows packed in order "
+        "(verl's dynamic batch size; Lp-Reg's authors: 30720); 0 = off")})
     seed: int = field(default=0, metadata={"help": "seeds data order, model init of 'tiny', and rollout sampling"})
     train_size: int = field(default=2000, metadata={
         "help": "number of generated countdown training problems (countdown only)"})
@@ -162,6 +165,7 @@ class BaseArgs:
         require(self.eval_samples >= 1, f"--eval-samples must be >= 1 (got {self.eval_samples})")
         require(self.micro_batch_size >= 1 and self.logprob_chunk >= 1,
                 "--micro-batch-size and --logprob-chunk must be >= 1")
+        require(self.micro_batch_tokens >= 0, f"--micro-batch-tokens must be >= 0 (got {self.micro_batch_tokens})")
         require(min(self.eval_every, self.save_every, self.export_every, self.warmup_steps, self.eval_problems) >= 0,
                 "--eval-every, --save-every, --export-every, --warmup-steps, --eval-problems must be >= 0")
         require(self.max_grad_norm > 0, f"--max-grad-norm must be > 0 (got {self.max_grad_norm})")
@@ -187,8 +191,8 @@ FLAG_GROUPS = {  # --help's sections, in this order; a script's own fields go un
     "evaluation": ["eval_datasets", "eval_every", "eval_samples", "eval_problems", "eval_temperature", "eval_top_p"],
     "the run": ["steps", "seed", "run_dir", "resume", "save_every", "save_dtype", "export_every", "report_to"],
     "the engine (speed and memory; not the math)": [
-        "rollout_backend", "micro_batch_size", "logprob_chunk", "gradient_checkpointing", "vllm_gpu_memory",
-        "vllm_cpu_kv_gib", "vllm_seeds"],
+        "rollout_backend", "micro_batch_size", "micro_batch_tokens", "logprob_chunk", "gradient_checkpointing",
+        "vllm_gpu_memory", "vllm_cpu_kv_gib", "vllm_seeds"],
     "the memory plan (python SCRIPT --dry-run ...)": ["dry_run", "world_size", "device_memory_gib", "plan_check"],
 }
 
@@ -399,9 +403,12 @@ def gather_objects(obj):
     return out
 
 
-def load_model(name, device, rank=0, dtype=torch.float32):
+def load_model(name, device, rank=0, world=1, dtype=torch.float32):
     """(model, tokenizer) from 'tiny', a local directory or a hub id. Weights stay fp32 (the optimizer's master copy);
-    on CUDA the forward runs in bf16 (FSDP2 mixed precision, or autocast at world size 1)."""
+    on CUDA the forward runs in bf16 (FSDP2 mixed precision, or autocast at world size 1). Under torchrun (world > 1)
+    rank 0 alone reads the weights, on the host; the other ranks build the same model on the meta device (no memory)
+    from rank 0's config, and shard_model then gives each rank its shard of rank 0's weights: 8 ranks of a 7B model
+    no longer hold 8 full fp32 copies (30 GB each) in host memory."""
     if name == "tiny":
         if rank == 0:  # only rank 0 builds; the others wait
             tiny_model_dir("default", reward_fn=lambda text, p: countdown_reward(text, p["numbers"], p["target"]))
@@ -410,6 +417,30 @@ def load_model(name, device, rank=0, dtype=torch.float32):
     elif not os.path.isdir(name) and not re.fullmatch(r"[\w.-]+/[\w.-]+", name):
         raise UserError(f"unknown model '{name}': pass 'tiny', a local Hugging Face model directory, or a hub id like "
                         "Qwen/Qwen2.5-Math-1.5B")
+    if world == 1:
+        model, tokenizer = read_pretrained(name, dtype)
+        return model.to(device), tokenizer
+    from transformers import AutoModelForCausalLM
+    shared = [None, None, None, None]  # rank 0's: error message (or None), tokenizer, config, generation config
+    if rank == 0:
+        try:
+            model, tokenizer = read_pretrained(name, dtype)  # stays on the host: shard_model sends each rank its shard
+            shared = [None, tokenizer, model.config, model.generation_config]
+        except UserError as e:
+            shared[0] = str(e)
+    dist.broadcast_object_list(shared, src=0)  # the other ranks read no file (nodes without the hub cache too)
+    error, tokenizer, config, generation_config = shared
+    if error is not None:  # every rank stops with rank 0's message (the others would wait for it forever)
+        raise UserError(error)
+    if rank != 0:
+        with torch.device("meta"):  # shapes only: shard_model allocates this rank's shard and fills it
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model.generation_config = generation_config  # eos ids (engine.eos_ids), as from_pretrained reads them
+    return model.eval(), tokenizer  # eval(): from_pretrained's mode
+
+
+def read_pretrained(name, dtype):
+    """from_pretrained's (model, tokenizer) on the host, or a UserError that says what to do."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     local = os.path.isdir(name)
     offline = not local and not hub_reachable()  # then only the local cache: no minute of retries
@@ -426,18 +457,22 @@ def load_model(name, device, rank=0, dtype=torch.float32):
                         f"internet (`hf download {name} --local-dir DIR`) and pass --model DIR") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return model.to(device), tokenizer
+    return model, tokenizer
 
 
 def load_reference(name, device, rank, world):
-    """The frozen initial model pi_ref (for the k3 KL term), sharded like the policy; it never runs backward, so no
-    gradient checkpointing."""
-    return shard_model(load_model(name, device, rank)[0].eval(), world, device, "off")
+    """The frozen initial model pi_ref (for the k3 KL term), sharded like the policy and loaded the same way, in the
+    compute dtype (bf16 on CUDA, fp32 on CPU): it is never updated, so it needs no fp32 master copy. It never runs
+    backward, so no gradient checkpointing."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    return shard_model(load_model(name, device, rank, world, dtype)[0].eval(), world, device, "off")
 
 
 def shard_model(model, world, device, gradient_checkpointing="auto"):
-    """FSDP2 under torchrun: `fully_shard` each decoder layer, then the root (embeddings, final norm, LM head).
-    bf16 compute / fp32 gradient reduction on CUDA. A single process keeps the plain module."""
+    """FSDP2 under torchrun: `fully_shard` each decoder layer, then the root (embeddings, final norm, LM head), on the
+    meta device; then each rank allocates its shard on `device` and receives it from rank 0's weights (the only
+    full copy, on the host: load_model). bf16 compute / fp32 gradient reduction on CUDA. A single process keeps the
+    plain module."""
     if gradient_checkpointing == "on" or (gradient_checkpointing == "auto" and device.type == "cuda"):
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x; the old name goes in v6
             model.activation_checkpointing_enable({"use_reentrant": False})
@@ -446,13 +481,25 @@ def shard_model(model, world, device, gradient_checkpointing="auto"):
     model.config.use_cache = False
     if world == 1:
         return model
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    rank = dist.get_rank()
+    full = model.state_dict() if rank == 0 else {}  # the weights, on rank 0 only
+    buffers = dict(model.named_buffers()) if rank == 0 else {}  # with the non-persistent ones (rotary inv_freq)
+    model.to("meta")  # rank 0's too: fully_shard would first copy a real model to the device whole
+    model.tie_weights()  # .to() gave a tied LM head (SmolLM2, Qwen2.5 up to 3B) a parameter of its own: tie it again
     mesh = init_device_mesh(device.type, (world,))
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16,
                               reduce_dtype=torch.float32) if device.type == "cuda" else MixedPrecisionPolicy()
     for layer in model.model.layers:
         fully_shard(layer, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)
+    model.to_empty(device=device)  # this rank's shard of every parameter, and the buffers, uninitialised
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    for name, buffer in model.named_buffers():  # buffers are whole on every rank and in no state dict: rank 0's
+        if rank == 0:
+            buffer.copy_(buffers[name])
+        dist.broadcast(buffer, src=0)
     return model
 
 
@@ -724,14 +771,38 @@ def token_logprobs(model, input_ids, attention_mask, start, chunk=1024, return_h
 
 
 # ============================================================================ 5. the update
-def micro_batches(model, rows, size, world):
-    """The rows of one optimizer step in micro-batches of `size`; under FSDP2 the gradients are reduce-scattered only
-    after the last one (gradient accumulation)."""
-    parts = rows.split(size)
-    for j, m in enumerate(parts):
-        if world > 1:
-            model.set_requires_gradient_sync(j == len(parts) - 1)
-        yield m
+def micro_batches(rows, mask, P, args, group=1):
+    """The rows of one pass, a no-grad log-prob pass or one optimizer step's gradient accumulation, in micro-batches
+    (one forward each): --micro-batch-size rows, or with --micro-batch-tokens N, packed in order while a micro-batch
+    costs at most N tokens, padding counted: n rows cost n x (P + their longest completion), the columns
+    token_logprobs runs (a row longer than N goes alone). group > 1 keeps whole groups of `group` rows together
+    (THR's pass). Under FSDP2 every rank must run as many forwards (each gathers the weights with the others): this
+    rank's largest micro-batches are halved until it has as many as the busiest rank (SPS pads the rest when it has
+    too few rows). Each backward reduce-scatters its gradient at once (FSDP2's default, and verl's): turning that off
+    until the last micro-batch would keep an unsharded fp32 gradient of the whole model on every rank.
+    rows: [n] indices into mask [N, T], P: the prompts' padded width. Returns [n_j] index tensors."""
+    lengths = mask[rows].sum(-1).long().tolist()  # [n] completion tokens of each row
+    size = max(group, args.micro_batch_size // group * group)  # rows, whole groups
+
+    def cost(part):  # tokens of one micro-batch, padding counted
+        return len(part) * (P + max(lengths[i] for i in part))
+    parts = []  # positions in rows
+    for start in range(0, len(rows), group):
+        unit = list(range(start, start + group))
+        if args.micro_batch_tokens:
+            fits = parts and cost(parts[-1] + unit) <= args.micro_batch_tokens
+        else:
+            fits = parts and len(parts[-1]) + group <= size
+        if fits:
+            parts[-1] += unit
+        else:
+            parts.append(unit)
+    busiest = int(all_max_dict({"n": len(parts)}, mask.device)["n"])
+    while len(parts) < busiest and any(len(p) > group for p in parts):
+        j = max((j for j, p in enumerate(parts) if len(p) > group), key=lambda j: cost(parts[j]))
+        half = len(parts[j]) // group // 2 * group  # at a group boundary
+        parts[j:j + 1] = [parts[j][:half], parts[j][half:]]
+    return [rows[p] for p in parts]
 
 
 def set_lr(optimizer, args, step):

@@ -112,7 +112,7 @@ def aggregate_loss(token_loss, mask, mode, n_tokens, n_seqs, max_new_tokens):
 def train(args):
     rank, world, device = init_distributed()
     run_dir = start_run(args, __file__, rank)
-    model, tokenizer = load_model(args.model, device, rank)
+    model, tokenizer = load_model(args.model, device, rank, world)  # torchrun: rank 0 alone reads the weights
     ref_model = load_reference(args.model, device, rank, world) if args.kl_coef > 0 else None  # pi_ref for the KL
     model = shard_model(model, world, device, args.gradient_checkpointing).train()  # from_pretrained gives eval mode
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
@@ -148,7 +148,8 @@ def train(args):
 
         def logprobs(rows, net=model):  # log pi(o_t | o_<t) and the entropy of pi(. | o_<t) of these rows: [n, T] each
             return token_logprobs(net, ids[rows], attn[rows], P, args.logprob_chunk, temperature=args.temperature)
-        micro = [slice(i, i + args.micro_batch_size) for i in range(0, len(samples), args.micro_batch_size)]  # rows
+        rows = torch.arange(len(samples), device=device)  # [N]
+        micro = micro_batches(rows, mask, P, args)  # [n] row indices per forward: --micro-batch-size or -tokens
         old_logp, entropy = torch.zeros_like(mask), torch.zeros_like(mask)  # [N, T] float
         ref_logp = None
         with torch.no_grad(), autocast(device):
@@ -157,13 +158,12 @@ def train(args):
             if ref_model is not None:
                 ref_logp = torch.cat([logprobs(m, ref_model)[0] for m in micro])  # [N, T]
         # 5. Policy update: ppo_epochs x mini_batches optimizer steps on the clipped surrogate.
-        rows = torch.arange(len(samples), device=device)
         sums = {"clipped": 0.0, "loss": 0.0}
         for epoch in range(args.ppo_epochs):
             for mb in rows.chunk(args.mini_batches):
                 totals = all_sum_dict({"tokens": mask[mb].sum().item(), "seqs": len(mb)}, device)  # all ranks
                 optimizer.zero_grad(set_to_none=True)
-                for m in micro_batches(model, mb, args.micro_batch_size, world):  # gradients reduced after the last
+                for m in micro_batches(mb, mask, P, args):  # reduce-scattered per backward: never a full gradient
                     with autocast(device):
                         logp, ent = logprobs(m)  # [n, T]
                     if on_policy:  # ratio exp(logp - old_logp) = 1 in value, gradient of log pi

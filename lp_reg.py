@@ -62,11 +62,13 @@ class Args(GRPOArgs):
                        "pi_old(v) (Eq. 5) | fixed: tau = kappa (paper's ablation)"})
     beta: float = field(default=1.0, metadata={"help": "coefficient of the KL pull toward the proxy; paper 1.0"})
     percentile_scope: str = field(default="microbatch", metadata={"choices": ["microbatch", "batch"], "help": (
-        "microbatch: bottom-rho per micro-batch by current log-prob (authors' code) | batch: over the whole rollout "
-        "batch on all ranks, by log pi_old (paper)")})
+        "microbatch: bottom-rho per micro-batch by current log-prob (authors' code; which tokens are pulled depends "
+        "on --micro-batch-size / --micro-batch-tokens) | batch: over the whole rollout batch on all ranks, by log "
+        "pi_old (paper)")})
     token_mean: str = field(default="batch", metadata={"choices": ["batch", "microbatch"], "help": (
         "--loss-agg token-mean over: batch (ours: every token of the optimizer batch weighs the same, whatever the "
-        "micro-batching) | microbatch (authors' code: each micro-batch's token-mean x its share of the sequences)")})
+        "micro-batching) | microbatch (authors' code: each micro-batch's token-mean x its share of the sequences, "
+        "so the update depends on --micro-batch-size / --micro-batch-tokens)")})
 
     def __post_init__(self):
         super().__post_init__()  # GRPO's checks
@@ -147,14 +149,15 @@ def microbatch_token_mean(token_loss, mask, n_seqs):
     """--token-mean microbatch, the authors' weighting (verl, dynamic batch size): the token-mean of one micro-batch
     times its share of the optimizer batch's sequences, n_seqs over ALL ranks (x world_size(): ranks average their
     gradients). It equals --token-mean batch (grpo.aggregate_loss) only when every micro-batch has as many valid
-    tokens per sequence on average as the whole batch. token_loss, mask: [n, T] -> scalar."""
+    tokens per sequence on average as the whole batch: the update depends on how --micro-batch-size or
+    --micro-batch-tokens splits the rows. token_loss, mask: [n, T] -> scalar."""
     return (token_loss * mask).sum() / mask.sum().clamp(min=1) * len(mask) / n_seqs * world_size()
 
 
 def train(args):
     rank, world, device = init_distributed()
     run_dir = start_run(args, __file__, rank)
-    model, tokenizer = load_model(args.model, device, rank)
+    model, tokenizer = load_model(args.model, device, rank, world)  # torchrun: rank 0 alone reads the weights
     ref_model = load_reference(args.model, device, rank, world) if args.kl_coef > 0 else None  # pi_ref for the KL
     model = shard_model(model, world, device, args.gradient_checkpointing).train()  # from_pretrained gives eval mode
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
@@ -193,14 +196,14 @@ def train(args):
 
         def to_proxy(logits, targets):  # log pi_proxy(o_t) (Eq. 5) from the chunk's logits [n, V]: [n]
             return proxy_logprob(logits, targets, args.kappa, args.proxy)
-        micro = [slice(i, i + args.micro_batch_size) for i in range(0, len(samples), args.micro_batch_size)]  # rows
+        rows = torch.arange(len(samples), device=device)  # [N]
+        micro = micro_batches(rows, mask, P, args)  # [n] row indices per forward: --micro-batch-size or -tokens
         ref_logp = None
         with torch.no_grad(), autocast(device):
             old_logp, entropy, proxy_logp = map(torch.cat, zip(*[logprobs(m, row_fn=to_proxy) for m in micro]))
             if ref_model is not None:
                 ref_logp = torch.cat([logprobs(m, ref_model)[0] for m in micro])  # [N, T]
         # 5. Policy update: ppo_epochs x mini_batches optimizer steps on the clipped surrogate.
-        rows = torch.arange(len(samples), device=device)
         sums = {"clipped": 0.0, "loss": 0.0}
         sums.update(dict.fromkeys(["selected", "bottom", "fired", "sets", "delta", "kl"], 0.0))  # Lp-Reg diagnostics
         if args.percentile_scope == "batch":  # the paper: one bottom-rho over the rollout batch of all ranks, by pi_old
@@ -210,7 +213,7 @@ def train(args):
             for mb in rows.chunk(args.mini_batches):
                 totals = all_sum_dict({"tokens": mask[mb].sum().item(), "seqs": len(mb)}, device)  # all ranks
                 optimizer.zero_grad(set_to_none=True)
-                for m in micro_batches(model, mb, args.micro_batch_size, world):  # gradients reduced after the last
+                for m in micro_batches(mb, mask, P, args):  # reduce-scattered per backward: never a full gradient
                     with autocast(device):
                         logp, ent = logprobs(m)  # [n, T]
                     if args.percentile_scope == "batch":

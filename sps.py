@@ -139,26 +139,26 @@ def preconditioned_step(optimizer, lr):
             p.sub_(lr * (p.grad / (v_hat.sqrt() + eps)).clamp(-1, 1))
 
 
-def irl_gradients(model, samples, rewards, logprobs, mask, ref_logp, buffer, args, pad):
+def irl_gradients(model, samples, rewards, logprobs, mask, P, ref_logp, buffer, args, pad):
     """Accumulate the gradient of lambda_irl * L_IRL into the parameters (no optimizer step); None if no rank has
-    anything to fit (all skip together), else this step's IRL loss BEFORE the update. Every rank runs as many
-    micro-batches as the busiest one (zero-weight extras; micro_batches reduces the gradients after the last)."""
-    G, mb = args.group_size, args.micro_batch_size
+    anything to fit (all skip together), else this step's IRL loss BEFORE the update. Micro-batches as the update's
+    (common.micro_batches); every rank runs as many as the busiest one (zero-weight extras where it has fewer rows)."""
+    G = args.group_size
     world, device = world_size(), rewards.device
     if args.irl_variant == "nll":  # token-mean NLL on earlier correct rollouts
         n_tokens = all_sum([sum(len(s["completion_ids"]) for s in buffer)], device)[0]
         if n_tokens == 0:
             return None
-        parts = [buffer[i:i + mb] for i in range(0, len(buffer), mb)]
+        ids, attn, buffer_mask, buffer_P = rollout_batch(buffer or samples[:1], pad, device)  # none: a stand-in row
+        parts = micro_batches(torch.arange(len(ids), device=device), buffer_mask, buffer_P, args)
         loss_sum = 0.0
-        for j in map(int, micro_batches(model, torch.arange(max(gather_objects(len(parts)))), 1, world)):
-            part = parts[j] if j < len(parts) else samples[:1]  # as many micro-batches as the busiest rank:
-            weight = 1.0 if j < len(parts) else 0.0  # the extras weigh nothing
-            ids, attn, part_mask, P = rollout_batch(part, pad, device)
+        for j in range(max(gather_objects(len(parts)))):  # as many micro-batches as the busiest rank:
+            rows = parts[j] if j < len(parts) else parts[0][:1]
+            weight = 1.0 if buffer and j < len(parts) else 0.0  # the extras (and the stand-in) weigh nothing
             with autocast(device):
-                logp, _ = token_logprobs(model, ids, attn, P, args.logprob_chunk,
+                logp, _ = token_logprobs(model, ids[rows], attn[rows], buffer_P, args.logprob_chunk,
                                          temperature=args.temperature)  # [n, T]
-            nll = -(logp * part_mask).sum() * weight * (1 if args.irl_sign == "kl" else -1)
+            nll = -(logp * buffer_mask[rows]).sum() * weight * (1 if args.irl_sign == "kl" else -1)
             (args.irl_coef * nll / n_tokens * world).backward()
             loss_sum += nll.item()
         return {"sps/irl_loss": all_sum([loss_sum], device)[0] / n_tokens}
@@ -170,18 +170,17 @@ def irl_gradients(model, samples, rewards, logprobs, mask, ref_logp, buffer, arg
     if n_groups == 0:
         return None
     n_norm = n_all if args.irl_norm == "batch" else n_groups  # batch: groups without demonstrations contribute 0
-    groups = eligible.nonzero().squeeze(-1).tolist()
-    per = max(1, mb // G)  # micro-batches of whole groups
-    chunks = [groups[i:i + per] for i in range(0, len(groups), per)]
+    rows = (eligible.nonzero() * G + torch.arange(G, device=device)).flatten()  # [n]: the eligible groups' rows
+    parts = micro_batches(rows, mask, P, args, group=G)  # whole groups
     loss_sum = 0.0
     scores = torch.zeros(q.shape, device=device)  # [N/G, G]: s with the weights after the RL step (eligible groups)
-    for j in map(int, micro_batches(model, torch.arange(max(gather_objects(len(chunks)))), 1, world)):
-        chunk = chunks[j] if j < len(chunks) else [0]  # as many micro-batches as the busiest rank:
-        weight = 1.0 if j < len(chunks) else 0.0  # the extras weigh nothing
-        rows = torch.tensor([g * G + i for g in chunk for i in range(G)], device=device)
+    for j in range(max(gather_objects(len(parts)))):  # as many micro-batches as the busiest rank:
+        part = parts[j] if j < len(parts) else torch.arange(G, device=device)  # the extras: group 0,
+        weight = 1.0 if j < len(parts) else 0.0  # weighing nothing
+        chunk = part[::G] // G  # its groups
         with autocast(device):
-            logp, _ = logprobs(rows)  # [n, T]
-        s = implicit_reward(logp, mask[rows], args.irl_score, None if ref_logp is None else ref_logp[rows]).view(-1, G)
+            logp, _ = logprobs(part)  # [n, T]
+        s = implicit_reward(logp, mask[part], args.irl_score, None if ref_logp is None else ref_logp[part]).view(-1, G)
         support = demos[chunk] if args.irl_support == "demos" else None
         loss = irl_loss(s, q[chunk], args.irl_temperature, args.irl_sign, support) * weight  # [groups in chunk]
         (args.irl_coef * loss.sum() / n_norm * world).backward()  # world: FSDP averages gradients over ranks
@@ -239,15 +238,13 @@ def sample_probe(model, tokenizer, train_set, args, device, ref_model):
 
 def probe_logprobs(model, batch, args, device):
     """log pi(o_t) of the probe rollouts and the probability of the top-1 token at each position: [P * G, T] each."""
-    ids, attn, _, P = batch
-    mb = args.micro_batch_size
+    ids, attn, mask, P = batch
 
     def top1(logits, targets):  # the top-1 token's probability of each row [n, V] -> [n]
         return logits.softmax(-1).max(-1).values
     with torch.no_grad(), autocast(device):
-        out = [token_logprobs(model, ids[i:i + mb], attn[i:i + mb], P, args.logprob_chunk, row_fn=top1,
-                              temperature=args.temperature)
-               for i in range(0, len(ids), mb)]
+        out = [token_logprobs(model, ids[m], attn[m], P, args.logprob_chunk, row_fn=top1, temperature=args.temperature)
+               for m in micro_batches(torch.arange(len(ids), device=device), mask, P, args)]
     return [torch.cat([o[k].float() for o in out]) for k in (0, 2)]
 
 
@@ -283,7 +280,7 @@ def probe_scores(model, probe, args, device):
 def train(args):
     rank, world, device = init_distributed()
     run_dir = start_run(args, __file__, rank)
-    model, tokenizer = load_model(args.model, device, rank)
+    model, tokenizer = load_model(args.model, device, rank, world)  # torchrun: rank 0 alone reads the weights
     ref_model = load_reference(args.model, device, rank, world) if args.kl_coef > 0 else None  # pi_ref for the KL
     if args.irl_score == "ratio" and ref_model is None:  # SPS: and for the ratio score s
         ref_model = load_reference(args.model, device, rank, world)
@@ -325,7 +322,8 @@ def train(args):
 
         def logprobs(rows, net=model):  # log pi(o_t | o_<t) and the entropy of pi(. | o_<t) of these rows: [n, T] each
             return token_logprobs(net, ids[rows], attn[rows], P, args.logprob_chunk, temperature=args.temperature)
-        micro = [slice(i, i + args.micro_batch_size) for i in range(0, len(samples), args.micro_batch_size)]  # rows
+        rows = torch.arange(len(samples), device=device)  # [N]
+        micro = micro_batches(rows, mask, P, args)  # [n] row indices per forward: --micro-batch-size or -tokens
         old_logp, entropy = torch.zeros_like(mask), torch.zeros_like(mask)  # [N, T] float
         ref_logp = None
         with torch.no_grad(), autocast(device):
@@ -341,13 +339,12 @@ def train(args):
             probe = sample_probe(model, tokenizer, train_set, args, device, ref_model)
         probe_scores(model, probe, args, device)  # s0
         # 5. Policy update: ppo_epochs x mini_batches optimizer steps on the clipped surrogate.
-        rows = torch.arange(len(samples), device=device)
         sums = {"clipped": 0.0, "loss": 0.0}
         for epoch in range(args.ppo_epochs):
             for mb in rows.chunk(args.mini_batches):
                 totals = all_sum_dict({"tokens": mask[mb].sum().item(), "seqs": len(mb)}, device)  # all ranks
                 optimizer.zero_grad(set_to_none=True)
-                for m in micro_batches(model, mb, args.micro_batch_size, world):  # gradients reduced after the last
+                for m in micro_batches(mb, mask, P, args):  # reduce-scattered per backward: never a full gradient
                     with autocast(device):
                         logp, ent = logprobs(m)  # [n, T]
                     if on_policy:  # ratio exp(logp - old_logp) = 1 in value, gradient of log pi
@@ -366,7 +363,7 @@ def train(args):
                     sums["loss"] += loss.item() / (args.ppo_epochs * args.mini_batches * world)  # the mean over updates
                     sums["clipped"] += (clipped * mask[m]).sum().item()
                 if irl_now and irl is None and args.irl_schedule == "summed":  # SPS: L_IRL joins the first RL step
-                    irl = irl_gradients(model, samples, rewards, logprobs, mask, ref_logp, buffer, args,
+                    irl = irl_gradients(model, samples, rewards, logprobs, mask, P, ref_logp, buffer, args,
                                         tokenizer.pad_token_id)
                 # clip and apply the gradient (a non-finite one is skipped); grad_norm: the last mini-batch's
                 grad_norm, skipped, streak = optimizer_step(model, optimizer, args, skipped, streak)
@@ -374,7 +371,8 @@ def train(args):
         # 5b. SPS: the IRL step (S5) on the same rollouts, scores recomputed with the weights after the RL step.
         if irl_now and args.irl_schedule == "separate":
             optimizer.zero_grad(set_to_none=True)
-            irl = irl_gradients(model, samples, rewards, logprobs, mask, ref_logp, buffer, args, tokenizer.pad_token_id)
+            irl = irl_gradients(model, samples, rewards, logprobs, mask, P, ref_logp, buffer, args,
+                                tokenizer.pad_token_id)
             if irl is not None:
                 irl["sps/irl_grad_norm"] = clip_grad_norm(model, args.max_grad_norm)
                 if math.isfinite(irl["sps/irl_grad_norm"]):

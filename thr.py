@@ -186,7 +186,7 @@ def gspo_token_logp(logp, old_logp, mask):
 def train(args):
     rank, world, device = init_distributed()
     run_dir = start_run(args, __file__, rank)
-    model, tokenizer = load_model(args.model, device, rank)
+    model, tokenizer = load_model(args.model, device, rank, world)  # torchrun: rank 0 alone reads the weights
     ref_model = load_reference(args.model, device, rank, world) if args.kl_coef > 0 else None  # pi_ref for the KL
     model = shard_model(model, world, device, args.gradient_checkpointing).train()  # from_pretrained gives eval mode
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
@@ -226,8 +226,8 @@ def train(args):
         def logsumexp(logits, targets):  # the full-vocabulary log-normaliser logz of each row [n, V] -> [n]
             return logits.logsumexp(-1)
         correct = rewards > 0.5  # [N]: the set P of each group
-        groups_per_micro = max(G, args.micro_batch_size // G * G)  # rows per micro-batch of the pass: whole groups
-        micro = [slice(i, i + groups_per_micro) for i in range(0, len(samples), groups_per_micro)]
+        rows = torch.arange(len(samples), device=device)  # [N]
+        micro = micro_batches(rows, mask, P, args, group=G)  # [n] row indices per forward of the pass: whole groups
         old_logp, entropy = torch.zeros_like(mask), torch.zeros_like(mask)  # [N, T] float
         scores = torch.zeros_like(mask)  # [N, T] s (T2)
         t_thr = 0.0
@@ -252,13 +252,12 @@ def train(args):
             token_adv = reweighted_advantages(advantages, thr, dominant, args.p, args.mask_nondominant)  # [N, T]
         t_thr += time.time() - t1
         # 5. Policy update: ppo_epochs x mini_batches optimizer steps on the clipped surrogate.
-        rows = torch.arange(len(samples), device=device)
         sums = {"clipped": 0.0, "loss": 0.0}
         for epoch in range(args.ppo_epochs):
             for mb in rows.chunk(args.mini_batches):
                 totals = all_sum_dict({"tokens": mask[mb].sum().item(), "seqs": len(mb)}, device)  # all ranks
                 optimizer.zero_grad(set_to_none=True)
-                for m in micro_batches(model, mb, args.micro_batch_size, world):  # gradients reduced after the last
+                for m in micro_batches(mb, mask, P, args):  # reduce-scattered per backward: never a full gradient
                     with autocast(device):
                         logp, ent = logprobs(m)  # [n, T]
                     if args.objective == "gspo-token":  # the sequence ratio, token advantages
