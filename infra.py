@@ -535,7 +535,8 @@ def write_error(run_dir, tmp, what, error):
 RESUME_MAY_CHANGE = {"steps", "run_dir", "resume", "save_every", "save_dtype", "export_every", "eval_every",
                      "eval_samples", "eval_problems", "eval_datasets", "eval_temperature", "eval_top_p",
                      "micro_batch_size", "logprob_chunk", "gradient_checkpointing", "rollout_backend",
-                     "vllm_gpu_memory", "vllm_cpu_kv_gib", "max_skipped_steps", "report_to"}
+                     "vllm_gpu_memory", "vllm_cpu_kv_gib", "max_skipped_steps", "report_to", "micro_batch_tokens",
+                     "dry_run", "world_size", "device_memory_gib", "plan_check"}
 
 
 def resume_changes(config, old, config_path):
