@@ -720,36 +720,45 @@ def phase_fits(plan, phase):
 
 
 def plan_fix(args, plan_of):
-    """The flag and value that make the plan's peak phase fit, (flag, value), or None when it fits or no flag can:
-    the first of the phase's flags (in this order) whose largest fitting value does, else the fewest ranks that fit
-    (--world-size). plan_of(args, world=None): the plan of a modified copy of the flags. Only flags that leave the
-    math alone are changed (micro-batches, log-prob chunks and checkpointing are memory knobs; the engine's share
-    changes how many completions it runs at once)."""
+    """The change that brings the plan closer to fitting, (flag, value), or None when it fits or no setting can. For
+    the peak phase's flags in this order: the largest value of one flag that makes the phase fit; else, when no single
+    flag can but all of them at their smallest would fit, the smallest value of the first flag that lowers the phase
+    (the next call names the next one); else the fewest ranks (--world-size) at which the smallest setting fits.
+    plan_of(args, world=...): the plan of a modified copy of the flags. Applied one after another, these changes
+    reach a fitting plan whenever one exists (tests/test_plan.py checks it against a brute-force search). Only memory
+    flags change: micro-batches, log-prob chunks and checkpointing leave the math alone, and the engine's share
+    changes how many completions it holds at once (one whole row at least)."""
     from dataclasses import replace
     plan = plan_of(args)
     if plan["fits"]:
         return None
     phase, L = plan["peak_phase"], plan["row_tokens"]
-    tried = {"micro_batch_tokens": [k * L for k in range(plan["micro_rows"] - 1, 0, -1)],
+    engine_flag = "vllm_gpu_memory" if plan["gpu"] else "vllm_cpu_kv_gib"
+    tried = {"micro_batch_tokens": [k * L for k in range(plan["micro_rows"] - 1, 0, -1)],  # largest first
              "logprob_chunk": [x for x in (512, 256, 128, 64, 32) if x < args.logprob_chunk],
              "gradient_checkpointing": ["on"] if args.gradient_checkpointing != "on" else [],
-             "vllm_gpu_memory": [round(x / 100, 2) for x in range(int(args.vllm_gpu_memory * 100) - 1, 4, -1)],
-             "vllm_cpu_kv_gib": [x / 8 for x in range(int(args.vllm_cpu_kv_gib * 8) - 1, 0, -1)]}
-    knobs = {"update": ["micro_batch_tokens", "logprob_chunk", "gradient_checkpointing"],
-             "old log-probs": ["micro_batch_tokens", "logprob_chunk"],
-             "rollout": ["vllm_gpu_memory" if plan["gpu"] else "vllm_cpu_kv_gib"] if plan["backend"] == "vllm" else [],
-             "evaluation": ["vllm_gpu_memory" if plan["gpu"] else "vllm_cpu_kv_gib"] if plan["backend"] == "vllm"
-             else []}
-    if plan["backend"] == "vllm" and not plan["gpu"]:  # vLLM-CPU stays resident: its KV cache weighs on every phase
-        knobs = {k: v + ["vllm_cpu_kv_gib"] for k, v in knobs.items()}
-    for flag in knobs.get(phase, []):
-        for value in tried[flag]:
-            trial = plan_of(replace(args, **{flag: value}))
-            engine_ok = flag not in ("vllm_gpu_memory", "vllm_cpu_kv_gib") or trial["engine_tokens"] >= L
-            if engine_ok and phase_fits(trial, phase):
-                return flag, value
+             "vllm_gpu_memory": [x / 100 for x in range(round(args.vllm_gpu_memory * 100) - 1, 4, -1)],
+             "vllm_cpu_kv_gib": [x / 8 for x in range(math.ceil(args.vllm_cpu_kv_gib * 8) - 1, 0, -1)]}
+    tried[engine_flag] = [v for v in tried[engine_flag]  # the engine must hold one whole row
+                          if plan_of(replace(args, **{engine_flag: v}))["engine_tokens"] >= L]
+    engine = [engine_flag] if plan["backend"] == "vllm" else []
+    resident = engine if not plan["gpu"] else []  # vLLM-CPU never sleeps: its KV cache weighs on every phase
+    knobs = {"update": ["micro_batch_tokens", "logprob_chunk", "gradient_checkpointing"] + resident,
+             "old log-probs": ["micro_batch_tokens", "logprob_chunk"] + resident,
+             "rollout": engine, "evaluation": engine, "export": resident, "load": []}[phase]
+    every = ["micro_batch_tokens", "logprob_chunk", "gradient_checkpointing"] + engine
+    smallest = replace(args, **{f: tried[f][-1] for f in every if tried[f]})
+    if plan_of(smallest)["fits"]:
+        for flag in knobs:
+            for value in tried[flag]:
+                if phase_fits(plan_of(replace(args, **{flag: value})), phase):
+                    return flag, value
+        for flag in knobs:
+            if tried[flag] and plan_of(replace(args, **{flag: tried[flag][-1]}))["totals"][phase] < plan["totals"][
+                    phase]:
+                return flag, tried[flag][-1]
     for w in range(plan["world"] + 1, 1025):
-        if args.prompts_per_step % w == 0 and plan_of(args, world=w)["fits"]:
+        if args.prompts_per_step % w == 0 and plan_of(smallest, world=w)["fits"]:
             return "world_size", w
     return None
 

@@ -46,7 +46,7 @@ def grpo_run(path, a, tmp):
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         rows = list(map(json.loads, f))
     train = sorted(r["tokens_per_s/train"] for r in rows if r["step"] > 1)
-    return float(plan.group(1)), plan.group(2), max(r["memory/peak_gib"] for r in rows), train[len(train) // 2]
+    return float(plan.group(1)), plan.group(2), max(r.get("memory/peak_gib", 0) for r in rows), train[len(train) // 2]
 
 
 def logprob_check(path, device):
@@ -111,7 +111,8 @@ def main():
     print("|---|---|---|---|---|---|---|---|---|")
     for shape, params, plan, phase, measured, tok_s, mfu, d in results:
         print(f"| {shape} | {params / 1e6:.0f}M | {plan:.2f} GiB ({phase}) | {measured:.2f} GiB | "
-              f"{plan / measured:.2f} | {tok_s:.0f} | {mfu:.1%} | {d['autocast'][0]:.4f} / {d['autocast'][1]:.3f} | "
+              f"{plan / measured:.2f} | {tok_s:.0f} | {'—' if mfu != mfu else f'{mfu:.1%}'} | "
+              f"{d['autocast'][0]:.4f} / {d['autocast'][1]:.3f} | "
               f"{d['fsdp2'][0]:.4f} / {d['fsdp2'][1]:.3f} |")
 
 

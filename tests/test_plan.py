@@ -84,7 +84,7 @@ def test_cpu_vllm_engine_stays_resident_and_tokens_pack_rows():
     assert plan["engine_tokens"] == 2 * GIB / (2 * 28 * 256 * 4)
 
 
-@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("seed", range(12))
 def test_the_fixes_reach_a_fit_whenever_a_setting_of_the_memory_flags_does(seed):
     """Apply the plan's fix, then the next, ...: it fits in the end exactly when a brute-force search over the same
     flags (and world sizes) finds a setting that fits."""
@@ -167,6 +167,19 @@ def test_the_tiny_models_plan_is_within_25_percent_of_its_measured_peak(tmp_path
     assert out.returncode == 0, out.stderr
     plan = float(re.search(r"^plan: peak (\d+\.\d+) GiB", out.stdout, re.M).group(1))
     with open(tmp_path / "r" / "metrics.jsonl") as f:
-        measured = max(r["memory/peak_gib"] for r in map(json.loads, f))
+        measured = max(r.get("memory/peak_gib", 0) for r in map(json.loads, f))
     assert 0.75 <= plan / measured <= 1.25, (plan, measured)
     assert HEADROOM < 1
+
+
+def test_the_device_checks_cpu_smoke_form_runs_and_prints_its_table():
+    """tests/gpu_check.sh --smoke: the device check's code on a tiny shape (a GPU run differs only in sizes)."""
+    out = subprocess.run(["bash", "tests/gpu_check.sh", "--smoke"], cwd=ROOT, capture_output=True, text=True,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    row = out.stdout.strip().splitlines()[-1].split(" | ")
+    assert row[0] == "| tiny" and re.fullmatch(r"\d+\.\d\d", row[4]), row  # plan / measured
+    assert 0.75 <= float(row[4]) <= 1.25
+    for pair in row[7:9]:  # bf16 against fp32, mean / max: small and not zero (bf16 did run)
+        mean, worst = map(float, pair.strip(" |").split(" / "))
+        assert 0 < mean < 0.05 and worst < 0.5, pair
