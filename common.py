@@ -193,7 +193,7 @@ FLAG_GROUPS = {  # --help's sections, in this order; a script's own fields go un
     "the engine (speed and memory; not the math)": [
         "rollout_backend", "micro_batch_size", "micro_batch_tokens", "logprob_chunk", "gradient_checkpointing",
         "vllm_gpu_memory", "vllm_cpu_kv_gib", "vllm_seeds"],
-    "the memory plan (python SCRIPT --dry-run ...)": ["dry_run", "world_size", "device_memory_gib", "plan_check"],
+    "the memory plan (--dry-run)": ["dry_run", "world_size", "device_memory_gib", "plan_check"],
 }
 
 

@@ -31,8 +31,9 @@ reward, and fits the group's Boltzmann distribution to them by forward KL: dz_i 
 Run it (SCRIPT: grpo.py or any method script, which takes the same flags plus the method's own):
     python SCRIPT                                                      # CPU demo: tiny model, countdown, a few minutes
     python SCRIPT --model Qwen/Qwen2.5-Math-1.5B --dataset math-lighteval --eval-datasets math500,aime24,amc23 \\
-        --prompts-per-step 128 --max-new-tokens 3072 --lr 1e-6 --steps 500 --micro-batch-size 8     # one GPU
-    torchrun --nproc_per_node 8 SCRIPT --model Qwen/Qwen2.5-7B ...                                  # FSDP2, 8 GPUs
+        --prompts-per-step 128 --max-new-tokens 3072 --lr 1e-6 --steps 500 --micro-batch-tokens 32768 \\
+        --vllm-gpu-memory 0.6                                       # one GPU (add --dry-run: its memory plan)
+    torchrun --nproc_per_node 8 SCRIPT --model Qwen/Qwen2.5-7B ... --micro-batch-tokens 32768     # FSDP2, 8 GPUs
 """
 import math
 import time
