@@ -314,8 +314,11 @@ def check_plan(args, script):
     world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
     # a GPU plan on auto assumes vLLM (README's GPU install); elsewhere, what the run would choose
     backend = "vllm" if gpu and args.rollout_backend == "auto" else choose_backend(args, model)[0]
-    reference = args.kl_coef > 0 or getattr(args, "irl_score", None) == "ratio"  # sps.py's ratio score reads pi_ref
-    old_pass = script in ("arm", "lp_reg", "thr") or args.ppo_epochs * args.mini_batches > 1  # a no-grad pi_old pass
+    # the flags below are grpo.Args' (BaseArgs alone has none of them): a reference model for the KL or sps.py's
+    # ratio score, and a no-grad pi_old pass (off-policy, or a method that needs pi_old's statistics first)
+    reference = getattr(args, "kl_coef", 0) > 0 or getattr(args, "irl_score", None) == "ratio"
+    updates = getattr(args, "ppo_epochs", 1) * getattr(args, "mini_batches", 1)
+    old_pass = script in ("arm", "lp_reg", "thr") or updates > 1
     shape = model_shape(model)
     plan_args = replace(args, max_prompt_tokens=plan_prompt_tokens(args))
 

@@ -782,8 +782,8 @@ def plan_lines(plan, fix):
                                              f"--vllm-cpu-kv-gib {plan['engine_max']:.3g}"))
     if plan["gpu"]:
         lines.append(f"  host RAM of rank 0: load {plan['host_gib']['load']:.2f} GiB (the full fp32 state dict it "
-                     f"reads and broadcasts), export {plan['host_gib']['export']:.2f} GiB (the weights in --save-dtype); "
-                     f"other ranks ~0")
+                     f"reads and broadcasts), export {plan['host_gib']['export']:.2f} GiB (the weights in "
+                     f"--save-dtype); other ranks ~0")
     lines.append(f"  checkpoint/ (sharded weights + AdamW) {plan['checkpoint_gib']:.2f} GiB; model/ export "
                  f"{plan['export_gib']:.2f} GiB")
     verdict = "fits" if plan["fits"] else "does not fit: " + (

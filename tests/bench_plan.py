@@ -141,7 +141,8 @@ def main():
                                     "phase": phase, "measured_gib": rss, "logged_gib": logged})
                     print(f"  plan {plan:.2f} GiB ({phase}), measured {rss:.2f} GiB (rank 0 logged {logged:.2f})",
                           file=sys.stderr, flush=True)
-    print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; flags: {' '.join(FLAGS)}\n")
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    print(f"\nmachine: {machine}; flags: {' '.join(FLAGS)}\n")
     print("| model | ranks | rollouts | plan: peak per rank (phase) | measured: largest process | plan / measured |")
     print("|---|---|---|---|---|---|")
     for r in results:
