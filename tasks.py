@@ -2,6 +2,7 @@
 
 - answer extraction (`last_boxed`, `answer_key`) and `UserError`, the one-line error every loader raises;
 - the built-in countdown task (TinyZero): a seeded problem generator and an exact checker that never runs model text;
+- the built-in arithmetic task: seeded one- and two-step word problems (Tom has 3 apples...), \boxed{} answers;
 - dataset presets (hub ids and fields), loading from the hub or local files, prompt formatting;
 - the built-in `tiny` model: a Qwen2 of ~1M parameters with its own tokenizer, SFT-warmed on countdown, cached;
 - the training and held-out sets of a run (prompts that fit the model) and the training order (`step_problems`).
@@ -124,6 +125,51 @@ def countdown_problems(n, seed, split="train", min_numbers=3, max_numbers=4, max
         out.append({"prompt": countdown_prompt(numbers, target), "numbers": numbers, "target": target,
                     "solution": expr, "gold": str(target), "task": "countdown"})
     return out
+
+
+# ============================================================================ built-in task: arithmetic word problems
+# One or two operations on small numbers, in a sentence a small chat model can read: for models that know some
+# arithmetic but no countdown search (SmolLM2-135M-Instruct). Each template: (text, answer from a, b, c).
+ARITHMETIC_TEMPLATES = [
+    ("{name} has {a} {item}. {name} buys {b} more. How many {item} does {name} have now?",
+     lambda a, b, c: a + b),
+    ("{name} has {a} {item} and gives {b} of them to a friend. How many {item} does {name} have left?",
+     lambda a, b, c: a - b),
+    ("{name} buys {a} bags with {b} {item} in each bag. How many {item} does {name} buy?",
+     lambda a, b, c: a * b),
+    ("{name} has {a} {item}, buys {b} more, then gives {c} away. How many {item} does {name} have now?",
+     lambda a, b, c: a + b - c),
+    ("{name} has {a} boxes with {b} {item} in each box and loses {c} {item}. How many {item} are left?",
+     lambda a, b, c: a * b - c),
+    ("{name} has {a} {item}. A friend gives {name} {b} more, and {name} buys {c} more. How many {item} now?",
+     lambda a, b, c: a + b + c),
+]
+ARITHMETIC_NAMES = ["Tom", "Anna", "Sam", "Lily", "Ben", "Mia", "Leo", "Emma"]
+ARITHMETIC_ITEMS = ["apples", "pencils", "marbles", "stickers", "cookies", "books", "cards", "shells"]
+
+
+def arithmetic_problems(n, seed, split="train", max_number=12):
+    """`n` word problems of one or two operations (+ - *) on numbers 1..max_number, with a non-negative integer answer:
+    dicts {prompt, gold, task: "math"} (so the math verifier checks the \\boxed{} answer against gold). Deterministic
+    in (seed, split); train and test are disjoint (10% of the problem space is held out, as in countdown_problems)."""
+    rng = random.Random(f"arithmetic-{seed}-{split}")
+    out, seen = [], set()
+    while len(out) < n:
+        t = rng.randrange(len(ARITHMETIC_TEMPLATES))
+        text, answer = ARITHMETIC_TEMPLATES[t]
+        a, b, c = (rng.randint(1, max_number) for _ in range(3))
+        name, item = rng.choice(ARITHMETIC_NAMES), rng.choice(ARITHMETIC_ITEMS)
+        key = (t, a, b, c if "{c}" in text else 0, name, item)
+        in_test = (hash_problem(key) % 10) == 0
+        if answer(a, b, c) < 0 or in_test != (split == "test") or key in seen:
+            continue
+        seen.add(key)
+        out.append({"prompt": text.format(name=name, item=item, a=a, b=b, c=c), "gold": str(answer(a, b, c)),
+                    "task": "math"})
+    return out
+
+
+GENERATED = {"countdown": countdown_problems, "arithmetic": arithmetic_problems}  # built-in tasks: name -> generator
 
 
 def hash_problem(key):
@@ -351,7 +397,7 @@ def dataset_name(spec):
         require(re.fullmatch(r"[\w.+-]+", name) and source,
                 f"dataset '{spec}': NAME=SOURCE needs a NAME of letters, digits, _ . + - and a SOURCE")
         return name, source
-    if spec == "countdown" or spec in DATASET_PRESETS:
+    if spec in GENERATED or spec in DATASET_PRESETS:
         return spec, spec
     stem = os.path.basename(spec.rstrip("/\\"))
     stem = os.path.splitext(stem)[0] if os.path.splitext(stem)[1].lower() in LOCAL_FORMATS else stem
@@ -370,16 +416,17 @@ def dataset_names(s):
 
 
 def load_problems(spec, split=None, prompt_field=None, answer_field=None, n=None, seed=0, keep_answer=False):
-    """Problems {prompt, gold, task} from `spec`: "countdown", a DATASET_PRESETS name, a local .jsonl/.json/.parquet
-    file (or folder of them), a hub id owner/name, or NAME=SOURCE (PRESET=PATH: the preset's fields and gold on a local
-    copy). split "eval" is the held-out split: the preset's eval split, else test. `n` keeps the first n after a shuffle
-    seeded by `seed`. keep_answer: each problem also holds its raw answer field as "answer" (eval.py golds)."""
+    """Problems {prompt, gold, task} from `spec`: a built-in task ("countdown", "arithmetic": GENERATED), a
+    DATASET_PRESETS name, a local .jsonl/.json/.parquet file (or folder of them), a hub id owner/name, or NAME=SOURCE
+    (PRESET=PATH: the preset's fields and gold on a local copy). split "eval" is the held-out split: the preset's eval
+    split, else test. `n` keeps the first n after a shuffle seeded by `seed` (a built-in task generates n, default 2000
+    train / 200 test). keep_answer: each problem also holds its raw answer field as "answer" (eval.py golds)."""
     name, spec = dataset_name(spec)
-    if spec == "countdown":
+    if spec in GENERATED:
         if split not in (None, "train", "test", "eval", "validation"):
-            raise UserError(f"countdown has no split '{split}': use train or test")
+            raise UserError(f"{spec} has no split '{split}': use train or test")
         split = "train" if split in (None, "train") else "test"
-        return countdown_problems(n or (2000 if split == "train" else 200), seed, split=split)
+        return GENERATED[spec](n or (2000 if split == "train" else 200), seed, split=split)
     how, dedup, configs, path = "auto", False, [None], os.path.expanduser(spec)
     preset = DATASET_PRESETS.get(spec) or DATASET_PRESETS.get(name)  # the hub preset, or PRESET=SOURCE
     if preset:
@@ -397,7 +444,7 @@ def load_problems(spec, split=None, prompt_field=None, answer_field=None, n=None
     elif re.fullmatch(r"[\w.-]+/[\w.-]+", spec):
         tables = _load_hub(spec, configs, split or "train")
     else:
-        raise UserError(f"unknown dataset '{spec}': use countdown, one of {', '.join(DATASET_PRESETS)}, "
+        raise UserError(f"unknown dataset '{spec}': use countdown, arithmetic, one of {', '.join(DATASET_PRESETS)}, "
                         f"a hub id like owner/name, or a local .jsonl/.json/.parquet file")
     problems, seen, dropped = [], set(), 0
     for ds in tables:
@@ -642,7 +689,7 @@ def fit_prompts(problems, tokenizer, model, args, name):
 def load_train_set(args, tokenizer, model):
     problems = load_problems(args.dataset, split="train", prompt_field=args.prompt_field,
                              answer_field=args.answer_field,
-                             n=args.train_size if args.dataset == "countdown" else None, seed=args.seed)
+                             n=args.train_size if args.dataset in GENERATED else None, seed=args.seed)
     return fit_prompts(problems, tokenizer, model, args, dataset_name(args.dataset)[0])
 
 

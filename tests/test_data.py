@@ -28,6 +28,30 @@ def test_countdown_train_test_disjoint_and_deterministic():
         load_problems("countdown", split="dev")
 
 
+# ---- arithmetic word problems ---------------------------------------------------------------------------------
+
+def test_arithmetic_train_test_disjoint_and_deterministic():
+    train = load_problems("arithmetic", n=300, seed=1)
+    test = load_problems("arithmetic", split="eval", n=100, seed=1)
+    assert len(train) == 300 and len(test) == 100
+    assert not {p["prompt"] for p in train} & {p["prompt"] for p in test}
+    assert len({p["prompt"] for p in train}) == 300  # no repeats
+    assert train == load_problems("arithmetic", split="train", n=300, seed=1)
+    assert train != load_problems("arithmetic", split="train", n=300, seed=2)
+    assert all(p["task"] == "math" and p["gold"].isdigit() for p in train)  # non-negative integers
+    assert len(load_problems("arithmetic", split="validation")) == 200
+    with pytest.raises(UserError, match="train or test"):
+        load_problems("arithmetic", split="dev")
+
+
+def test_arithmetic_templates_compute_their_answer():
+    """Each template's answer, checked by hand on a = 5, b = 3, c = 2."""
+    from tasks import ARITHMETIC_TEMPLATES
+    assert [answer(5, 3, 2) for _, answer in ARITHMETIC_TEMPLATES] == [8, 2, 15, 6, 13, 10]
+    p = load_problems("arithmetic", split="eval", n=1, seed=0)[0]
+    assert p["prompt"].startswith("Emma has 11 cookies and gives 1 of them") and p["gold"] == "10"
+
+
 # ---- local files ----------------------------------------------------------------------------------------------
 
 ROWS = [{"q": "What is 1+1?", "a": 2, "other": "x"}, {"q": "What is 2+3?", "a": 5, "other": "y"}]
@@ -87,7 +111,7 @@ def test_path_and_name_errors(tmp_path):
         load_problems(str(tmp_path / "missing.jsonl"))
     with pytest.raises(UserError, match="does not exist"):
         load_problems("./no/such/dir")
-    with pytest.raises(UserError, match="unknown dataset 'foo': use countdown, one of gsm8k"):
+    with pytest.raises(UserError, match="unknown dataset 'foo': use countdown, arithmetic, one of gsm8k"):
         load_problems("foo")
     (tmp_path / "d.csv").write_text("a,b\n1,2\n")
     with pytest.raises(UserError, match="not a .jsonl/.json/.parquet file"):

@@ -7,7 +7,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 import pytest
 
-from common import (UserError, compute_rewards, countdown_reward, last_boxed, math_reward, math_rewards,
+from common import (UserError, compute_rewards, countdown_reward, last_boxed, load_problems, math_reward, math_rewards,
                     shutdown_reward_pool)
 from infra import _collect, _get_pool
 
@@ -233,6 +233,15 @@ def test_compute_rewards_mixed():
     completions = [r"\boxed{6/(1-3/4)}", r"\boxed{42}", r"\boxed{2+3}", r"\boxed{0.5}", r"\boxed{2}"]
     assert compute_rewards(problems, completions) == [1.0, 1.0, 0.0, 1.0, 0.0]
     assert compute_rewards([], []) == []
+
+
+def test_arithmetic_rewards():
+    """The built-in word problems are scored by the math verifier: the last \\boxed{} must equal the gold exactly."""
+    problems = load_problems("arithmetic", split="eval", n=20, seed=0)
+    right = [f"so the answer is \\boxed{{{p['gold']}}}." for p in problems]
+    wrong = [f"\\boxed{{{int(p['gold']) + 1}}}" for p in problems]
+    unboxed = [f"The answer is {p['gold']}." for p in problems]
+    assert compute_rewards(problems * 3, right + wrong + unboxed) == [1.0] * 20 + [0.0] * 40
 
 
 def test_unknown_task():
