@@ -610,6 +610,7 @@ def model_shape(model):
     params = sum(p.numel() for p in model.parameters())
     layer = sum(p.numel() for p in model.model.layers[0].parameters())
     return {"params": params, "layer": layer, "root": params - layer * config.num_hidden_layers,
+            "context": getattr(config, "max_position_embeddings", None) or 1 << 30,
             "layers": config.num_hidden_layers, "d": config.hidden_size, "I": config.intermediate_size,
             "q": config.num_attention_heads * head_dim, "kv": config.num_key_value_heads * head_dim,
             "vocab": config.vocab_size}
@@ -649,7 +650,7 @@ def memory_plan(args, shape, world, gpu, budget_gib, backend, reference, old_pas
     loaded; old_pass: the update is preceded by a no-grad pass over the batch (off-policy, or the method's pi_old)."""
     P, W, c = shape["params"], world, 2 if gpu else 4  # c: bytes per element of the compute dtype (bf16 | fp32)
     d, I, q, layers, V = shape["d"], shape["I"], shape["q"], shape["layers"], shape["vocab"]
-    L = args.max_prompt_tokens + args.max_new_tokens  # tokens of a row, padding included
+    L = min(args.max_prompt_tokens + args.max_new_tokens, shape.get("context", 1 << 30))  # a row, padding included
     rows = args.prompts_per_step // W * args.group_size  # completions this rank samples in a step
     eval_rows = -(-(args.eval_problems or 1024) // W) * args.eval_samples  # 0 = all problems: counted as 1024
     n = micro_batch_rows(args, rows, L)

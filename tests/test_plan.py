@@ -179,7 +179,7 @@ def test_the_device_checks_cpu_smoke_form_runs_and_prints_its_table():
     assert out.returncode == 0, out.stderr[-3000:]
     row = out.stdout.strip().splitlines()[-1].split(" | ")
     assert row[0] == "| tiny" and re.fullmatch(r"\d+\.\d\d", row[4]), row  # plan / measured
-    assert 0.75 <= float(row[4]) <= 1.25
+    assert 0.5 <= float(row[4]) <= 1.5  # a sane ratio: the ±25% claim is the tiny model's test and bench_plan's rows
     for pair in row[7:9]:  # bf16 against fp32, mean / max: small and not zero (bf16 did run)
         mean, worst = map(float, pair.strip(" |").split(" / "))
         assert 0 < mean < 0.05 and worst < 0.5, pair
