@@ -61,13 +61,13 @@ def model_dir(name):
     return smol if name == "smollm2" else qwen_shaped_dir(cache_root(), smol)
 
 
-def measure(python, model, world, backend, tmp):
+def measure(python, model, world, backend, tmp, extra=()):
     """(predicted peak GiB, its phase, measured peak GiB of the largest process, rank 0's largest memory/peak_gib)."""
     run_dir = os.path.join(tmp, f"{os.path.basename(model)}-{world}-{backend}")
     script = ([python, "grpo.py"] if world == 1 else
               [python, "-m", "torch.distributed.run", "--nproc_per_node", str(world), "grpo.py"])
     cmd = [python, "-c", WRAPPER, *script, "--model", model, "--rollout-backend", backend, "--run-dir", run_dir,
-           *FLAGS]
+           *FLAGS, *extra]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if out.returncode != 0:
@@ -124,6 +124,7 @@ def main():
     p.add_argument("--worlds", default="1,2")
     p.add_argument("--backends", default="hf,vllm")
     p.add_argument("--python", default=sys.executable, help="the Python that runs grpo.py (one with vLLM for vllm)")
+    p.add_argument("--extra", default="", help="more grpo.py flags, e.g. the fix a plan names")
     p.add_argument("--count", action="store_true", help="count the activations behind infra.LAYER_ACTIVATIONS")
     p.add_argument("--out", default="")
     a = p.parse_args()
@@ -136,8 +137,9 @@ def main():
             for world in map(int, a.worlds.split(",")):
                 for backend in a.backends.split(","):
                     print(f"[{name}] {world} rank(s), {backend} ...", file=sys.stderr, flush=True)
-                    plan, phase, rss, logged = measure(a.python, model, world, backend, tmp)
-                    results.append({"model": name, "world": world, "backend": backend, "plan_gib": plan,
+                    plan, phase, rss, logged = measure(a.python, model, world, backend, tmp, a.extra.split())
+                    results.append({"model": name + (f" {a.extra}" if a.extra else ""), "world": world,
+                                    "backend": backend, "plan_gib": plan,
                                     "phase": phase, "measured_gib": rss, "logged_gib": logged})
                     print(f"  plan {plan:.2f} GiB ({phase}), measured {rss:.2f} GiB (rank 0 logged {logged:.2f})",
                           file=sys.stderr, flush=True)
