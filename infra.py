@@ -317,8 +317,19 @@ def peak_memory_gib(device):
         peak = torch.cuda.max_memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
         return peak / 2 ** 30
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB on Linux
+    return proc_status_kib("VmHWM") / 2 ** 20
+
+
+def proc_status_kib(field):
+    """A memory field of /proc/self/status in KiB (Linux): VmHWM, this process's peak resident set since it started
+    its program (getrusage's ru_maxrss is kept across exec, so a process started by a big one, pytest, would report its
+    parent's), or VmRSS, the resident set now. Elsewhere: ru_maxrss."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+    except (OSError, StopIteration):
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2 ** 10 if sys.platform == "darwin" else 1)
 
 
 def print_summary(run_dir, rank, t_start=None):
@@ -617,10 +628,9 @@ def model_shape(model):
 
 
 def process_bytes():
-    """CPU: this process's resident memory so far (python, torch, transformers, this repository; no model yet): the
+    """CPU: this process's resident memory now (python, torch, transformers, this repository; no model yet): the
     plan's base on this machine (0.2-0.4 GiB measured)."""
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    return proc_status_kib("VmRSS") * 1024
 
 
 def device_budget(device_memory_gib, world, gpu):
