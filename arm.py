@@ -193,6 +193,7 @@ def train(args):
         first = P if args.prompt_confidence == "group-mean" else 1  # ARM: from position 1, to score the prompt too
         ref_logp = None
         with torch.no_grad(), autocast(device):
+            # micro_batches keeps the rows in order, so the concatenation is row-aligned with ids
             old_logp, entropy = map(torch.cat, zip(*[logprobs(m, start=first) for m in micro]))  # [N, P+T-first]
             if ref_model is not None:
                 ref_logp = torch.cat([logprobs(m, ref_model)[0] for m in micro])  # [N, T]

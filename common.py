@@ -16,7 +16,7 @@ import shutil
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from typing import Optional
 
 import numpy as np
@@ -33,16 +33,15 @@ from tqdm import tqdm
 # the run-safety machinery from infra.py.
 from engine import (ENGINES, StaleEngine, choose_backend, counter_gumbel, eos_ids, push_weights,  # noqa: F401
                     rollout_engine, sample_keys, sampling_processor, vllm_generate)
-from infra import (HEADROOM, REPORT_TO, checkpoint_note, close_tracking, commit_checkpoint, commit_export,  # noqa: F401
-                   count_skip, device_budget, log_stop, memory_plan, model_shape, plan_fix, plan_lines, resume_command,
-                   fault_point, log_jsonl, math_reward, math_rewards, newest_checkpoint_step, peak_memory_gib,
-                   print_summary, read_json, recover_checkpoint, remove_checkpoint, resolve_resume, resume_changes,
-                   save_hf_model, shutdown_reward_pool, start_tracking, tied_weights, truncate_metrics, write_config,
-                   write_error)
-from tasks import (DATASET_PRESETS, UserError, answer_key, countdown_problems, countdown_reward,  # noqa: F401
-                   dataset_name, dataset_names, fit_prompts, format_prompt, hub_reachable, last_boxed, load_eval_sets,
-                   load_problems, load_train_set, parse_dataset_list, require, step_problems, TINY_CONFIGS,
-                   tiny_config, tiny_model_dir)
+from infra import (REPORT_TO, check_plan, checkpoint_note, close_tracking, commit_checkpoint,  # noqa: F401
+                   commit_export, count_skip, fault_point, log_jsonl, log_stop, math_reward, math_rewards,
+                   newest_checkpoint_step, peak_memory_gib, print_summary, read_json, recover_checkpoint,
+                   remove_checkpoint, resolve_resume, resume_changes, resume_command, save_hf_model,
+                   shutdown_reward_pool, start_tracking, tied_weights, truncate_metrics, write_config, write_error)
+from tasks import (DATASET_PRESETS, GENERATED, UserError, answer_key, arithmetic_reward,  # noqa: F401
+                   countdown_problems, countdown_reward, dataset_name, dataset_names, fit_prompts, format_prompt,
+                   hub_reachable, last_boxed, load_eval_sets, load_problems, load_train_set, parse_dataset_list,
+                   require, step_problems, TINY_CONFIGS, tiny_config, tiny_model_dir)
 warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # DCP at world size 1 is intended
 
 
@@ -55,9 +54,10 @@ class BaseArgs:
     dataset: str = field(default="countdown", metadata={"help": (
         "countdown, a preset (" + ", ".join(DATASET_PRESETS) + "), a hub id, a local .jsonl/.json/.parquet or folder, "
         "NAME=PATH, or PRESET=PATH (a local copy of a preset)")})
-    eval_datasets: str = field(default="countdown", metadata={
+    eval_datasets: str = field(default="", metadata={
         "help": ("comma-separated datasets for held-out evaluation, as --dataset; metric keys use the name (a "
-                 "file's stem unless NAME=PATH) (real runs: math500,aime24,amc23,minerva,olympiad)")})
+                 "file's stem unless NAME=PATH); empty: a built-in --dataset's own held-out split, else countdown "
+                 "(real runs: math500,aime24,amc23,minerva,olympiad)")})
     prompt_field: Optional[str] = field(default=None, metadata={
         "help": "dataset column holding the question (default: the preset's, or the first of prompt/problem/question)"})
     answer_field: Optional[str] = field(default=None, metadata={
@@ -154,6 +154,7 @@ class BaseArgs:
         world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's, read before any process group starts
         require(self.prompts_per_step % world == 0, f"--prompts-per-step ({self.prompts_per_step}) must divide by the "
                                                     f"number of processes ({world}): pass a multiple of {world}")
+        self.eval_datasets = self.eval_datasets or (self.dataset if self.dataset in GENERATED else "countdown")
         require(self.max_new_tokens >= 1, f"--max-new-tokens must be >= 1 (got {self.max_new_tokens})")
         require(self.lr > 0 and math.isfinite(self.lr), f"--lr must be a positive number (got {self.lr})")
         require(self.steps >= 0, f"--steps must be >= 0 (got {self.steps})")
@@ -265,78 +266,6 @@ def main(train, args_cls):
             engine["llm"].llm_engine.engine_core.shutdown()
         if dist.is_initialized():
             dist.destroy_process_group()
-
-
-# ============================================================================ the memory plan (infra.memory_plan)
-def plan_model(name):
-    """The model built on the meta device from its config alone (no weights, no memory), as the memory plan reads it;
-    None when the config cannot be read without downloading (a hub id that is not cached, offline)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-    if name == "tiny":
-        config = tiny_config("default", TINY_CONFIGS["default"]["tokenizer_vocab_size"])  # the vocabulary's bound
-    else:
-        try:
-            config = AutoConfig.from_pretrained(name, local_files_only=not os.path.isdir(name) and not hub_reachable())
-        except (OSError, ValueError):
-            return None
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
-
-
-def plan_prompt_tokens(args):
-    """The longest prompt the plan assumes: --max-prompt-tokens (the bound the data is filtered by), or for the
-    built-in countdown task (train and eval) the longest of 1,000 countdown prompts in the model's chat format."""
-    if {args.dataset, *parse_dataset_list(args.eval_datasets)} != {"countdown"}:
-        return args.max_prompt_tokens
-    problems = countdown_problems(1000, args.seed, "test")
-    path = tiny_model_dir("default", build=False) if args.model == "tiny" else args.model
-    if not os.path.isdir(path):  # not built or downloaded yet: at most one token per character
-        return min(max(len(format_prompt(None, p)) for p in problems), args.max_prompt_tokens)
-    from transformers import AutoTokenizer
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    tokens = max(len(tokenizer(format_prompt(tokenizer, p), add_special_tokens=False).input_ids) for p in problems)
-    return min(tokens, args.max_prompt_tokens)
-
-
-def check_plan(args, script):
-    """The run's memory plan (infra.memory_plan) for its flags on this machine, or on --world-size ranks of
-    --device-memory-gib GPUs. --dry-run prints it whole and exits (0: it fits, 2: it does not); otherwise rank 0 prints
-    its summary, and a plan that does not fit stops the run here, in one line naming the flag to change."""
-    rank = int(os.environ.get("RANK", "0"))
-    model = plan_model(args.model)
-    if model is None:
-        require(not args.dry_run, f"--dry-run: no config.json for '{args.model}' here (offline and not cached): pass "
-                                  "--model DIR, a local copy")
-        if rank == 0:
-            print(f"memory plan: skipped ('{args.model}' has no config.json here before its download)")
-        return
-    gpu = torch.cuda.is_available() or args.device_memory_gib > 0
-    world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
-    # a GPU plan on auto assumes vLLM (README's GPU install); elsewhere, what the run would choose
-    backend = "vllm" if gpu and args.rollout_backend == "auto" else choose_backend(args, model)[0]
-    # the flags below are grpo.Args' (BaseArgs alone has none of them): a reference model for the KL or sps.py's
-    # ratio score, and a no-grad pi_old pass (off-policy, or a method that needs pi_old's statistics first)
-    reference = getattr(args, "kl_coef", 0) > 0 or getattr(args, "irl_score", None) == "ratio"
-    updates = getattr(args, "ppo_epochs", 1) * getattr(args, "mini_batches", 1)
-    old_pass = script in ("arm", "lp_reg", "thr") or updates > 1
-    shape = model_shape(model)
-    plan_args = replace(args, max_prompt_tokens=plan_prompt_tokens(args))
-
-    def plan_of(a, world=world):
-        return memory_plan(a, shape, world, gpu, device_budget(args.device_memory_gib, world, gpu), backend,
-                           reference, old_pass)
-    plan = plan_of(plan_args)
-    fix = plan_fix(plan_args, plan_of)
-    lines = plan_lines(plan, fix)
-    if args.dry_run:
-        if rank == 0:
-            print("\n".join(lines))
-        sys.exit(0 if plan["fits"] else 2)
-    if rank == 0:
-        totals = ", ".join(f"{k} {v:.2f}" for k, v in plan["totals"].items())
-        print(f"memory plan (GiB per rank of {plan['budget_gib']:.1f}): {totals}; the parts: `--dry-run`\n{lines[-1]}")
-    require(plan["fits"], f"{lines[-1]} (of {HEADROOM * plan['budget_gib']:.1f} GiB usable; the parts: add "
-                          f"--dry-run; --no-plan-check starts anyway)")
 
 
 # ============================================================================ distributed (torchrun, FSDP2) and models
@@ -537,7 +466,8 @@ def start_run(args, script, rank):
         write_config(config_path, config, old, changes, step)
         start_tracking(args.report_to, run_dir, config)
         if args.steps == 0:
-            print("--steps 0: the initial model is evaluated and nothing is trained or saved (metrics.jsonl only)")
+            print("--steps 0: the initial model is evaluated and nothing is trained or saved (metrics.jsonl and "
+                  "samples.jsonl only)")
     barrier()
     return run_dir
 
@@ -557,8 +487,8 @@ def resume_or_evaluate(run_dir, model, optimizer, tokenizer, eval_sets, args, de
                 history = [json.loads(line) for line in f if line.strip()]
         return start, skipped, streak, history
     more = extra()
-    metrics = evaluate_all(model, tokenizer, eval_sets, args, device, engine)[0]
-    log_step(run_dir, {"step": 0, **metrics, **more}, history, rank)
+    metrics, samples_by_set = evaluate_all(model, tokenizer, eval_sets, args, device, engine)
+    log_step(run_dir, {"step": 0, **metrics, **more}, history, rank, samples=samples_by_set)  # the base model's
     return 0, 0, 0, history
 
 
@@ -640,18 +570,20 @@ def rollout_logprobs(samples, mask):
 
 # ============================================================================ 2. rewards
 def compute_rewards(problems, completions):
-    """Reward of each completion for its problem: countdown (numbers, target) or math (gold: str or list of
-    acceptable golds, any match counts). Math items go through the worker pool in one batch."""
+    """Reward of each completion for its problem: countdown (numbers, target), arithmetic (gold) or math (gold: str
+    or list of acceptable golds, any match counts). Math items go through the worker pool in one batch."""
     out = [0.0] * len(problems)
     math_items = []  # (index, completion, gold)
     for i, (p, c) in enumerate(zip(problems, completions)):
         if p.get("task") == "countdown":
             out[i] = countdown_reward(c, p["numbers"], p["target"])
+        elif p.get("task") == "arithmetic":
+            out[i] = arithmetic_reward(c, p["gold"])
         elif p.get("task") == "math":
             golds = p["gold"] if isinstance(p["gold"], (list, tuple)) else [p["gold"]]
             math_items += [(i, c, g) for g in golds]
         else:
-            raise UserError(f"unknown task {p.get('task')!r}: expected 'countdown' or 'math'")
+            raise UserError(f"unknown task {p.get('task')!r}: expected 'countdown', 'arithmetic' or 'math'")
     scores = math_rewards([c for _, c, _ in math_items], [g for _, _, g in math_items])
     for (i, _, _), s in zip(math_items, scores):
         out[i] = max(out[i], s)
@@ -967,7 +899,8 @@ def evaluate(model, tokenizer, problems, n, temperature, top_p, max_new_tokens, 
 
 def evaluate_all(model, tokenizer, eval_sets, args, device, engine=None):
     """evaluate() on every eval dataset; keys `eval/<name>/<metric>`, plus `eval/<metric>` averaged over datasets, plus
-    `eval/<name>/solved`: the indices of the problems with at least one correct sample (and `eval/<name>/problems`)."""
+    `eval/<name>/solved`: the indices of the problems with at least one correct sample, `eval/<name>/correct`: the
+    correct samples of each problem in order (and `eval/<name>/problems`)."""
     out, records = {}, {}
     for name, problems in eval_sets.items():
         m, records[name] = evaluate(model, tokenizer, problems, args.eval_samples, args.eval_temperature,
@@ -976,6 +909,7 @@ def evaluate_all(model, tokenizer, eval_sets, args, device, engine=None):
         out.update({f"eval/{name}/{k}": v for k, v in m.items()})
         out[f"eval/{name}/problems"] = len(records[name])  # with `solved`, union coverage over runs (eval.py's U2)
         out[f"eval/{name}/solved"] = [x["index"] for x in records[name] if x["correct"] > 0]
+        out[f"eval/{name}/correct"] = [x["correct"] for x in records[name]]  # per problem: paired comparisons
     for k in m:
         out[f"eval/{k}"] = float(np.mean([out[f"eval/{name}/{k}"] for name in eval_sets]))
     return out, records

@@ -19,6 +19,7 @@ Run it (SCRIPT: grpo.py or any method script, which takes the same flags plus th
         --vllm-gpu-memory 0.6                                       # one GPU (add --dry-run: its memory plan)
     torchrun --nproc_per_node 8 SCRIPT --model Qwen/Qwen2.5-7B ... --micro-batch-tokens 32768     # FSDP2, 8 GPUs
 """
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -56,6 +57,9 @@ class Args(BaseArgs):
         require(self.clip_low >= 0 and self.clip_high >= 0, "--clip-low and --clip-high must be >= 0")
         require(self.kl_coef >= 0 and self.entropy_coef >= 0, "--kl-coef and --entropy-coef must be >= 0")
         require(self.ppo_epochs >= 1 and self.mini_batches >= 1, "--ppo-epochs and --mini-batches must be >= 1")
+        rows = self.prompts_per_step // int(os.environ.get("WORLD_SIZE", "1")) * self.group_size  # completions per rank
+        require(rows % self.mini_batches == 0, f"--mini-batches {self.mini_batches} must divide each rank's "
+                f"{rows} completions (--prompts-per-step / ranks x --group-size): every update sees as many rows")
 
 
 def group_advantages(rewards, group_size, scale="group", eps=1e-6):
@@ -155,6 +159,7 @@ def train(args):
         ref_logp = None
         with torch.no_grad(), autocast(device):
             if not on_policy:
+                # micro_batches keeps the rows in order, so the concatenation is row-aligned with ids
                 old_logp, entropy = map(torch.cat, zip(*[logprobs(m) for m in micro]))
             if ref_model is not None:
                 ref_logp = torch.cat([logprobs(m, ref_model)[0] for m in micro])  # [N, T]

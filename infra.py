@@ -22,10 +22,13 @@ import sys
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, TimeoutError as FutureTimeout
+from dataclasses import replace
 
 import torch
 
-from tasks import UserError, last_boxed, parse_dataset_list, require
+from engine import choose_backend
+from tasks import (GENERATED, TINY_CONFIGS, UserError, format_prompt, hub_reachable, last_boxed,
+                   parse_dataset_list, require, tiny_config, tiny_model_dir)
 
 
 # ============================================================================ math-verify in worker processes
@@ -347,7 +350,7 @@ def print_summary(run_dir, rank, t_start=None):
     for k in keys:
         print(f"  {k[5:]:<18} {first[k]:8.3f} -> {last.get(k, float('nan')):8.3f}")
     written = [name for name in ("metrics.jsonl", "samples.jsonl", "checkpoint/", "model/") if os.path.exists(
-        os.path.join(run_dir, name))]  # --steps 0 writes no samples, no checkpoint and no model
+        os.path.join(run_dir, name))]  # --steps 0 writes no checkpoint and no model
     print(f"run directory: {run_dir}  ({', '.join(written)})")
 
 
@@ -801,3 +804,76 @@ def plan_lines(plan, fix):
         f"--{fix[0].replace('_', '-')} {fix[1]}" if fix else "no setting of the memory flags fits")
     lines.append(f"plan: peak {plan['peak_gib']:.2f} GiB per rank ({plan['peak_phase']}); {verdict}")
     return lines
+
+
+def plan_model(name):
+    """The model built on the meta device from its config alone (no weights, no memory), as the memory plan reads it;
+    None when the config cannot be read without downloading (a hub id that is not cached, offline)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    if name == "tiny":
+        config = tiny_config("default", TINY_CONFIGS["default"]["tokenizer_vocab_size"])  # the vocabulary's bound
+    else:
+        try:
+            config = AutoConfig.from_pretrained(name, local_files_only=not os.path.isdir(name) and not hub_reachable())
+        except (OSError, ValueError):
+            return None
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def plan_prompt_tokens(args):
+    """The longest prompt the plan assumes: --max-prompt-tokens (the bound the data is filtered by), or for the
+    built-in tasks (countdown, arithmetic: train and eval) the longest of 1,000 of their prompts in the model's chat
+    format."""
+    specs = {args.dataset, *parse_dataset_list(args.eval_datasets)}
+    if not specs <= set(GENERATED):
+        return args.max_prompt_tokens
+    problems = [p for spec in specs for p in GENERATED[spec](1000, args.seed, "test")]
+    path = tiny_model_dir("default", build=False) if args.model == "tiny" else args.model
+    if not os.path.isdir(path):  # not built or downloaded yet: at most one token per character
+        return min(max(len(format_prompt(None, p)) for p in problems), args.max_prompt_tokens)
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokens = max(len(tokenizer(format_prompt(tokenizer, p), add_special_tokens=False).input_ids) for p in problems)
+    return min(tokens, args.max_prompt_tokens)
+
+
+def check_plan(args, script):
+    """The run's memory plan (infra.memory_plan) for its flags on this machine, or on --world-size ranks of
+    --device-memory-gib GPUs. --dry-run prints it whole and exits (0: it fits, 2: it does not); otherwise rank 0 prints
+    its summary, and a plan that does not fit stops the run here, in one line naming the flag to change."""
+    rank = int(os.environ.get("RANK", "0"))
+    model = plan_model(args.model)
+    if model is None:
+        require(not args.dry_run, f"--dry-run: no config.json for '{args.model}' here (offline and not cached): pass "
+                                  "--model DIR, a local copy")
+        if rank == 0:
+            print(f"memory plan: skipped ('{args.model}' has no config.json here before its download)")
+        return
+    gpu = torch.cuda.is_available() or args.device_memory_gib > 0
+    world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
+    # a GPU plan on auto assumes vLLM (README's GPU install); elsewhere, what the run would choose
+    backend = "vllm" if gpu and args.rollout_backend == "auto" else choose_backend(args, model)[0]
+    # the flags below are grpo.Args' (BaseArgs alone has none of them): a reference model for the KL or sps.py's
+    # ratio score, and a no-grad pi_old pass (off-policy, or a method that needs pi_old's statistics first)
+    reference = getattr(args, "kl_coef", 0) > 0 or getattr(args, "irl_score", None) == "ratio"
+    updates = getattr(args, "ppo_epochs", 1) * getattr(args, "mini_batches", 1)
+    old_pass = script in ("arm", "lp_reg", "thr") or updates > 1
+    shape = model_shape(model)
+    plan_args = replace(args, max_prompt_tokens=plan_prompt_tokens(args))
+
+    def plan_of(a, world=world):
+        return memory_plan(a, shape, world, gpu, device_budget(args.device_memory_gib, world, gpu), backend,
+                           reference, old_pass)
+    plan = plan_of(plan_args)
+    fix = plan_fix(plan_args, plan_of)
+    lines = plan_lines(plan, fix)
+    if args.dry_run:
+        if rank == 0:
+            print("\n".join(lines))
+        sys.exit(0 if plan["fits"] else 2)
+    if rank == 0:
+        totals = ", ".join(f"{k} {v:.2f}" for k, v in plan["totals"].items())
+        print(f"memory plan (GiB per rank of {plan['budget_gib']:.1f}): {totals}; the parts: `--dry-run`\n{lines[-1]}")
+    require(plan["fits"], f"{lines[-1]} (of {HEADROOM * plan['budget_gib']:.1f} GiB usable; the parts: add "
+                          f"--dry-run; --no-plan-check starts anyway)")

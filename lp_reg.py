@@ -201,6 +201,7 @@ def train(args):
         micro = micro_batches(rows, mask, P, args)  # [n] row indices per forward: --micro-batch-size or -tokens
         ref_logp = None
         with torch.no_grad(), autocast(device):
+            # micro_batches keeps the rows in order, so the concatenation is row-aligned with ids
             old_logp, entropy, proxy_logp = map(torch.cat, zip(*[logprobs(m, row_fn=to_proxy) for m in micro]))
             if ref_model is not None:
                 ref_logp = torch.cat([logprobs(m, ref_model)[0] for m in micro])  # [N, T]

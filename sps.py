@@ -329,6 +329,7 @@ def train(args):
         ref_logp = None
         with torch.no_grad(), autocast(device):
             if not on_policy:
+                # micro_batches keeps the rows in order, so the concatenation is row-aligned with ids
                 old_logp, entropy = map(torch.cat, zip(*[logprobs(m) for m in micro]))
             if ref_model is not None:
                 ref_logp = torch.cat([logprobs(m, ref_model)[0] for m in micro])  # [N, T]

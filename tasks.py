@@ -2,7 +2,8 @@
 
 - answer extraction (`last_boxed`, `answer_key`) and `UserError`, the one-line error every loader raises;
 - the built-in countdown task (TinyZero): a seeded problem generator and an exact checker that never runs model text;
-- the built-in arithmetic task: seeded one- and two-step word problems (Tom has 3 apples...), \boxed{} answers;
+- the built-in arithmetic task: seeded one- and two-step word problems (Tom has 3 apples...) after one worked
+  example, checked exactly on the final number;
 - dataset presets (hub ids and fields), loading from the hub or local files, prompt formatting;
 - the built-in `tiny` model: a Qwen2 of ~1M parameters with its own tokenizer, SFT-warmed on countdown, cached;
 - the training and held-out sets of a run (prompts that fit the model) and the training order (`step_problems`).
@@ -64,7 +65,10 @@ def last_boxed(text, max_len=2000):
 
 
 def answer_key(problem, completion):
-    """Normalised answer string, to count distinct correct answers per problem."""
+    """Normalised answer string, to count distinct correct answers per problem (arithmetic: its final number, so
+    every correct completion gives the same one)."""
+    if problem.get("task") == "arithmetic":
+        return final_number(completion)
     boxed = last_boxed(completion) or ""
     return re.sub(r"\s+", "", boxed)
 
@@ -129,34 +133,54 @@ def countdown_problems(n, seed, split="train", min_numbers=3, max_numbers=4, max
 
 # ============================================================================ built-in task: arithmetic word problems
 # One or two operations on small numbers, in a sentence a small chat model can read: for models that know some
-# arithmetic but no countdown search (SmolLM2-135M-Instruct). Each template: (text, answer from a, b, c).
+# arithmetic but no countdown search (SmolLM2-135M-Instruct). Each template: (text, answer from a, b, c,
+# the calculation written out for a worked example).
 ARITHMETIC_TEMPLATES = [
     ("{name} has {a} {item}. {name} buys {b} more. How many {item} does {name} have now?",
-     lambda a, b, c: a + b),
+     lambda a, b, c: a + b, "{a} + {b}"),
     ("{name} has {a} {item} and gives {b} of them to a friend. How many {item} does {name} have left?",
-     lambda a, b, c: a - b),
+     lambda a, b, c: a - b, "{a} - {b}"),
     ("{name} buys {a} bags with {b} {item} in each bag. How many {item} does {name} buy?",
-     lambda a, b, c: a * b),
+     lambda a, b, c: a * b, "{a} * {b}"),
     ("{name} has {a} {item}, buys {b} more, then gives {c} away. How many {item} does {name} have now?",
-     lambda a, b, c: a + b - c),
+     lambda a, b, c: a + b - c, "{a} + {b} - {c}"),
     ("{name} has {a} boxes with {b} {item} in each box and loses {c} {item}. How many {item} are left?",
-     lambda a, b, c: a * b - c),
+     lambda a, b, c: a * b - c, "{a} * {b} - {c}"),
     ("{name} has {a} {item}. A friend gives {name} {b} more, and {name} buys {c} more. How many {item} now?",
-     lambda a, b, c: a + b + c),
+     lambda a, b, c: a + b + c, "{a} + {b} + {c}"),
 ]
 ARITHMETIC_NAMES = ["Tom", "Anna", "Sam", "Lily", "Ben", "Mia", "Leo", "Emma"]
 ARITHMETIC_ITEMS = ["apples", "pencils", "marbles", "stickers", "cookies", "books", "cards", "shells"]
 
 
+ARITHMETIC_PROMPT = ("Answer the question. Write the calculation, then the answer in \\boxed{{}}.\n\n"
+                     "Example:\nQuestion: {example}\nAnswer: {work} \\boxed{{{gold}}}\n\nQuestion: {question}")
+
+
 def arithmetic_problems(n, seed, split="train", max_number=12):
     """`n` word problems of one or two operations (+ - *) on numbers 1..max_number, with a non-negative integer answer:
-    dicts {prompt, gold, task: "math"} (so the math verifier checks the \\boxed{} answer against gold). Deterministic
-    in (seed, split); train and test are disjoint (10% of the problem space is held out, as in countdown_problems)."""
+    dicts {prompt, question, gold, work, task: "arithmetic"}. The prompt holds its instruction and one worked example
+    (another training problem: a small chat model copies the format it is shown, and a fixed example number would be
+    copied too); arithmetic_reward checks the final number exactly. Deterministic in (seed, split); train and test
+    are disjoint (10% of the problem space is held out, as in countdown_problems)."""
+    problems = arithmetic_questions(n, seed, split, max_number)
+    examples = arithmetic_questions(n + 1, seed, "example", max_number)  # drawn from the training side of the split
+    out = []
+    for i, p in enumerate(problems):
+        e = examples[i] if examples[i]["question"] != p["question"] else examples[i + 1]  # never its own answer
+        out.append({**p, "prompt": ARITHMETIC_PROMPT.format(example=e["question"], work=e["work"], gold=e["gold"],
+                                                            question=p["question"])})
+    return out
+
+
+def arithmetic_questions(n, seed, split, max_number):
+    """`n` distinct bare questions {question, gold, work, task}: test keys for split "test", training keys otherwise
+    (split "example" draws its own sequence of training keys, for the worked examples)."""
     rng = random.Random(f"arithmetic-{seed}-{split}")
     out, seen = [], set()
     while len(out) < n:
         t = rng.randrange(len(ARITHMETIC_TEMPLATES))
-        text, answer = ARITHMETIC_TEMPLATES[t]
+        text, answer, calculation = ARITHMETIC_TEMPLATES[t]
         a, b, c = (rng.randint(1, max_number) for _ in range(3))
         name, item = rng.choice(ARITHMETIC_NAMES), rng.choice(ARITHMETIC_ITEMS)
         key = (t, a, b, c if "{c}" in text else 0, name, item)
@@ -164,8 +188,9 @@ def arithmetic_problems(n, seed, split="train", max_number=12):
         if answer(a, b, c) < 0 or in_test != (split == "test") or key in seen:
             continue
         seen.add(key)
-        out.append({"prompt": text.format(name=name, item=item, a=a, b=b, c=c), "gold": str(answer(a, b, c)),
-                    "task": "math"})
+        gold = str(answer(a, b, c))
+        out.append({"question": text.format(name=name, item=item, a=a, b=b, c=c), "gold": gold, "task": "arithmetic",
+                    "work": f"{calculation.format(a=a, b=b, c=c)} = {gold}."})
     return out
 
 
@@ -192,6 +217,24 @@ def _cd_value(node):
     if isinstance(node, ast.BinOp) and type(node.op) in _CD_OPS:
         return _CD_OPS[type(node.op)](_cd_value(node.left), _cd_value(node.right))  # x/0 raises
     raise ValueError(f"not allowed in countdown: {type(node).__name__}")
+
+
+def arithmetic_reward(completion, gold):
+    r"""1.0 iff the final number of `completion` is `gold` (an integer string), else 0.0. The final number is the last
+    integer inside the last \boxed{} when there is one (so "\boxed{10 cookies}" counts), else the last integer of
+    the whole completion ("... so Emma has 10 cookies left."): a 135M model rarely boxes its answer, and the task
+    is the arithmetic. Thousands separators are ignored; a sign is part of the number."""
+    return float(final_number(completion) == str(gold))
+
+
+def final_number(completion):
+    r"""The last integer (as written, with its sign) inside the last \boxed{} of `completion` if there is one, else in
+    the whole text; None if there is none. Thousands separators are dropped first."""
+    if not isinstance(completion, str):
+        return None
+    boxed = last_boxed(completion)
+    numbers = re.findall(r"-?\d+", (completion if boxed is None else boxed).replace(",", ""))
+    return numbers[-1] if numbers else None
 
 
 def countdown_reward(completion, numbers, target):
@@ -470,14 +513,14 @@ def load_problems(spec, split=None, prompt_field=None, answer_field=None, n=None
 
 
 def format_prompt(tokenizer, problem):
-    """The text given to the model: the question (+ the \\boxed{} instruction for math), in the chat template
+    """The text given to the model: the prompt (+ the \\boxed{} instruction for math), in the chat template
     when the tokenizer has one."""
-    countdown = problem.get("task") == "countdown"  # its prompt already holds its instruction
-    text = problem["prompt"] + ("" if countdown else MATH_INSTRUCTION)
+    built_in = problem.get("task") in ("countdown", "arithmetic")  # its prompt already holds its instruction
+    text = problem["prompt"] + ("" if built_in else MATH_INSTRUCTION)
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
                                              add_generation_prompt=True)
-    return text if countdown else text + "\n"
+    return text if built_in else text + "\n"
 
 
 def parse_dataset_list(s):

@@ -1,6 +1,8 @@
 import sys, os; sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import json
+import re
 import datasets
+
 import pytest
 from common import (DATASET_PRESETS, UserError, dataset_name, dataset_names, format_prompt, load_problems,
                     parse_dataset_list)
@@ -34,11 +36,11 @@ def test_arithmetic_train_test_disjoint_and_deterministic():
     train = load_problems("arithmetic", n=300, seed=1)
     test = load_problems("arithmetic", split="eval", n=100, seed=1)
     assert len(train) == 300 and len(test) == 100
-    assert not {p["prompt"] for p in train} & {p["prompt"] for p in test}
-    assert len({p["prompt"] for p in train}) == 300  # no repeats
+    assert not {p["question"] for p in train} & {p["question"] for p in test}
+    assert len({p["question"] for p in train}) == 300  # no repeats
     assert train == load_problems("arithmetic", split="train", n=300, seed=1)
     assert train != load_problems("arithmetic", split="train", n=300, seed=2)
-    assert all(p["task"] == "math" and p["gold"].isdigit() for p in train)  # non-negative integers
+    assert all(p["task"] == "arithmetic" and p["gold"].isdigit() for p in train)  # non-negative integers
     assert len(load_problems("arithmetic", split="validation")) == 200
     with pytest.raises(UserError, match="train or test"):
         load_problems("arithmetic", split="dev")
@@ -47,9 +49,32 @@ def test_arithmetic_train_test_disjoint_and_deterministic():
 def test_arithmetic_templates_compute_their_answer():
     """Each template's answer, checked by hand on a = 5, b = 3, c = 2."""
     from tasks import ARITHMETIC_TEMPLATES
-    assert [answer(5, 3, 2) for _, answer in ARITHMETIC_TEMPLATES] == [8, 2, 15, 6, 13, 10]
+    assert [answer(5, 3, 2) for _, answer, _ in ARITHMETIC_TEMPLATES] == [8, 2, 15, 6, 13, 10]
+    assert [calc.format(a=5, b=3, c=2) for _, _, calc in ARITHMETIC_TEMPLATES] == [
+        "5 + 3", "5 - 3", "5 * 3", "5 + 3 - 2", "5 * 3 - 2", "5 + 3 + 2"]
     p = load_problems("arithmetic", split="eval", n=1, seed=0)[0]
-    assert p["prompt"].startswith("Emma has 11 cookies and gives 1 of them") and p["gold"] == "10"
+    assert p["question"].startswith("Emma has 11 cookies and gives 1 of them") and p["gold"] == "10"
+    assert p["work"] == "11 - 1 = 10."
+
+
+def test_arithmetic_prompt_shows_a_worked_training_example():
+    """The prompt is the instruction, a worked example (another problem, from the training side of the split, with its
+    calculation and boxed answer) and the question, last."""
+    from tasks import ARITHMETIC_PROMPT, arithmetic_questions, format_prompt
+    test = load_problems("arithmetic", split="eval", n=200, seed=0)
+    # ~15% of all held-out questions: an example drawn from the held-out side would be found here ~30 times in 200
+    held_out = {p["question"] for p in arithmetic_questions(5000, 0, "test", 12)}
+    for p in test:
+        head, example, question = p["prompt"].split("\n\n")
+        assert head == "Answer the question. Write the calculation, then the answer in \\boxed{}."
+        assert question == "Question: " + p["question"]
+        q, work = example.split("\n")[1:]
+        assert q.startswith("Question: ") and q.removeprefix("Question: ") not in held_out
+        assert q.removeprefix("Question: ") != p["question"]
+        calculation, result, gold = re.fullmatch(r"Answer: (.*) = (\d+)\. \\boxed\{(\d+)\}", work).groups()
+        assert eval(calculation) == int(result) == int(gold)  # the example's own answer is right (digits, + - *)
+    assert format_prompt(None, test[0]) == test[0]["prompt"]  # no math instruction appended: it has its own
+    assert ARITHMETIC_PROMPT.count("{question}") == 1
 
 
 # ---- local files ----------------------------------------------------------------------------------------------

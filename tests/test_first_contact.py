@@ -163,12 +163,30 @@ def test_torchrun_batch_that_does_not_split_is_said_once(tmp_path):
     assert not os.path.exists(tmp_path / "r")  # stopped before any work
 
 
+def test_mini_batches_that_do_not_divide_the_rows_are_refused_with_the_count():
+    """rows.chunk(k) gives fewer than k chunks when k does not divide the rows (9 rows, k = 2 -> 5 + 4 but k = 4 ->
+    3 + 3 + 3): fewer updates than asked, each scaled for k. The flags are refused instead."""
+    from grpo import Args
+    from tasks import UserError
+    with pytest.raises(UserError, match="--mini-batches 4 must divide each rank's 9 completions"):
+        Args(prompts_per_step=3, group_size=3, mini_batches=4)
+    assert Args(prompts_per_step=4, group_size=4, mini_batches=4).mini_batches == 4
+
+
+def test_eval_datasets_default_to_a_built_in_training_task():
+    from grpo import Args
+    assert Args(dataset="arithmetic").eval_datasets == "arithmetic"
+    assert Args().eval_datasets == "countdown"
+    assert Args(dataset="gsm8k").eval_datasets == "countdown"  # not a built-in task: its splits are unknown here
+    assert Args(dataset="arithmetic", eval_datasets="gsm8k").eval_datasets == "gsm8k"
+
+
 def test_steps_0_lists_only_what_it_wrote(tiny_dir, tmp_path):
     out = run(["--steps", "0", *SMALL, "--run-dir", str(tmp_path / "r")])
     assert out.returncode == 0, out.stderr[-3000:]
     assert "--steps 0: the initial model is evaluated and nothing is trained or saved" in out.stdout
-    assert last_line(out.stdout) == f"run directory: {tmp_path / 'r'}  (metrics.jsonl)"
-    assert sorted(os.listdir(tmp_path / "r")) == ["config.json", "metrics.jsonl"]
+    assert last_line(out.stdout) == f"run directory: {tmp_path / 'r'}  (metrics.jsonl, samples.jsonl)"
+    assert sorted(os.listdir(tmp_path / "r")) == ["config.json", "metrics.jsonl", "samples.jsonl"]
 
 
 # ---- a run stopped midway -------------------------------------------------------------------------------------

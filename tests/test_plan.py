@@ -1,4 +1,4 @@
-"""The memory plan (infra.memory_plan, common.check_plan): its parts by hand, the parameter counts against real
+"""The memory plan (infra.memory_plan, infra.check_plan): its parts by hand, the parameter counts against real
 models, its fixes against a brute-force search over the memory flags, the --dry-run contract, the refusal at start,
 and its predicted peak against the measured one on the tiny model. Plan against measurement for real models (SmolLM2,
 a Qwen2.5-0.5B shape, 1 and 2 ranks, HF and vLLM): tests/bench_plan.py."""
@@ -16,7 +16,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from common import plan_model  # noqa: E402
+from infra import plan_model  # noqa: E402
 from grpo import Args  # noqa: E402
 from infra import GIB, HEADROOM, LAYER_ACTIVATIONS, memory_plan, model_shape, plan_fix  # noqa: E402
 from tasks import tiny_config  # noqa: E402

@@ -235,13 +235,35 @@ def test_compute_rewards_mixed():
     assert compute_rewards([], []) == []
 
 
+ARITHMETIC_CASES = [  # (completion, gold, reward): the final number, worked by hand
+    (r"so the answer is \boxed{10}.", "10", 1.0),
+    (r"\boxed{10 cookies}", "10", 1.0),                      # the last integer inside the box
+    (r"11 - 1 = 10, so \boxed{10} cookies, 3 more later", "10", 1.0),  # a box wins over numbers after it
+    (r"\boxed{11}. No wait, 10.", "10", 0.0),              # ... even when the text after it is right
+    ("11 - 1 = 10. Emma has 10 cookies left.", "10", 1.0),  # no box: the last integer of the text
+    ("Emma has 10 cookies left, 2 days later.", "10", 0.0),
+    ("11 - 1 = 10", "1", 0.0),                             # whole numbers only: "10" is not "1"
+    ("the total is 1,200.", "1200", 1.0),                  # thousands separators are ignored
+    ("3 - 5 = -2", "2", 0.0),                              # a sign is part of the number
+    ("no number at all", "0", 0.0),
+    (r"\boxed{}", "0", 0.0),
+    (None, "1", 0.0),
+]
+
+
+@pytest.mark.parametrize("completion,gold,reward", ARITHMETIC_CASES)
+def test_arithmetic_reward_hand_worked(completion, gold, reward):
+    from tasks import arithmetic_reward
+    assert arithmetic_reward(completion, gold) == reward
+
+
 def test_arithmetic_rewards():
-    """The built-in word problems are scored by the math verifier: the last \\boxed{} must equal the gold exactly."""
+    """The built-in word problems are scored by their final number, through compute_rewards."""
     problems = load_problems("arithmetic", split="eval", n=20, seed=0)
-    right = [f"so the answer is \\boxed{{{p['gold']}}}." for p in problems]
+    right = [f"{p['work']} \\boxed{{{p['gold']}}}" for p in problems]
     wrong = [f"\\boxed{{{int(p['gold']) + 1}}}" for p in problems]
     unboxed = [f"The answer is {p['gold']}." for p in problems]
-    assert compute_rewards(problems * 3, right + wrong + unboxed) == [1.0] * 20 + [0.0] * 40
+    assert compute_rewards(problems * 3, right + wrong + unboxed) == [1.0] * 20 + [0.0] * 20 + [1.0] * 20
 
 
 def test_unknown_task():
