@@ -30,7 +30,8 @@ STEP_KEYS = {"reward/mean", "entropy/mean", "completion/mean_len", "completion/c
 
 def grpo(run_dir, fault=None, resume=False):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env.update({"OMP_NUM_THREADS": "2"}, **({"EXPLORE_RLVR_FAULT": fault} if fault else {}))
+    env["OMP_NUM_THREADS"] = os.environ.get("OMP_NUM_THREADS", "2")
+    env.update({"EXPLORE_RLVR_FAULT": fault} if fault else {})
     return subprocess.run([sys.executable, os.path.join(ROOT, "grpo.py")] + FLAGS + ["--run-dir", str(run_dir)]
                           + (["--resume"] if resume else []), cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=1800)
