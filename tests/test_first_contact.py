@@ -194,8 +194,12 @@ def test_steps_0_lists_only_what_it_wrote(tiny_dir, tmp_path):
 def test_ctrl_c_names_the_checkpoint_and_the_resume_command(tiny_dir, tmp_path):
     run_dir = str(tmp_path / "r")
     args = ["--steps", "200", *SMALL, "--eval-every", "0", "--save-every", "1", "--run-dir", run_dir]
+    # a foreground job's Ctrl-C: a test session started in the background by a shell without job control
+    # (`( pytest & )`, some CI runners) has SIGINT ignored, and a child inherits that (Python then never raises
+    # KeyboardInterrupt): restore the default in the child
     proc = subprocess.Popen([sys.executable, "grpo.py", *args], cwd=ROOT, env=env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.time() + 240
         ckpt = os.path.join(run_dir, "checkpoint", "trainer_state.json")
