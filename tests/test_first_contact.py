@@ -152,8 +152,8 @@ def test_broken_local_model_directory(tmp_path):
 # ---- the launch -----------------------------------------------------------------------------------------------
 
 def test_torchrun_batch_that_does_not_split_is_said_once(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "grpo.py",
-                          "--prompts-per-step", "3", "--run-dir", str(tmp_path / "r")], cwd=ROOT,
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "grpo.py", "--prompts-per-step", "3", "--run-dir", str(tmp_path / "r")], cwd=ROOT,
                          capture_output=True, text=True, env=env(), timeout=300)
     text = out.stdout + out.stderr
     assert out.returncode != 0
