@@ -34,10 +34,11 @@ from tqdm import tqdm
 from engine import (ENGINES, StaleEngine, choose_backend, counter_gumbel, eos_ids, push_weights,  # noqa: F401
                     rollout_engine, sample_keys, sampling_processor, vllm_generate)
 from infra import (REPORT_TO, check_plan, checkpoint_note, close_tracking, commit_checkpoint,  # noqa: F401
-                   commit_export, count_skip, fault_point, log_jsonl, log_stop, math_reward, math_rewards,
-                   newest_checkpoint_step, peak_memory_gib, print_summary, read_json, recover_checkpoint,
-                   remove_checkpoint, resolve_resume, resume_changes, resume_command, save_hf_model,
-                   shutdown_reward_pool, start_tracking, tied_weights, truncate_metrics, write_config, write_error)
+                   commit_export, count_skip, fault_point, fixed_mmap_threshold, log_jsonl, log_stop, math_reward,
+                   math_rewards, newest_checkpoint_step, peak_memory_gib, print_summary, read_json,
+                   recover_checkpoint, remove_checkpoint, resolve_resume, resume_changes, resume_command,
+                   save_hf_model, shutdown_reward_pool, start_tracking, tied_weights, truncate_metrics, write_config,
+                   write_error)
 from tasks import (DATASET_PRESETS, GENERATED, UserError, answer_key, arithmetic_reward,  # noqa: F401
                    countdown_problems, countdown_reward, dataset_name, dataset_names, fit_prompts, format_prompt,
                    hub_reachable, last_boxed, load_eval_sets, load_problems, load_train_set, parse_dataset_list,
@@ -282,6 +283,8 @@ def init_distributed():
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=COLLECTIVE_TIMEOUT)
+        if not torch.cuda.is_available():
+            fixed_mmap_threshold()  # before the model loads: several ranks fragment glibc's heaps (infra.py)
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         torch.cuda.set_device(local)

@@ -323,6 +323,29 @@ def peak_memory_gib(device):
     return proc_status_kib("VmHWM") / 2 ** 20
 
 
+# glibc serves an allocation of at least this many bytes with its own mmap, returned to the system when freed
+MMAP_THRESHOLD = 65536
+
+
+def fixed_mmap_threshold():
+    """CPU ranks under torchrun: fix glibc's mmap threshold (mallopt M_MMAP_THRESHOLD; fixing it also turns off its
+    dynamic raise). By default every freed mmap-served block raises the threshold to the block's size (up to 32 MiB),
+    so FSDP2's gathered tensors, gloo's buffers and activations of a few MiB move into malloc's heaps, which are
+    shared out among threads and return little memory to the system. Measured with SmolLM2-135M, 2 ranks, vLLM,
+    grpo.py (README, "Will it fit?"): the peak resident set per rank went from 5.95 GiB after step 1 (6.44 by step 4,
+    plan 3.52) to 3.34-3.86 GiB. A single process keeps glibc's default (no growth measured there), and so does a run
+    started with MALLOC_MMAP_THRESHOLD_ set (the user's choice) or on a system without glibc."""
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ or not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # musl and other C libraries
+        return False
+    M_MMAP_THRESHOLD = -3  # malloc.h
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+
+
 def proc_status_kib(field):
     """A memory field of /proc/self/status in KiB (Linux): VmHWM, this process's peak resident set since it started
     its program (getrusage's ru_maxrss is kept across exec, so a process started by a big one, pytest, would report its
@@ -654,20 +677,24 @@ def micro_batch_rows(args, rows, row_tokens):
     return min(rows, args.micro_batch_size)
 
 
-def memory_plan(args, shape, world, gpu, budget_gib, backend, reference, old_pass):
+def memory_plan(args, shape, world, gpu, budget_gib, backend, reference, old_pass, group_pass=None):
     """Bytes one rank holds in each phase of a run, by part: {"phases": {phase: {part: bytes}}, "peak_phase",
     "peak_gib", "fits", ...}. The rank is rank 0, the busiest (it alone reads the weights at load and gathers the
     export). gpu: a CUDA device of budget_gib (bf16 compute, vLLM asleep outside rollouts); else a CPU rank (fp32,
     host memory, vLLM-CPU never sleeps). Worst cases: every prompt as long as --max-prompt-tokens (the dataset's
     bound), every completion --max-new-tokens long, the largest micro-batch full. reference: a frozen pi_ref is
-    loaded; old_pass: the update is preceded by a no-grad pass over the batch (off-policy, or the method's pi_old)."""
+    loaded; old_pass: the update is preceded by a no-grad pass over the batch (off-policy, or the method's pi_old);
+    group_pass: a pass whose micro-batches keep whole groups of --group-size rows, so its largest one holds at least
+    G rows whatever the micro-batch flags say: "irl" (sps.py's IRL step, a backward: its own phase) or "thr" (thr.py's
+    no-grad pass over the batch, which also keeps each micro-batch's LM-head inputs)."""
     P, W, c = shape["params"], world, 2 if gpu else 4  # c: bytes per element of the compute dtype (bf16 | fp32)
     d, I, q, layers, V = shape["d"], shape["I"], shape["q"], shape["layers"], shape["vocab"]
     L = min(args.max_prompt_tokens + args.max_new_tokens, shape.get("context", 1 << 30))  # a row, padding included
     rows = args.prompts_per_step // W * args.group_size  # completions this rank samples in a step
     eval_rows = -(-(args.eval_problems or 1024) // W) * args.eval_samples  # 0 = all problems: counted as 1024
     n = micro_batch_rows(args, rows, L)
-    tokens = n * L
+    G = args.group_size
+    n_groups = max(G, n // G * G)  # rows of the largest micro-batch of whole groups (common.micro_batches, group=G)
     a, b, e, g, f = LAYER_ACTIVATIONS
     layer_bytes = (a * d + b * I + e * q + g * L + f) * c  # saved for backward, per token and layer
     checkpointing = args.gradient_checkpointing == "on" or (args.gradient_checkpointing == "auto" and gpu)
@@ -678,13 +705,19 @@ def memory_plan(args, shape, world, gpu, budget_gib, backend, reference, old_pas
     if reference:
         state["reference model (shard)"] = c * P / W
     gathered = {"gathered parameters (root + 2 layers)": c * (shape["root"] + 2 * shape["layer"])} if W > 1 else {}
-    logits = {"log-prob chunk logits": min(args.logprob_chunk, tokens) * V * (c + 16),  # [chunk, V] and its grads
-              "LM-head inputs": tokens * d * 4 * 3}  # h [n, L, d] fp32: the model's, padded, the valid rows
-    if checkpointing:
-        activations = {"activations (checkpointed)": tokens * (layers * d * c + layer_bytes)}
-    else:
-        activations = {"activations": tokens * layers * layer_bytes}
-    activations["attention mask"] = 4 * n * L * L  # the model's own, before its layers
+
+    def logits(n):  # a micro-batch of n rows of L tokens: the log-prob pass's logits and LM-head inputs
+        tokens = n * L
+        return {"log-prob chunk logits": min(args.logprob_chunk, tokens) * V * (c + 16),  # [chunk, V] and its grads
+                "LM-head inputs": tokens * d * 4 * 3}  # h [n, L, d] fp32: the model's, padded, the valid rows
+
+    def activations(n):  # what its forward saves for the backward
+        if checkpointing:
+            parts = {"activations (checkpointed)": n * L * (layers * d * c + layer_bytes)}
+        else:
+            parts = {"activations": n * L * layers * layer_bytes}
+        parts["attention mask"] = 4 * n * L * L  # the model's own, before its layers
+        return parts
     if backend == "vllm" and gpu:
         engine = {"vLLM engine (--vllm-gpu-memory)": args.vllm_gpu_memory * budget_gib * GIB}
         eval_engine, resident = engine, {}  # asleep at level 2 outside rollouts: its weights and KV cache are freed
@@ -698,15 +731,19 @@ def memory_plan(args, shape, world, gpu, budget_gib, backend, reference, old_pas
             n_seqs = min(n_seqs, 256)
             return {**gathered, "KV cache": n_seqs * L * kv_token * (1 + 1 / layers), "logits": 4 * n_seqs * V * 4}
         engine, eval_engine, resident = hf_generate(rows), hf_generate(eval_rows), {}
-    update = {"gradients (fp32 shard)": 4 * P / W, **gathered, **activations, **logits}
+    update = {"gradients (fp32 shard)": 4 * P / W, **gathered, **activations(n), **logits(n)}
     if gpu and W == 1:
         update["autocast's bf16 weight copies"] = 2 * P
     phases = {"rollout": {**base, **state, **engine},
               "update": {**base, **state, **resident, **update},
               "evaluation": {**base, **state, **eval_engine}}
     if old_pass or reference:
-        phases["old log-probs"] = {**base, **state, **resident, **gathered, **logits,
-                                   "activations (no grad, one layer)": tokens * layer_bytes / 2}
+        m = n_groups if group_pass == "thr" else n
+        phases["old log-probs"] = {**base, **state, **resident, **gathered, **logits(m),
+                                   "activations (no grad, one layer)": m * L * layer_bytes / 2}
+    if group_pass == "irl":  # after the RL step's optimizer step (--irl-schedule separate) or beside its gradient
+        phases["IRL step"] = {**base, **state, **resident, "gradients (fp32 shard)": 4 * P / W, **gathered,
+                              **activations(n_groups), **logits(n_groups)}
     save_dtype = getattr(args, "save_dtype", "auto")
     export_bytes = 2 if save_dtype == "bf16" or (save_dtype == "auto" and gpu) else 4
     full = {"full fp32 state dict (rank 0)": 4 * P} if W > 1 else {}  # one process: the model's own tensors
@@ -758,6 +795,7 @@ def plan_fix(args, plan_of):
     engine = [engine_flag] if plan["backend"] == "vllm" else []
     resident = engine if not plan["gpu"] else []  # vLLM-CPU never sleeps: its KV cache weighs on every phase
     knobs = {"update": ["micro_batch_tokens", "logprob_chunk", "gradient_checkpointing"] + resident,
+             "IRL step": ["micro_batch_tokens", "logprob_chunk", "gradient_checkpointing"] + resident,
              "old log-probs": ["micro_batch_tokens", "logprob_chunk"] + resident,
              "rollout": engine, "evaluation": engine, "export": resident, "load": []}[phase]
     every = ["micro_batch_tokens", "logprob_chunk", "gradient_checkpointing"] + engine
@@ -859,12 +897,14 @@ def check_plan(args, script):
     reference = getattr(args, "kl_coef", 0) > 0 or getattr(args, "irl_score", None) == "ratio"
     updates = getattr(args, "ppo_epochs", 1) * getattr(args, "mini_batches", 1)
     old_pass = script in ("arm", "lp_reg", "thr") or updates > 1
+    group_pass = ("irl" if script == "sps" and args.irl_every > 0 and args.irl_variant == "group" else
+                  "thr" if script == "thr" else None)
     shape = model_shape(model)
     plan_args = replace(args, max_prompt_tokens=plan_prompt_tokens(args))
 
     def plan_of(a, world=world):
         return memory_plan(a, shape, world, gpu, device_budget(args.device_memory_gib, world, gpu), backend,
-                           reference, old_pass)
+                           reference, old_pass, group_pass)
     plan = plan_of(plan_args)
     fix = plan_fix(plan_args, plan_of)
     lines = plan_lines(plan, fix)

@@ -1,4 +1,4 @@
-"""Benchmark 3 (issue 7; a script, not a pytest test): GRPO steps with random-init Qwen2.5-0.5B- and 1.5B-shaped models
+"""Benchmark 3 (a script, not a pytest test): GRPO steps with random-init Qwen2.5-0.5B- and 1.5B-shaped models
 (no weights needed), bf16 on CUDA: rollout tokens/s of padded HF `generate` vs vLLM's paged, continuously batched
 engine; training tokens/s and model-FLOPs utilisation (MFU) of the update phase; peak memory; seconds per step; at
 64 prompts x 8 completions x 1024 new tokens (the defaults).

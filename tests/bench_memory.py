@@ -1,4 +1,4 @@
-"""Memory benchmark of common.token_logprobs (issue 7): peak RSS of per-token log-probs + entropy for a batch of
+"""Memory benchmark of common.token_logprobs: peak RSS of per-token log-probs + entropy for a batch of
 [8, 2048] tokens with Qwen's 151,936-token vocabulary, next to the naive computation that materialises the full
 [B, T, V] float32 logits (~10 GB for [8, 2048] on their own).
 

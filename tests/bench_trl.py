@@ -1,5 +1,5 @@
 """Benchmark (not a pytest test): seconds per GRPO step of grpo.py vs TRL's GRPOTrainer on CPU, same tiny model,
-same prompts, same config (issue 7; target: ours <= 0.6x TRL's time).
+same prompts, same config (target: ours <= 0.6x TRL's time).
 
 Run it (on a quiet machine; TRL is a benchmark-only dependency, not in requirements.txt):
     pip install trl==1.16.0            # pulls accelerate; keeps torch and transformers as they are

@@ -5,6 +5,7 @@ a Qwen2.5-0.5B shape, 1 and 2 ranks, HF and vLLM): tests/bench_plan.py."""
 import itertools
 import json
 import os
+import platform
 import re
 import subprocess
 import sys
@@ -84,6 +85,24 @@ def test_cpu_vllm_engine_stays_resident_and_tokens_pack_rows():
     assert plan["engine_tokens"] == 2 * GIB / (2 * 28 * 256 * 4)
 
 
+def test_sps_irl_step_and_thr_pass_hold_whole_groups():
+    """Their micro-batches keep whole groups (common.micro_batches, group=G): 8 rows where the update packs 2."""
+    args = Args(prompts_per_step=8, group_size=8, max_prompt_tokens=100, max_new_tokens=100, micro_batch_tokens=450,
+                gradient_checkpointing="off", logprob_chunk=100000)
+    L, layer = 200, (6 * 1024 + 4 * 4096 + 4 * 1024 + 200 + 8) * 4  # fp32 bytes per token and layer
+    irl = memory_plan(args, SHAPE, 1, False, 64.0, "hf", reference=False, old_pass=False, group_pass="irl")
+    assert irl["micro_rows"] == 2
+    assert irl["phases"]["update"]["activations"] == 2 * L * 28 * layer
+    assert irl["phases"]["IRL step"]["activations"] == 8 * L * 28 * layer
+    assert irl["phases"]["IRL step"]["log-prob chunk logits"] == 8 * L * 32000 * (4 + 16)
+    assert irl["phases"]["IRL step"]["gradients (fp32 shard)"] == 4 * 1e9
+    thr = memory_plan(args, SHAPE, 1, False, 64.0, "hf", reference=False, old_pass=True, group_pass="thr")
+    assert "IRL step" not in thr["phases"]
+    assert thr["phases"]["old log-probs"]["activations (no grad, one layer)"] == 8 * L * layer / 2
+    grpo = memory_plan(args, SHAPE, 1, False, 64.0, "hf", reference=False, old_pass=True)
+    assert grpo["phases"]["old log-probs"]["activations (no grad, one layer)"] == 2 * L * layer / 2
+
+
 @pytest.mark.parametrize("seed", range(12))
 def test_the_fixes_reach_a_fit_whenever_a_setting_of_the_memory_flags_does(seed):
     """Apply the plan's fix, then the next, ...: it fits in the end exactly when a brute-force search over the same
@@ -97,9 +116,11 @@ def test_the_fixes_reach_a_fit_whenever_a_setting_of_the_memory_flags_does(seed)
                 vllm_gpu_memory=pick([0.3, 0.6, 0.9]), vllm_cpu_kv_gib=pick([1.0, 8.0]),
                 rollout_backend="vllm", logprob_chunk=1024)
     budget = pick([24.0, 40.0, 80.0])
+    group_pass = pick([None, "irl", "thr"])  # sps.py's IRL step, thr.py's pass: whole groups, whatever the flags
 
     def plan_of(a, world=2):
-        return memory_plan(a, shape, world, gpu, budget, "vllm", reference=False, old_pass=True)
+        return memory_plan(a, shape, world, gpu, budget, "vllm", reference=False, old_pass=True,
+                           group_pass=group_pass)
     a, world, steps = args, 2, 0
     while (fix := plan_fix(a, lambda x, world=world: plan_of(x, world))) and steps < 8:
         if fix[0] == "world_size":
@@ -183,3 +204,17 @@ def test_the_device_checks_cpu_smoke_form_runs_and_prints_its_table():
     for pair in row[7:9]:  # bf16 against fp32, mean / max: small and not zero (bf16 did run)
         mean, worst = map(float, pair.strip(" |").split(" / "))
         assert 0 < mean < 0.05 and worst < 0.5, pair
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_cpu_ranks_fix_the_mmap_threshold_unless_the_user_set_it():
+    """A CPU rank under torchrun fixes glibc's mmap threshold (infra.fixed_mmap_threshold); MALLOC_MMAP_THRESHOLD_
+    in the environment is the user's and wins. (Its memory effect is measured by tests/bench_plan.py.)"""
+    code = "import infra; print(infra.fixed_mmap_threshold())"
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
+    libc = platform.libc_ver()[0] == "glibc"
+    ours = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert ours.stdout.strip() == ("True" if libc else "False"), ours.stderr
+    theirs = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**env, "MALLOC_MMAP_THRESHOLD_": "131072"},
+                            capture_output=True, text=True)
+    assert theirs.stdout.strip() == "False", theirs.stderr
