@@ -686,7 +686,7 @@ def memory_plan(args, shape, world, gpu, budget_gib, backend, reference, old_pas
     loaded; old_pass: the update is preceded by a no-grad pass over the batch (off-policy, or the method's pi_old);
     group_pass: a pass whose micro-batches keep whole groups of --group-size rows, so its largest one holds at least
     G rows whatever the micro-batch flags say: "irl" (sps.py's IRL step, a backward: its own phase) or "thr" (thr.py's
-    no-grad pass over the batch, which also keeps each micro-batch's LM-head inputs)."""
+    no-grad pass over the batch; its per-group scoring matrices are not counted)."""
     P, W, c = shape["params"], world, 2 if gpu else 4  # c: bytes per element of the compute dtype (bf16 | fp32)
     d, I, q, layers, V = shape["d"], shape["I"], shape["q"], shape["layers"], shape["vocab"]
     L = min(args.max_prompt_tokens + args.max_new_tokens, shape.get("context", 1 << 30))  # a row, padding included
@@ -744,6 +744,8 @@ def memory_plan(args, shape, world, gpu, budget_gib, backend, reference, old_pas
     if group_pass == "irl":  # after the RL step's optimizer step (--irl-schedule separate) or beside its gradient
         phases["IRL step"] = {**base, **state, **resident, "gradients (fp32 shard)": 4 * P / W, **gathered,
                               **activations(n_groups), **logits(n_groups)}
+        if gpu and W == 1:
+            phases["IRL step"]["autocast's bf16 weight copies"] = 2 * P
     save_dtype = getattr(args, "save_dtype", "auto")
     export_bytes = 2 if save_dtype == "bf16" or (save_dtype == "auto" and gpu) else 4
     full = {"full fp32 state dict (rank 0)": 4 * P} if W > 1 else {}  # one process: the model's own tensors

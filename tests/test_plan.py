@@ -101,6 +101,10 @@ def test_sps_irl_step_and_thr_pass_hold_whole_groups():
     assert thr["phases"]["old log-probs"]["activations (no grad, one layer)"] == 8 * L * layer / 2
     grpo = memory_plan(args, SHAPE, 1, False, 64.0, "hf", reference=False, old_pass=True)
     assert grpo["phases"]["old log-probs"]["activations (no grad, one layer)"] == 2 * L * layer / 2
+    # 10 rows fit the update's 2,000 tokens; whole groups of 4: 2 groups (8 rows), not 10 or 12
+    wide = replace(args, prompts_per_step=8, group_size=4, micro_batch_tokens=2000)
+    irl = memory_plan(wide, SHAPE, 1, False, 64.0, "hf", reference=False, old_pass=False, group_pass="irl")
+    assert irl["micro_rows"] == 10 and irl["phases"]["IRL step"]["activations"] == 8 * L * 28 * layer
 
 
 @pytest.mark.parametrize("seed", range(12))
