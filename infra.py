@@ -324,7 +324,7 @@ def peak_memory_gib(device):
 
 
 # glibc serves an allocation of at least this many bytes with its own mmap, returned to the system when freed
-MMAP_THRESHOLD = 65536
+MMAP_THRESHOLD = 1 << 20
 
 
 def fixed_mmap_threshold():
@@ -333,8 +333,11 @@ def fixed_mmap_threshold():
     so FSDP2's gathered tensors, gloo's buffers and activations of a few MiB move into malloc's heaps, which are
     shared out among threads and return little memory to the system. Measured with SmolLM2-135M, 2 ranks, vLLM,
     grpo.py (README, "Will it fit?"): the peak resident set per rank went from 5.95 GiB after step 1 (6.44 by step 4,
-    plan 3.52) to 3.34-3.86 GiB. A single process keeps glibc's default (no growth measured there), and so does a run
-    started with MALLOC_MMAP_THRESHOLD_ set (the user's choice) or on a system without glibc."""
+    plan 3.52) to 3.65-4.17 GiB at 1 MiB and 3.34-3.86 GiB at 64 KiB. 1 MiB, because every mmap costs page faults:
+    the tiny model's 2-rank run took 15% longer at 64 KiB than at 1 MiB (its tensors are small). A single process
+    keeps glibc's default: its heap wastes less (SmolLM2, 1 rank, HF: 3.98 GiB, 3.54 at 64 KiB) and a fixed threshold
+    cost the tiny demo 9% (1 MiB) to 42% (64 KiB) of its time. So does a run started with MALLOC_MMAP_THRESHOLD_ set
+    (the user's choice) or on a system without glibc."""
     if "MALLOC_MMAP_THRESHOLD_" in os.environ or not sys.platform.startswith("linux"):
         return False
     import ctypes
@@ -682,11 +685,13 @@ def memory_plan(args, shape, world, gpu, budget_gib, backend, reference, old_pas
     "peak_gib", "fits", ...}. The rank is rank 0, the busiest (it alone reads the weights at load and gathers the
     export). gpu: a CUDA device of budget_gib (bf16 compute, vLLM asleep outside rollouts); else a CPU rank (fp32,
     host memory, vLLM-CPU never sleeps). Worst cases: every prompt as long as --max-prompt-tokens (the dataset's
-    bound), every completion --max-new-tokens long, the largest micro-batch full. reference: a frozen pi_ref is
-    loaded; old_pass: the update is preceded by a no-grad pass over the batch (off-policy, or the method's pi_old);
-    group_pass: a pass whose micro-batches keep whole groups of --group-size rows, so its largest one holds at least
-    G rows whatever the micro-batch flags say: "irl" (sps.py's IRL step, a backward: its own phase) or "thr" (thr.py's
-    no-grad pass over the batch; its per-group scoring matrices are not counted)."""
+    bound), every completion --max-new-tokens long, the largest micro-batch full and its rows spread over as many
+    prompts as they can be (without gradient checkpointing each distinct prompt runs once: prefix sharing).
+    reference: a frozen pi_ref is loaded; old_pass: the update is preceded by a no-grad pass over the batch
+    (off-policy, or the method's pi_old); group_pass: a pass whose micro-batches keep whole groups of --group-size
+    rows, so its largest one holds at least G rows whatever the micro-batch flags say: "irl" (sps.py's IRL step, a
+    backward: its own phase) or "thr" (thr.py's no-grad pass over the batch; its per-group scoring matrices are not
+    counted)."""
     P, W, c = shape["params"], world, 2 if gpu else 4  # c: bytes per element of the compute dtype (bf16 | fp32)
     d, I, q, layers, V = shape["d"], shape["I"], shape["q"], shape["layers"], shape["vocab"]
     L = min(args.max_prompt_tokens + args.max_new_tokens, shape.get("context", 1 << 30))  # a row, padding included
@@ -695,6 +700,10 @@ def memory_plan(args, shape, world, gpu, budget_gib, backend, reference, old_pas
     n = micro_batch_rows(args, rows, L)
     G = args.group_size
     n_groups = max(G, n // G * G)  # rows of the largest micro-batch of whole groups (common.micro_batches, group=G)
+    T = min(args.max_new_tokens, L)  # a row's completion tokens, at most
+
+    def prompts_in(n, whole_groups):  # distinct prompts among n consecutive rows of groups of G
+        return n // G if whole_groups else min(n, -(-(n - 1) // G) + 1)  # else at the worst alignment
     a, b, e, g, f = LAYER_ACTIVATIONS
     layer_bytes = (a * d + b * I + e * q + g * L + f) * c  # saved for backward, per token and layer
     checkpointing = args.gradient_checkpointing == "on" or (args.gradient_checkpointing == "auto" and gpu)
@@ -707,13 +716,16 @@ def memory_plan(args, shape, world, gpu, budget_gib, backend, reference, old_pas
     gathered = {"gathered parameters (root + 2 layers)": c * (shape["root"] + 2 * shape["layer"])} if W > 1 else {}
 
     def logits(n):  # a micro-batch of n rows of L tokens: the log-prob pass's logits and LM-head inputs
-        tokens = n * L
-        return {"log-prob chunk logits": min(args.logprob_chunk, tokens) * V * (c + 16),  # [chunk, V] and its grads
-                "LM-head inputs": tokens * d * 4 * 3}  # h [n, L, d] fp32: the model's, padded, the valid rows
+        completion_tokens = n * T  # token_logprobs projects only the completions' tokens onto the vocabulary
+        return {"log-prob chunk logits": min(args.logprob_chunk, completion_tokens) * V * (c + 16),  # [chunk, V], grads
+                "LM-head inputs": n * L * d * 4 * 3}  # h [n, L, d] fp32: the model's, padded, the valid rows
 
-    def activations(n):  # what its forward saves for the backward
-        if checkpointing:
+    def activations(n, whole_groups=False):  # what its forward saves for the backward
+        if checkpointing:  # no prefix sharing: transformers drops the KV cache under gradient checkpointing
             parts = {"activations (checkpointed)": n * L * (layers * d * c + layer_bytes)}
+        elif prompts_in(n, whole_groups) < n:  # prefix sharing: each distinct prompt runs once, then the completions
+            parts = {"activations": (prompts_in(n, whole_groups) * (L - T) + n * T) * layers * layer_bytes,
+                     "prompts' K and V, one copy per row": 2 * n * (L - T) * kv_token}  # index_select, then cat
         else:
             parts = {"activations": n * L * layers * layer_bytes}
         parts["attention mask"] = 4 * n * L * L  # the model's own, before its layers
@@ -743,7 +755,7 @@ def memory_plan(args, shape, world, gpu, budget_gib, backend, reference, old_pas
                                    "activations (no grad, one layer)": m * L * layer_bytes / 2}
     if group_pass == "irl":  # after the RL step's optimizer step (--irl-schedule separate) or beside its gradient
         phases["IRL step"] = {**base, **state, **resident, "gradients (fp32 shard)": 4 * P / W, **gathered,
-                              **activations(n_groups), **logits(n_groups)}
+                              **activations(n_groups, whole_groups=True), **logits(n_groups)}
         if gpu and W == 1:
             phases["IRL step"]["autocast's bf16 weight copies"] = 2 * P
     save_dtype = getattr(args, "save_dtype", "auto")

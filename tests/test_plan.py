@@ -86,15 +86,18 @@ def test_cpu_vllm_engine_stays_resident_and_tokens_pack_rows():
 
 
 def test_sps_irl_step_and_thr_pass_hold_whole_groups():
-    """Their micro-batches keep whole groups (common.micro_batches, group=G): 8 rows where the update packs 2."""
+    """Their micro-batches keep whole groups (common.micro_batches, group=G): 8 rows where the update packs 2. Without
+    gradient checkpointing a group's prompt runs once (prefix sharing): 1 prompt of 100 tokens + 8 completions of 100
+    tokens, each row with its own copy of the prompt's K and V; logits over the 800 completion tokens only."""
     args = Args(prompts_per_step=8, group_size=8, max_prompt_tokens=100, max_new_tokens=100, micro_batch_tokens=450,
                 gradient_checkpointing="off", logprob_chunk=100000)
     L, layer = 200, (6 * 1024 + 4 * 4096 + 4 * 1024 + 200 + 8) * 4  # fp32 bytes per token and layer
     irl = memory_plan(args, SHAPE, 1, False, 64.0, "hf", reference=False, old_pass=False, group_pass="irl")
     assert irl["micro_rows"] == 2
-    assert irl["phases"]["update"]["activations"] == 2 * L * 28 * layer
-    assert irl["phases"]["IRL step"]["activations"] == 8 * L * 28 * layer
-    assert irl["phases"]["IRL step"]["log-prob chunk logits"] == 8 * L * 32000 * (4 + 16)
+    assert irl["phases"]["update"]["activations"] == 2 * L * 28 * layer  # 2 rows: at worst 2 prompts, no sharing
+    assert irl["phases"]["IRL step"]["activations"] == (100 + 8 * 100) * 28 * layer
+    assert irl["phases"]["IRL step"]["prompts' K and V, one copy per row"] == 2 * 8 * 100 * (2 * 28 * 256 * 4)
+    assert irl["phases"]["IRL step"]["log-prob chunk logits"] == 8 * 100 * 32000 * (4 + 16)
     assert irl["phases"]["IRL step"]["gradients (fp32 shard)"] == 4 * 1e9
     thr = memory_plan(args, SHAPE, 1, False, 64.0, "hf", reference=False, old_pass=True, group_pass="thr")
     assert "IRL step" not in thr["phases"]
@@ -104,7 +107,25 @@ def test_sps_irl_step_and_thr_pass_hold_whole_groups():
     # 10 rows fit the update's 2,000 tokens; whole groups of 4: 2 groups (8 rows), not 10 or 12
     wide = replace(args, prompts_per_step=8, group_size=4, micro_batch_tokens=2000)
     irl = memory_plan(wide, SHAPE, 1, False, 64.0, "hf", reference=False, old_pass=False, group_pass="irl")
-    assert irl["micro_rows"] == 10 and irl["phases"]["IRL step"]["activations"] == 8 * L * 28 * layer
+    assert irl["micro_rows"] == 10 and irl["phases"]["IRL step"]["activations"] == (2 * 100 + 8 * 100) * 28 * layer
+
+
+@pytest.mark.parametrize("G", [2, 3, 4, 5])
+def test_the_update_counts_each_prompt_once_at_the_worst_alignment_of_its_rows(G):
+    """Prefix sharing in the update: n consecutive rows (a micro-batch) run each distinct prompt once; the plan counts
+    the most prompts any n consecutive rows can span, brute-forced here over where the micro-batch starts."""
+    L, T, layer = 200, 120, (6 * 1024 + 4 * 4096 + 4 * 1024 + 200 + 8) * 4
+    for n in range(1, 13):
+        args = Args(prompts_per_step=64, group_size=G, max_prompt_tokens=L - T, max_new_tokens=T, micro_batch_size=n,
+                    gradient_checkpointing="off", logprob_chunk=100000)
+        update = memory_plan(args, SHAPE, 1, False, 64.0, "hf", reference=False, old_pass=False)["phases"]["update"]
+        prompts = max(len({(start + i) // G for i in range(n)}) for start in range(G))
+        assert update["activations"] == (prompts * (L - T) + n * T if prompts < n else n * L) * 28 * layer
+        assert ("prompts' K and V, one copy per row" in update) == (prompts < n)
+        assert update["log-prob chunk logits"] == n * T * 32000 * (4 + 16)
+        checkpointed = memory_plan(replace(args, gradient_checkpointing="on"), SHAPE, 1, False, 64.0, "hf",
+                                   reference=False, old_pass=False)["phases"]["update"]
+        assert checkpointed["activations (checkpointed)"] == n * L * (28 * 1024 * 4 + layer)  # no sharing then
 
 
 @pytest.mark.parametrize("seed", range(12))
