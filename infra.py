@@ -644,7 +644,7 @@ LAYER_ACTIVATIONS = (6, 4, 4, 1, 8)  # elements saved for backward per token and
 def model_shape(model):
     """The sizes the plan needs from a causal LM (a meta-device build is enough): {params (a tied weight once), layer
     (one decoder layer's), root (the rest: embeddings, final norm, LM head), layers, d, I, q, kv (K or V width),
-    vocab}."""
+    vocab, tied (the LM head is the input embedding)}."""
     config = model.config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     params = sum(p.numel() for p in model.parameters())
@@ -653,7 +653,7 @@ def model_shape(model):
             "context": getattr(config, "max_position_embeddings", None) or 1 << 30,
             "layers": config.num_hidden_layers, "d": config.hidden_size, "I": config.intermediate_size,
             "q": config.num_attention_heads * head_dim, "kv": config.num_key_value_heads * head_dim,
-            "vocab": config.vocab_size}
+            "vocab": config.vocab_size, "tied": bool(getattr(config, "tie_word_embeddings", False))}
 
 
 def process_bytes():
@@ -730,6 +730,19 @@ def memory_plan(args, shape, world, gpu, budget_gib, backend, reference, old_pas
             parts = {"activations": n * L * layers * layer_bytes}
         parts["attention mask"] = 4 * n * L * L  # the model's own, before its layers
         return parts
+
+    def vocab_grads(n):  # [V, d] gradients of the LM head and the input embedding alive at once in the backward
+        # a tied weight: the LM head's (waiting in autograd's buffer), the embedding's, their sum. One process,
+        # untied: the log-prob chunks' LM-head gradients and their sum (one chunk: one at a time). FSDP2, untied: both
+        # unsharded gradients and their copies in the fp32 reduce-scatter input. Counted by bench_plan.py --vocab-grads
+        grad = c if gpu and W > 1 else 4  # FSDP2 on CUDA: unsharded gradients in bf16, reduced in fp32
+        if shape.get("tied", True):
+            vd = 3 * grad
+        elif W > 1:
+            vd = 2 * grad + 2 * 4
+        else:
+            vd = 3 * 4 if n * T > args.logprob_chunk else 4
+        return {"vocabulary-sized gradients in the backward": vd * V * d}
     if backend == "vllm" and gpu:
         engine = {"vLLM engine (--vllm-gpu-memory)": args.vllm_gpu_memory * budget_gib * GIB}
         eval_engine, resident = engine, {}  # asleep at level 2 outside rollouts: its weights and KV cache are freed
@@ -743,7 +756,7 @@ def memory_plan(args, shape, world, gpu, budget_gib, backend, reference, old_pas
             n_seqs = min(n_seqs, 256)
             return {**gathered, "KV cache": n_seqs * L * kv_token * (1 + 1 / layers), "logits": 4 * n_seqs * V * 4}
         engine, eval_engine, resident = hf_generate(rows), hf_generate(eval_rows), {}
-    update = {"gradients (fp32 shard)": 4 * P / W, **gathered, **activations(n), **logits(n)}
+    update = {"gradients (fp32 shard)": 4 * P / W, **gathered, **activations(n), **logits(n), **vocab_grads(n)}
     if gpu and W == 1:
         update["autocast's bf16 weight copies"] = 2 * P
     phases = {"rollout": {**base, **state, **engine},
@@ -755,7 +768,7 @@ def memory_plan(args, shape, world, gpu, budget_gib, backend, reference, old_pas
                                    "activations (no grad, one layer)": m * L * layer_bytes / 2}
     if group_pass == "irl":  # after the RL step's optimizer step (--irl-schedule separate) or beside its gradient
         phases["IRL step"] = {**base, **state, **resident, "gradients (fp32 shard)": 4 * P / W, **gathered,
-                              **activations(n_groups, whole_groups=True), **logits(n_groups)}
+                              **activations(n_groups, whole_groups=True), **logits(n_groups), **vocab_grads(n_groups)}
         if gpu and W == 1:
             phases["IRL step"]["autocast's bf16 weight copies"] = 2 * P
     save_dtype = getattr(args, "save_dtype", "auto")

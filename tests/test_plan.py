@@ -44,10 +44,11 @@ def test_model_shape_counts_what_the_real_model_has():
         assert shape["layer"] * config.num_hidden_layers + shape["root"] == shape["params"]
         embed = real.get_input_embeddings().weight.numel()
         assert shape["root"] == embed * (1 if config.tie_word_embeddings else 2) + config.hidden_size  # + final norm
+        assert shape["tied"] == config.tie_word_embeddings
 
 
 SHAPE = {"params": 1_000_000_000, "layer": 30_000_000, "root": 160_000_000, "layers": 28, "d": 1024, "I": 4096,
-         "q": 1024, "kv": 256, "vocab": 32000}
+         "q": 1024, "kv": 256, "vocab": 32000, "tied": True}
 
 
 def test_gpu_plan_by_hand():
@@ -65,6 +66,11 @@ def test_gpu_plan_by_hand():
     assert LAYER_ACTIVATIONS == (6, 4, 4, 1, 8)
     assert update["activations (checkpointed)"] == n * L * (28 * 1024 * 2 + layer)  # CUDA: checkpointing on (auto)
     assert update["log-prob chunk logits"] == 1024 * 32000 * (2 + 16)
+    # the LM head's and the embedding's [V, d] gradients and their sum, unsharded bf16 under FSDP2
+    assert update["vocabulary-sized gradients in the backward"] == 3 * 32000 * 1024 * 2
+    untied = memory_plan(args, dict(SHAPE, tied=False), 8, True, 80.0, "vllm", reference=False, old_pass=False)
+    vocab_grads = untied["phases"]["update"]["vocabulary-sized gradients in the backward"]
+    assert vocab_grads == (2 * 2 + 2 * 4) * 32000 * 1024  # untied: both unsharded (bf16) and their fp32 copies
     assert "vLLM engine (--vllm-gpu-memory)" not in update  # asleep during the update
     assert plan["phases"]["rollout"]["vLLM engine (--vllm-gpu-memory)"] == 0.25 * 80 * GIB
     assert "gradients (fp32 shard)" not in plan["phases"]["rollout"]  # freed before the rollout
@@ -99,6 +105,14 @@ def test_sps_irl_step_and_thr_pass_hold_whole_groups():
     assert irl["phases"]["IRL step"]["prompts' K and V, one copy per row"] == 2 * 8 * 100 * (2 * 28 * 256 * 4)
     assert irl["phases"]["IRL step"]["log-prob chunk logits"] == 8 * 100 * 32000 * (4 + 16)
     assert irl["phases"]["IRL step"]["gradients (fp32 shard)"] == 4 * 1e9
+    assert irl["phases"]["IRL step"]["vocabulary-sized gradients in the backward"] == 3 * 32000 * 1024 * 4
+    # one process, untied: one LM-head gradient when the 800 completion tokens are one log-prob chunk, 3 when several
+    untied = memory_plan(args, dict(SHAPE, tied=False), 1, False, 64.0, "hf", reference=False, old_pass=False,
+                         group_pass="irl")
+    assert untied["phases"]["IRL step"]["vocabulary-sized gradients in the backward"] == 1 * 32000 * 1024 * 4
+    untied = memory_plan(replace(args, logprob_chunk=512), dict(SHAPE, tied=False), 1, False, 64.0, "hf",
+                         reference=False, old_pass=False, group_pass="irl")
+    assert untied["phases"]["IRL step"]["vocabulary-sized gradients in the backward"] == 3 * 32000 * 1024 * 4
     thr = memory_plan(args, SHAPE, 1, False, 64.0, "hf", reference=False, old_pass=True, group_pass="thr")
     assert "IRL step" not in thr["phases"]
     assert thr["phases"]["old log-probs"]["activations (no grad, one layer)"] == 8 * L * layer / 2
