@@ -736,7 +736,7 @@ def memory_plan(args, shape, world, gpu, budget_gib, backend, reference, old_pas
         # untied: the log-prob chunks' LM-head gradients and their sum (one chunk: one at a time). FSDP2, untied: both
         # unsharded gradients and their copies in the fp32 reduce-scatter input. Counted by bench_plan.py --vocab-grads
         grad = c if gpu and W > 1 else 4  # FSDP2 on CUDA: unsharded gradients in bf16, reduced in fp32
-        if shape.get("tied", True):
+        if shape["tied"]:
             vd = 3 * grad
         elif W > 1:
             vd = 2 * grad + 2 * 4
