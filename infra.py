@@ -749,9 +749,13 @@ def memory_plan(args, shape, world, gpu, budget_gib, backend, reference, old_pas
     elif backend == "vllm":
         seqs = min(max(rows, eval_rows), 1024)  # engine_limits' max_num_seqs
         engine = {"vLLM weights (fp32)": 4 * P, "vLLM KV cache (--vllm-cpu-kv-gib)": args.vllm_cpu_kv_gib * GIB,
-                  "vLLM sampler ([seqs, V] fp32 x 4)": 4 * seqs * V * 4, "vLLM itself": VLLM_CPU_GIB * GIB}
-        if W == 1:  # measured: after the first weight push one process holds the weights once more (SmolLM2: +0.49
-            # of 0.50 GiB, the 0.5B shape +1.83 of 1.84, at glibc's default and a 1 MiB threshold); 2 ranks: +0.55 GiB
+                  "vLLM sampler ([seqs, V] fp32 x 4)": 4 * seqs * V * 4, "vLLM itself": VLLM_CPU_GIB * GIB,
+                  # vLLM-CPU prepacks a oneDNN GEMM copy of the [V, d] matrix for the embedding and for the LM head
+                  # (tied or not) and keeps both parameters: measured by bench_plan.py --vllm-engine
+                  "vLLM's packed [V, d] copies (embedding, LM head)": 2 * 4 * V * d}
+        if W == 1:  # measured: after the first weight push (vLLM's layer-wise reload) one process holds the weights
+            # once more (SmolLM2: +0.49 of 0.50 GiB, the 0.5B shape +1.83 of 1.84, bench_plan.py --vllm-engine); 2 ranks
+            # of the 0.5B shape: +0.55 GiB, not counted
             engine["vLLM weights again after a push (one process)"] = 4 * P
         eval_engine, resident = engine, engine
     else:

