@@ -219,7 +219,7 @@ def vllm_engine(python, models):
     Needs a Python with vLLM."""
     env = dict(os.environ, OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="1048576")
     print("| model | fp32 weights | [V, d] fp32 | packed: measured / plan | engine start: measured / plan | "
-          "push 1: measured / plan | push 2 |\n|---|---|---|---|---|---|---|")
+          "push 1: measured / plan | push 2: measured / plan |\n|---|---|---|---|---|---|---|")
     for name in models:
         with tempfile.NamedTemporaryFile("w", suffix=".py") as f:
             f.write(ENGINE_CHILD)
